@@ -1,0 +1,32 @@
+# Two entry points on a fresh machine (Python 3.11 + pip, no GPU needed):
+#   make demo   - install, then build shards from the embedded synthetic COCO set
+#   make test   - install, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO ?= demo
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+demo: install
+	$(BIN)/jigsawdata make-synthetic $(DEMO)/coco
+	$(BIN)/jigsawdata build-shards $(DEMO)/coco --out $(DEMO)/shards --workers 2
+	$(BIN)/jigsawdata info $(DEMO)/shards
+	$(BIN)/jigsawdata verify $(DEMO)/shards
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m benchmarks.build_shards
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

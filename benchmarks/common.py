@@ -1,0 +1,33 @@
+"""Helpers shared by the benchmarks: timing statistics and the environment of a figure."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+from importlib import metadata
+from pathlib import Path
+
+DEFAULT_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-train288"
+
+
+def stats(values: list[float]) -> dict:
+    """Median and spread (min, max) of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def environment(packages: tuple[str, ...] = ("pillow", "numpy", "torch", "nvidia-dali-cuda130", "webdataset")) -> dict:
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": sys.version.split()[0], "machine": platform.machine(), "processor": platform.processor(),
+            "cpus": _cpus(), "packages": versions, "command": " ".join(sys.argv)}
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -1,0 +1,321 @@
+"""``build-shards``: COCO set -> grouped, shuffled, verified WebDataset shards.
+
+Two phases, each resumable:
+
+1. *extract* — images are cut into chunks (in image-id order); a worker process decodes a
+   chunk's images once, encodes their crops and writes them to a staging blob plus a JSON
+   record list, renamed into place when complete. Chunks already staged are skipped.
+2. *write* — the staged records of each aspect-ratio group are sorted, shuffled with a
+   generator seeded from the build seed alone, split into shards by size, and written.
+   Shards already written are kept. The index and the manifest come last.
+
+Crop bytes depend only on ``(seed, image_id)`` and the shuffle only on the seed, so the output
+is byte-identical whatever the worker count and however often the build was interrupted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from . import __version__
+from .coco import CocoSource, ImageRecord, load_rgb, sha256_file
+from .errors import InputError
+from .grouping import GROUPS
+from .index import write_index
+from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, group_totals, part_index_path,
+                       part_manifest_path, write_json_atomic)
+from .sampling import SamplingConfig, image_rng, plan_image, shuffle_rng
+from .shards import ShardInfo, write_shard
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, items_done, crops_done)``: called as work completes; stages are
+``extract`` (items are images) and ``write`` (items are shards)."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    jpeg_quality: int = 90
+    shard_size: int = 256 * 2**20
+    """Upper bound on a shard's payload bytes (a single larger sample still gets a shard)."""
+    shard_samples: int = 10_000
+    """Upper bound on samples per shard."""
+    chunk_images: int = 64
+    """Images per extraction task: the unit of parallel work and of resumption."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.shard_size < 1 or self.shard_samples < 1 or self.chunk_images < 1:
+            raise ValueError("shard_size, shard_samples and chunk_images must be >= 1")
+
+
+def _params(cfg: BuildConfig) -> dict:
+    return asdict(cfg)
+
+
+def _shard_name(group: str, part: int, parts: int, index: int) -> str:
+    stem = f"{group}-{index:06d}" if parts == 1 else f"{group}-p{part:03d}-{index:06d}"
+    return f"{group}/{stem}.tar"
+
+
+# ---------------------------------------------------------------- phase 1: extract
+
+
+@dataclass(frozen=True)
+class _ChunkTask:
+    index: int
+    images: tuple[ImageRecord, ...]
+    images_dir: Path
+    staging: Path
+    cfg: BuildConfig
+    background_label: int
+
+
+def _chunk_paths(staging: Path, index: int) -> tuple[Path, Path]:
+    return staging / f"chunk-{index:06d}.bin", staging / f"chunk-{index:06d}.json"
+
+
+def _encode_jpeg(image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
+    """Decode a chunk's images, encode their crops, stage them. Returns (images, crops)."""
+    blob_path, meta_path = _chunk_paths(task.staging, task.index)
+    tmp_blob = blob_path.with_name(blob_path.name + ".tmp")
+    records, skipped, counts = [], [], Counter()
+    with open(tmp_blob, "wb") as blob:
+        for image in task.images:
+            pixels, reason = load_rgb(task.images_dir / image.file_name, image.width, image.height)
+            if pixels is None:
+                counts[reason] += 1
+                skipped.append({"image_id": image.image_id, "file_name": image.file_name, "reason": reason})
+                continue
+            counts["images_used"] += 1
+            crops, image_counts = plan_image(image, task.cfg.sampling, task.background_label,
+                                             image_rng(task.cfg.seed, image.image_id))
+            counts.update(image_counts)
+            for crop in crops:
+                data = _encode_jpeg(pixels.crop(crop.crop_box), task.cfg.jpeg_quality)
+                records.append({
+                    "key": crop.key, "image_id": crop.image_id, "ann_id": crop.ann_id,
+                    "category_id": crop.category_id, "label": crop.label, "group": crop.group,
+                    "gt_box": list(crop.gt_box) if crop.gt_box else None, "crop_box": list(crop.crop_box),
+                    "width": crop.width, "height": crop.height, "source": image.file_name,
+                    "offset": blob.tell(), "size": len(data),
+                })
+                blob.write(data)
+    os.replace(tmp_blob, blob_path)
+    tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
+    tmp_meta.write_text(json.dumps({"records": records, "skipped_images": skipped, "counts": dict(counts)},
+                                   separators=(",", ":")))
+    os.replace(tmp_meta, meta_path)
+    return len(task.images), len(records)
+
+
+def _run_extract(tasks: list[_ChunkTask], workers: int, progress: Progress | None) -> None:
+    if not tasks:
+        return
+    def report(done: tuple[int, int]) -> None:
+        if progress:
+            progress("extract", *done)
+    if workers <= 1:
+        for task in tasks:
+            report(_extract_chunk(task))
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for done in pool.imap_unordered(_extract_chunk, tasks):
+            report(done)
+
+
+# ---------------------------------------------------------------- phase 2: write
+
+
+class _BlobReader:
+    """Random access to staged crops with a bounded number of open files."""
+
+    def __init__(self, staging: Path, max_open: int = 128) -> None:
+        self._staging, self._max_open = staging, max_open
+        self._open: OrderedDict[int, int] = OrderedDict()
+
+    def read(self, chunk: int, offset: int, size: int) -> bytes:
+        fd = self._open.pop(chunk, None)
+        if fd is None:
+            fd = os.open(_chunk_paths(self._staging, chunk)[0], os.O_RDONLY)
+            if len(self._open) >= self._max_open:
+                os.close(self._open.popitem(last=False)[1])
+        self._open[chunk] = fd
+        return os.pread(fd, size, offset)
+
+    def close(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+
+_META_FIELDS = ("image_id", "ann_id", "category_id", "label", "group", "gt_box", "crop_box",
+                "width", "height", "source")
+
+
+def _sample_json(record: dict) -> bytes:
+    return json.dumps({k: record[k] for k in _META_FIELDS}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _split_shards(records: Sequence[dict], cfg: BuildConfig) -> list[list[dict]]:
+    shards: list[list[dict]] = []
+    current, size = [], 0
+    for record in records:
+        nbytes = record["size"]
+        if current and (len(current) >= cfg.shard_samples or size + nbytes > cfg.shard_size):
+            shards.append(current)
+            current, size = [], 0
+        current.append(record)
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _shuffled_groups(records: list[dict], seed: int, part: int) -> dict[str, list[dict]]:
+    by_group: dict[str, list[dict]] = {g: [] for g in GROUPS}
+    for record in records:
+        by_group[record["group"]].append(record)
+    for gi, group in enumerate(GROUPS):
+        ordered = sorted(by_group[group], key=lambda r: r["key"])
+        order = shuffle_rng(seed, part, gi).permutation(len(ordered))
+        by_group[group] = [ordered[i] for i in order]
+    return by_group
+
+
+# ---------------------------------------------------------------- the build
+
+
+def _fingerprint(source: CocoSource, cfg: BuildConfig, part: int, parts: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "jigsawdata", "version": __version__},
+        "source": {"annotation_file": source.ann_file.name, "sha256": source.ann_sha256,
+                   "images": len(source.images), "orphan_annotations": source.orphan_annotations},
+        "params": _params(cfg),
+        "classes": [asdict(c) for c in source.classes],
+        "background": {"label": source.background_label, "category_id": 0, "name": "background"},
+        "parts": parts,
+    }
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: int = 1,
+                 part: int = 0, parts: int = 1, keep_staging: bool = False,
+                 progress: Progress | None = None) -> dict:
+    """Build (or resume, or confirm) the shard set of ``part`` of ``parts`` under ``out``.
+
+    Returns the manifest. With ``parts > 1`` this writes a partial manifest under
+    ``out/parts``; :func:`jigsawdata.manifest.merge_parts` joins them.
+    """
+    if not 0 <= part < parts:
+        raise InputError(f"part must be in [0, {parts}), got {part}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(source, cfg, part, parts)
+    manifest_path = out / MANIFEST_NAME if parts == 1 else part_manifest_path(out, part, parts)
+    index_file = out / INDEX_NAME if parts == 1 else part_index_path(out, part, parts)
+    staging = out / f".staging-{part:03d}-of-{parts:03d}"
+    _check_same_build(fingerprint, manifest_path, staging / "build.json", out)
+    if manifest_path.is_file():
+        log.info("%s is complete already; nothing to do", manifest_path)
+        return json.loads(manifest_path.read_text())
+    staging.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(staging / "build.json", fingerprint)
+
+    mine = [im for i, im in enumerate(source.images) if i % parts == part]
+    if not mine:
+        raise InputError(f"part {part} of {parts} holds no images ({len(source.images)} in the set)")
+    chunks = [tuple(mine[i:i + cfg.chunk_images]) for i in range(0, len(mine), cfg.chunk_images)]
+    pending = [i for i in range(len(chunks)) if not _chunk_paths(staging, i)[1].is_file()]
+    staged = set(range(len(chunks))) - set(pending)
+    if progress and staged:
+        progress("extract", sum(len(chunks[i]) for i in staged), 0)
+    log.info("extracting crops from %d images in %d chunks (%d staged already), %d workers",
+             len(mine), len(chunks), len(staged), workers)
+    _run_extract([_ChunkTask(i, chunks[i], source.images_dir, staging, cfg, source.background_label)
+                  for i in pending], workers, progress)
+
+    records, skipped, counts = [], [], Counter({"images": len(mine)})
+    for i in range(len(chunks)):
+        meta = json.loads(_chunk_paths(staging, i)[1].read_text())
+        for record in meta["records"]:
+            record["chunk"] = i
+        records.extend(meta["records"])
+        skipped.extend(meta["skipped_images"])
+        counts.update(meta["counts"])
+    if not records:
+        raise InputError(f"no crops could be extracted from {len(mine)} images "
+                         f"({dict(counts)}): check the image folder and the annotations")
+
+    groups, index_rows = {}, []
+    reader = _BlobReader(staging)
+    try:
+        for group, group_records in _shuffled_groups(records, cfg.seed, part).items():
+            (out / group).mkdir(exist_ok=True)
+            infos = []
+            for si, shard_records in enumerate(_split_shards(group_records, cfg)):
+                name = _shard_name(group, part, parts, si)
+                path = out / name
+                if path.is_file() and path.with_suffix(".idx").is_file():
+                    n, nbytes, digest = len(shard_records), path.stat().st_size, sha256_file(path)
+                else:
+                    n, nbytes, digest = write_shard(path, _shard_samples(shard_records, reader))
+                infos.append(ShardInfo(name, n, nbytes, digest).to_json())
+                index_rows.extend({**r, "shard": name} for r in shard_records)
+                if progress:
+                    progress("write", 1, n)
+            groups[group] = {"shards": infos}
+    finally:
+        reader.close()
+
+    manifest_path.parent.mkdir(exist_ok=True)
+    write_index(index_file, index_rows)
+    manifest = {**fingerprint, "part": part if parts > 1 else None, "groups": group_totals(groups),
+                "counts": dict(sorted(counts.items())),
+                "skipped_images": sorted(skipped, key=lambda s: s["image_id"]),
+                "index": os.path.relpath(index_file, out)}
+    write_json_atomic(manifest_path, manifest)
+    if not keep_staging:
+        shutil.rmtree(staging)
+    log.info("wrote %s: %s", manifest_path, {g: v["samples"] for g, v in manifest["groups"].items()})
+    return manifest
+
+
+def _shard_samples(records: Sequence[dict], reader: _BlobReader) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    for r in records:
+        yield r["key"], [("jpg", reader.read(r["chunk"], r["offset"], r["size"])), ("json", _sample_json(r))]
+
+
+def _check_same_build(fingerprint: dict, manifest_path: Path, staged_path: Path, out: Path) -> None:
+    """Refuse to resume or overwrite a build made from other inputs or settings."""
+    for path in (manifest_path, staged_path):
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            previous = {k: previous.get(k) for k in fingerprint}
+            diff = _differences(previous, fingerprint)
+            if diff:
+                raise InputError(f"{out} holds a build with different {', '.join(diff)}; "
+                                 "use another --out or delete it")

@@ -1,0 +1,112 @@
+"""The shard set's manifest: what was built, from what, how, and how to check it.
+
+Written last, atomically, so its presence means the shard set is complete. Readers check
+``format_version``: a newer major version is refused rather than misread. A multi-machine
+build writes one partial manifest per part; :func:`merge_parts` joins them and refuses
+parts that were built from different inputs or settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from .errors import InputError
+
+FORMAT_VERSION = "1.0"
+MANIFEST_NAME = "manifest.json"
+INDEX_NAME = "index.parquet"
+PARTS_DIR = "parts"
+
+# Fields that must agree between the parts of one build.
+_SHARED_FIELDS = ("format_version", "tool", "source", "params", "classes", "parts")
+
+
+def major(version: str) -> int:
+    return int(str(version).split(".", 1)[0])
+
+
+def check_version(manifest: dict, where: Path) -> None:
+    version = manifest.get("format_version")
+    if version is None:
+        raise InputError(f"{where} has no format_version: not a jigsawdata manifest")
+    if major(version) > major(FORMAT_VERSION):
+        raise InputError(
+            f"{where} has format version {version}; this jigsawdata understands format "
+            f"{FORMAT_VERSION} (major {major(FORMAT_VERSION)}): upgrade jigsawdata to read it")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: Path) -> dict:
+    """Load a manifest from a file or a shard-set directory, checking its version."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise InputError(f"no manifest at {path}: not a finished shard set (build it, or merge its parts)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from exc
+    check_version(manifest, path)
+    return manifest
+
+
+def part_manifest_path(root: Path, part: int, parts: int) -> Path:
+    return root / PARTS_DIR / f"manifest-{part:03d}-of-{parts:03d}.json"
+
+
+def part_index_path(root: Path, part: int, parts: int) -> Path:
+    return root / PARTS_DIR / f"index-{part:03d}-of-{parts:03d}.parquet"
+
+
+def group_totals(groups: dict) -> dict:
+    """Recompute per-group sample and byte totals from the shard lists."""
+    return {g: {"shards": v["shards"], "samples": sum(s["samples"] for s in v["shards"]),
+                "bytes": sum(s["bytes"] for s in v["shards"])} for g, v in sorted(groups.items())}
+
+
+def merge_parts(root: Path) -> dict:
+    """Join the partial manifests under ``root/parts`` into ``root/manifest.json``."""
+    from .index import merge_index_files
+
+    root = Path(root)
+    paths = sorted((root / PARTS_DIR).glob("manifest-*-of-*.json"))
+    if not paths:
+        raise InputError(f"no partial manifests under {root / PARTS_DIR}")
+    manifests = []
+    for p in paths:
+        m = json.loads(p.read_text())
+        check_version(m, p)
+        manifests.append(m)
+    first = manifests[0]
+    for p, m in zip(paths, manifests):
+        for key in _SHARED_FIELDS:
+            if m.get(key) != first.get(key):
+                raise InputError(f"{p.name} disagrees with {paths[0].name} on '{key}': parts of different builds")
+    n_parts = first["parts"]
+    found = sorted(m["part"] for m in manifests)
+    if found != list(range(n_parts)):
+        missing = sorted(set(range(n_parts)) - set(found))
+        raise InputError(f"cannot merge: parts {missing} of {n_parts} are not built yet")
+    groups: dict = {}
+    for m in manifests:
+        for g, v in m["groups"].items():
+            groups.setdefault(g, {"shards": []})["shards"].extend(v["shards"])
+    counts, skipped = Counter(), []
+    for m in manifests:
+        counts.update(m["counts"])
+        skipped.extend(m["skipped_images"])
+    merged = {key: first[key] for key in _SHARED_FIELDS}
+    merged.update(part=None, groups=group_totals(groups), counts=dict(sorted(counts.items())),
+                  skipped_images=sorted(skipped, key=lambda s: s["image_id"]), index=INDEX_NAME)
+    merge_index_files([part_index_path(root, k, n_parts) for k in range(n_parts)], root / INDEX_NAME)
+    write_json_atomic(root / MANIFEST_NAME, merged)
+    return merged

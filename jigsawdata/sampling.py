@@ -1,0 +1,143 @@
+"""Which crops one image yields: enlarged positives and object-free negatives.
+
+A plan depends only on the annotations and a seeded generator, never on pixels, so it can
+be tested exactly and reproduced anywhere. Generators are derived from ``(seed, image_id)``,
+which makes a build independent of how images are spread over workers or machines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import geometry
+from .coco import ImageRecord
+from .grouping import group_of
+
+_IMAGE_STREAM = 1  # keeps per-image generators apart from the shuffle's (see shuffle_rng)
+_SHUFFLE_STREAM = 2
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_enlarge: float = 2.0
+    """Largest growth factor per axis of a positive crop (PAPER.md 1: up to 2x)."""
+    pos_per_neg: float = 10.0
+    """Positives per negative, overall (PAPER.md 1: 10:1)."""
+    min_box_size: int = 4
+    """GT boxes narrower or shorter than this (pixels) give no positive [ours]."""
+    negative_tries: int = 40
+    """Sizes tried per negative before giving up on it (each with a few placements)."""
+    negative_shrink: float = 0.9
+    """Each failed size is followed by a size this much smaller, so crowded images still
+    yield background crops (never below ``min_box_size``) [ours]."""
+
+    def __post_init__(self) -> None:
+        if self.max_enlarge < 1.0:
+            raise ValueError(f"max_enlarge must be >= 1, got {self.max_enlarge}")
+        if self.pos_per_neg <= 0:
+            raise ValueError(f"pos_per_neg must be > 0, got {self.pos_per_neg}")
+        if not 0 < self.negative_shrink <= 1:
+            raise ValueError(f"negative_shrink must be in (0, 1], got {self.negative_shrink}")
+        if self.min_box_size < 1 or self.negative_tries < 1:
+            raise ValueError("min_box_size and negative_tries must be >= 1")
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    key: str
+    image_id: int
+    ann_id: int | None
+    category_id: int
+    """COCO category id; 0 for background."""
+    label: int
+    gt_box: tuple[float, float, float, float] | None
+    crop_box: geometry.Box
+
+    @property
+    def width(self) -> int:
+        return self.crop_box[2] - self.crop_box[0]
+
+    @property
+    def height(self) -> int:
+        return self.crop_box[3] - self.crop_box[1]
+
+    @property
+    def group(self) -> str:
+        return group_of(self.width, self.height)
+
+
+def image_rng(seed: int, image_id: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _IMAGE_STREAM, image_id])
+
+
+def shuffle_rng(seed: int, part: int, group_index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _SHUFFLE_STREAM, part, group_index])
+
+
+def sample_key(image_id: int, index: int) -> str:
+    """Tar member stem of a crop: sortable, unique, and free of dots (webdataset splits there)."""
+    return f"{image_id:012d}_{index:04d}"
+
+
+def plan_image(image: ImageRecord, cfg: SamplingConfig, background_label: int,
+               rng: np.random.Generator) -> tuple[list[CropSpec], Counter]:
+    """Crops of one image and the counts of what was left out, by reason."""
+    counts: Counter = Counter(image.dropped)
+    crops: list[CropSpec] = []
+    objects = np.array([geometry.xywh_to_xyxy(b.bbox) for b in image.boxes], dtype=np.float64).reshape(-1, 4)
+    sizes = []
+    for box in image.boxes:
+        if box.iscrowd:
+            counts["crowd_boxes"] += 1
+            continue
+        if min(box.bbox[2], box.bbox[3]) < cfg.min_box_size:
+            counts["tiny_boxes"] += 1
+            continue
+        hull = geometry.clip_box(geometry.pixel_hull(geometry.xywh_to_xyxy(box.bbox)), image.width, image.height)
+        crop = geometry.clip_box(geometry.enlarge_box(hull, rng, cfg.max_enlarge), image.width, image.height)
+        crops.append(CropSpec(sample_key(image.image_id, len(crops)), image.image_id, box.ann_id,
+                              box.category_id, box.label, box.bbox, crop))
+        sizes.append(geometry.box_size(hull))
+    counts["positives"] += len(crops)
+    if not crops:
+        counts["images_without_positives"] += 1
+        return crops, counts
+
+    # Stochastic rounding keeps the overall ratio at pos_per_neg while every image decides alone.
+    wanted = len(crops) / cfg.pos_per_neg
+    n_neg = math.floor(wanted) + int(rng.random() < wanted - math.floor(wanted))
+    placed = 0
+    for _ in range(n_neg):
+        box = _place_negative(image, objects, sizes, cfg, rng)
+        if box is None:
+            continue
+        crops.append(CropSpec(sample_key(image.image_id, len(crops)), image.image_id, None, 0,
+                              background_label, None, box))
+        placed += 1
+    counts["negatives"] += placed
+    if placed < n_neg:
+        counts["negatives_not_placed"] += n_neg - placed
+        if placed == 0:
+            counts["images_without_background"] += 1
+    return crops, counts
+
+
+_PLACEMENTS_PER_SIZE = 4
+
+
+def _place_negative(image: ImageRecord, objects: np.ndarray, sizes: list[tuple[int, int]],
+                    cfg: SamplingConfig, rng: np.random.Generator) -> geometry.Box | None:
+    """A background box sized like a random object of the image (grown like a positive),
+    shrinking after each size that finds no object-free place."""
+    for attempt in range(cfg.negative_tries):
+        w, h = sizes[int(rng.integers(len(sizes)))]
+        scale = rng.uniform(1.0, cfg.max_enlarge, size=2) * cfg.negative_shrink ** attempt
+        size = (max(cfg.min_box_size, math.floor(w * scale[0])), max(cfg.min_box_size, math.floor(h * scale[1])))
+        box = geometry.sample_background_box(size, image.width, image.height, objects, rng, _PLACEMENTS_PER_SIZE)
+        if box is not None:
+            return box
+    return None

@@ -1,0 +1,77 @@
+"""Shared fixtures: synthetic COCO sets made on the fly, and the real COCO subset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from jigsawdata.build import BuildConfig, build_shards
+from jigsawdata.coco import load_coco
+from jigsawdata.synthetic import make_synthetic_coco
+
+REAL_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-train288"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _has_cuda():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_coco(root, images=24, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(synthetic_root):
+    return load_coco(synthetic_root / "annotations" / "instances_train.json", synthetic_root / "train")
+
+
+@pytest.fixture(scope="session")
+def small_cfg() -> BuildConfig:
+    """Several chunks and several shards per group even on 24 images."""
+    return BuildConfig(seed=11, chunk_images=5, shard_samples=16)
+
+
+@pytest.fixture(scope="session")
+def built_synthetic(tmp_path_factory, synthetic_source, small_cfg) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    build_shards(synthetic_source, out, small_cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_coco() -> Path:
+    """The real COCO subset; missing it fails under CI instead of silently skipping."""
+    if not (REAL_COCO / "annotations" / "instances_train2017.json").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the real COCO subset is missing at {REAL_COCO}")
+        pytest.skip(f"real COCO subset not found at {REAL_COCO}")
+    return REAL_COCO
+
+
+@pytest.fixture(scope="session")
+def real_source(real_coco):
+    return load_coco(real_coco / "annotations" / "instances_train2017.json", real_coco / "train2017")
+
+
+@pytest.fixture(scope="session")
+def built_real(tmp_path_factory, real_source) -> Path:
+    out = tmp_path_factory.mktemp("real_shards")
+    build_shards(real_source, out, BuildConfig(seed=0), workers=2)
+    return out

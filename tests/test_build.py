@@ -1,0 +1,253 @@
+"""build-shards end to end: format, determinism, resumption, parts, verify."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from jigsawdata.build import BuildConfig, build_shards
+from jigsawdata.errors import InputError
+from jigsawdata.index import read_index
+from jigsawdata.manifest import merge_parts, read_manifest, write_json_atomic
+from jigsawdata.verify import verify_shard_set
+
+FIELDS = {"image_id", "ann_id", "category_id", "label", "group", "gt_box", "crop_box", "width", "height", "source"}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file of a shard set by relative path (the staging area is gone when done)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _shards(root: Path) -> list[Path]:
+    return sorted(root.glob("*/*.tar"))
+
+
+def test_samples_round_trip_through_tarfile(built_synthetic, synthetic_source):
+    manifest = read_manifest(built_synthetic)
+    images = {im.image_id: im for im in synthetic_source.images}
+    labels = {c.category_id: c.label for c in synthetic_source.classes}
+    seen = 0
+    for shard in _shards(built_synthetic):
+        group = shard.parent.name
+        with tarfile.open(shard) as tar:
+            members = tar.getmembers()
+            assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" and m.isreg() for m in members)
+            names = [m.name for m in members]
+            assert [n.rsplit(".", 1)[1] for n in names] == ["jpg", "json"] * (len(names) // 2)
+            for jpg, js in zip(names[::2], names[1::2]):
+                meta = json.loads(tar.extractfile(js).read())
+                assert set(meta) == FIELDS and meta["group"] == group
+                crop = Image.open(io.BytesIO(tar.extractfile(jpg).read()))
+                assert crop.size == (meta["width"], meta["height"])
+                x0, y0, x1, y1 = meta["crop_box"]
+                assert (x1 - x0, y1 - y0) == crop.size
+                image = images[meta["image_id"]]
+                assert x1 <= image.width and y1 <= image.height
+                if meta["ann_id"] is None:
+                    assert meta["category_id"] == 0 and meta["label"] == len(synthetic_source.classes)
+                else:
+                    assert meta["label"] == labels[meta["category_id"]]
+                seen += 1
+    assert seen == sum(g["samples"] for g in manifest["groups"].values())
+
+
+def test_labels_follow_sorted_category_ids(built_synthetic):
+    manifest = read_manifest(built_synthetic)
+    ids = [c["category_id"] for c in manifest["classes"]]
+    assert ids == sorted(ids) and [c["label"] for c in manifest["classes"]] == list(range(len(ids)))
+    assert manifest["background"] == {"label": len(ids), "category_id": 0, "name": "background"}
+
+
+def test_manifest_and_index_agree(built_synthetic, small_cfg):
+    manifest = read_manifest(built_synthetic)
+    assert manifest["params"]["seed"] == small_cfg.seed
+    assert manifest["params"]["sampling"]["pos_per_neg"] == 10.0
+    table = read_index(built_synthetic / "index.parquet").to_pylist()
+    shard_names = [s["name"] for g in manifest["groups"].values() for s in g["shards"]]
+    assert len(shard_names) > 3, "the fixture is meant to make several shards per group"
+    assert [r["shard"] for r in table] == sorted([r["shard"] for r in table], key=shard_names.index)
+    for group, info in manifest["groups"].items():
+        assert info["samples"] == sum(r["group"] == group for r in table)
+    assert manifest["counts"]["positives"] + manifest["counts"]["negatives"] == len(table)
+
+
+def test_samples_are_shuffled_not_in_image_order(built_synthetic):
+    rows = read_index(built_synthetic / "index.parquet").to_pylist()
+    for group in "STW":
+        keys = [r["key"] for r in rows if r["group"] == group]
+        assert keys != sorted(keys)
+
+
+def test_readable_by_webdataset(built_synthetic):
+    import webdataset as wds
+
+    shards = [str(p) for p in _shards(built_synthetic)]
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
+    assert len(samples) == len(read_index(built_synthetic / "index.parquet"))
+    assert all(s["jpg"].size == (s["json"]["width"], s["json"]["height"]) for s in samples)
+
+
+def test_readable_by_dali_cpu_with_the_written_index(built_synthetic):
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+
+    shards = [str(p) for p in _shards(built_synthetic) if p.parent.name == "T"]
+    n = read_manifest(built_synthetic)["groups"]["T"]["samples"]
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
+    def pipe():
+        jpg, meta = fn.readers.webdataset(paths=shards, index_paths=[s[:-4] + ".idx" for s in shards],
+                                          ext=["jpg", "json"], missing_component_behavior="error")
+        return fn.decoders.image(jpg, device="cpu"), meta
+
+    p = pipe()
+    p.build()
+    images, metas = p.run()
+    for i in range(n):
+        meta = json.loads(bytes(np.array(metas.at(i))).decode())
+        assert meta["group"] == "T"
+        assert images.at(i).shape == (meta["height"], meta["width"], 3)
+
+
+def test_byte_identical_for_one_and_two_workers(tmp_path, synthetic_source, small_cfg, built_synthetic):
+    two = tmp_path / "two"
+    build_shards(synthetic_source, two, small_cfg, workers=2)
+    assert _files(two) == _files(built_synthetic)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(stage: str, calls: int):
+    seen = {"n": 0}
+
+    def progress(s, items, crops):
+        if s == stage:
+            seen["n"] += 1
+            if seen["n"] >= calls:
+                raise _Stop
+    return progress
+
+
+@pytest.mark.parametrize("stage,calls", [("extract", 2), ("write", 3)])
+def test_interrupted_build_resumes_to_identical_bytes(tmp_path, synthetic_source, small_cfg, built_synthetic,
+                                                      stage, calls):
+    out = tmp_path / "out"
+    with pytest.raises(_Stop):
+        build_shards(synthetic_source, out, small_cfg, progress=_stop_after(stage, calls))
+    assert not (out / "manifest.json").exists()
+    assert list(out.glob(".staging-*/chunk-*.json")), "the interruption should leave staged work"
+    resumed = []
+    build_shards(synthetic_source, out, small_cfg, progress=lambda s, i, c: resumed.append((s, i)))
+    assert _files(out) == _files(built_synthetic)
+    if stage == "extract":  # chunks staged before the stop are not extracted again
+        assert resumed[0][0] == "extract" and resumed[0][1] > 0
+
+
+def test_finished_build_is_not_redone_and_other_settings_are_refused(built_synthetic, synthetic_source, small_cfg):
+    before = _files(built_synthetic)
+    build_shards(synthetic_source, built_synthetic, small_cfg, progress=lambda *a: pytest.fail("redid work"))
+    assert _files(built_synthetic) == before
+    with pytest.raises(InputError, match="different params"):
+        build_shards(synthetic_source, built_synthetic, BuildConfig(seed=12, chunk_images=5, shard_samples=16))
+
+
+def test_verify_passes_then_catches_a_flipped_byte(tmp_path, synthetic_source, small_cfg):
+    out = tmp_path / "out"
+    build_shards(synthetic_source, out, small_cfg)
+    assert verify_shard_set(out) == []
+    victim = _shards(out)[1]
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0x01
+    victim.write_bytes(bytes(data))
+    problems = verify_shard_set(out)
+    assert len(problems) == 1 and problems[0].startswith(str(victim.relative_to(out))) and "sha256" in problems[0]
+    result = CliRunner().invoke(main, ["verify", str(out)])
+    assert result.exit_code == 1 and str(victim.relative_to(out)) in result.output
+
+
+def test_verify_catches_a_missing_shard_and_a_wrong_count(tmp_path, synthetic_source, small_cfg):
+    out = tmp_path / "out"
+    manifest = build_shards(synthetic_source, out, small_cfg)
+    _shards(out)[0].unlink()
+    manifest["groups"]["W"]["shards"][0]["samples"] += 1
+    write_json_atomic(out / "manifest.json", manifest)
+    problems = verify_shard_set(out)
+    assert any("missing" in p for p in problems)
+    assert any(p.startswith("W/W-000000.tar") and "manifest says" in p for p in problems)
+
+
+def test_verify_rejects_unsafe_member_names(tmp_path, synthetic_source, small_cfg):
+    out = tmp_path / "out"
+    build_shards(synthetic_source, out, small_cfg)
+    victim = _shards(out)[0]
+    with tarfile.open(victim, "a") as tar:
+        info = tarfile.TarInfo("../evil.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    problems = verify_shard_set(out)
+    assert any("parent reference" in p and p.startswith(str(victim.relative_to(out))) for p in problems)
+
+
+def test_newer_major_format_is_refused(built_synthetic, tmp_path):
+    manifest = read_manifest(built_synthetic)
+    manifest["format_version"] = "2.0"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="format version 2.0; this jigsawdata understands format 1.0"):
+        read_manifest(tmp_path)
+
+
+def test_parts_merge_to_the_same_samples(tmp_path, synthetic_source, small_cfg, built_synthetic):
+    out = tmp_path / "parts"
+    build_shards(synthetic_source, out, small_cfg, part=1, parts=2, workers=2)
+    with pytest.raises(InputError, match=r"parts \[0\] of 2 are not built yet"):
+        merge_parts(out)
+    build_shards(synthetic_source, out, small_cfg, part=0, parts=2)
+    merged = merge_parts(out)
+    single = read_manifest(built_synthetic)
+    assert merged["counts"] == single["counts"]
+    assert {g: v["samples"] for g, v in merged["groups"].items()} == {g: v["samples"] for g, v in single["groups"].items()}
+    assert all("-p00" in s["name"] for g in merged["groups"].values() for s in g["shards"])
+    assert sorted(read_index(out / "index.parquet").column("key").to_pylist()) == \
+        sorted(read_index(built_synthetic / "index.parquet").column("key").to_pylist())
+    assert verify_shard_set(out) == []
+
+
+def test_merge_refuses_parts_of_different_builds(tmp_path, synthetic_source, small_cfg):
+    out = tmp_path / "parts"
+    build_shards(synthetic_source, out, small_cfg, part=0, parts=2)
+    other = BuildConfig(seed=99, chunk_images=5, shard_samples=16)
+    build_shards(synthetic_source, tmp_path / "other", other, part=1, parts=2)
+    for p in (tmp_path / "other" / "parts").iterdir():
+        p.rename(out / "parts" / p.name)
+    with pytest.raises(InputError, match="disagrees .* on 'params'"):
+        merge_parts(out)
+
+
+def test_cli_build_info_verify(tmp_path, synthetic_root):
+    out = tmp_path / "cli"
+    runner = CliRunner()
+    result = runner.invoke(main, ["build-shards", str(synthetic_root), "--out", str(out), "--shard-size", "20KB"])
+    assert result.exit_code == 0, result.output
+    sizes = [p.stat().st_size for p in _shards(out)]
+    assert len(sizes) > 3 and max(sizes) < 20_000 + 40_000  # one sample may overflow the bound
+    result = runner.invoke(main, ["info", str(out), "--json"])
+    summary = json.loads(result.output)
+    assert set(summary["groups"]) == {"S", "T", "W"} and "background" in summary["classes"]
+    assert runner.invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+@pytest.mark.parametrize("name,size", [("000000000009_0001.jpg", 0), ("a.json", 1), ("x" * 95 + ".jpg", 123456789)])
+def test_ustar_header_matches_tarfile(name, size):
+    from jigsawdata.shards import ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+    assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
