@@ -306,7 +306,8 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
 
 def _shard_samples(records: Sequence[dict], reader: _BlobReader) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     for r in records:
-        yield r["key"], [("jpg", reader.read(r["chunk"], r["offset"], r["size"])), ("json", _sample_json(r))]
+        yield r["key"], [("jpg", reader.read(r["chunk"], r["offset"], r["size"])),
+                         ("cls", str(r["label"]).encode()), ("json", _sample_json(r))]
 
 
 def _check_same_build(fingerprint: dict, manifest_path: Path, staged_path: Path, out: Path) -> None:

@@ -1,7 +1,7 @@
 """Deterministic WebDataset tar shards with DALI index files, and their safe reading.
 
 A shard's bytes depend only on its samples: members are USTAR regular files with fixed
-mtime, owner and mode, written in sample order (``.jpg`` then ``.json``). Members are
+mtime, owner and mode, written in sample order (``.jpg``, ``.cls``, ``.json``). Members are
 streamed by hand because ``TarFile.addfile`` costs as much as the JPEG encoding of a small
 crop; the bytes are the ones :mod:`tarfile` would write. The DALI ``.idx``
 (format ``v1.2``, what ``wds2idx`` writes) is produced while writing, so readers never have
@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 DALI_INDEX_VERSION = "v1.2"
-ALLOWED_EXTENSIONS = frozenset({"jpg", "json"})
+ALLOWED_EXTENSIONS = frozenset({"jpg", "cls", "json"})
 _BLOCK = tarfile.BLOCKSIZE
 
 
@@ -109,7 +109,7 @@ def check_member_name(name: str) -> str | None:
         return f"nested path {name!r}"
     ext = name.split(".", 1)[1] if "." in name else ""
     if ext not in ALLOWED_EXTENSIONS:
-        return f"unexpected member {name!r} (shards hold only .jpg and .json)"
+        return f"unexpected member {name!r} (shards hold only .jpg, .cls and .json)"
     return None
 
 

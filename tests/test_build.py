@@ -39,9 +39,10 @@ def test_samples_round_trip_through_tarfile(built_synthetic, synthetic_source):
             members = tar.getmembers()
             assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" and m.isreg() for m in members)
             names = [m.name for m in members]
-            assert [n.rsplit(".", 1)[1] for n in names] == ["jpg", "json"] * (len(names) // 2)
-            for jpg, js in zip(names[::2], names[1::2]):
+            assert [n.rsplit(".", 1)[1] for n in names] == ["jpg", "cls", "json"] * (len(names) // 3)
+            for jpg, cls, js in zip(names[::3], names[1::3], names[2::3]):
                 meta = json.loads(tar.extractfile(js).read())
+                assert int(tar.extractfile(cls).read()) == meta["label"]
                 assert set(meta) == FIELDS and meta["group"] == group
                 crop = Image.open(io.BytesIO(tar.extractfile(jpg).read()))
                 assert crop.size == (meta["width"], meta["height"])
@@ -91,6 +92,7 @@ def test_readable_by_webdataset(built_synthetic):
     samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
     assert len(samples) == len(read_index(built_synthetic / "index.parquet"))
     assert all(s["jpg"].size == (s["json"]["width"], s["json"]["height"]) for s in samples)
+    assert all(s["cls"] == s["json"]["label"] for s in samples)
 
 
 def test_readable_by_dali_cpu_with_the_written_index(built_synthetic):
