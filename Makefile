@@ -1,5 +1,5 @@
 # Two entry points on a fresh machine (Python 3.11 + pip, no GPU needed):
-#   make demo   - install, then build shards from the embedded synthetic COCO set
+#   make demo   - install, then build shards from the embedded synthetic COCO set and preview jigsaw images
 #   make test   - install, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/jigsawdata build-shards $(DEMO)/coco --out $(DEMO)/shards --workers 2
 	$(BIN)/jigsawdata info $(DEMO)/shards
 	$(BIN)/jigsawdata verify $(DEMO)/shards
+	$(BIN)/jigsawdata preview $(DEMO)/shards --out $(DEMO)/preview.png
 
 test: install
 	$(BIN)/python -m pytest

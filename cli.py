@@ -206,5 +206,47 @@ def verify(root: Path) -> None:
     click.echo(f"OK: {total} shards match the manifest and the index")
 
 
+def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
+    from pipelines.config import JigsawConfig
+    from pipelines.template import Template
+
+    try:
+        return JigsawConfig(template=Template(canvas=canvas, split=split), fit=fit, seed=seed, **overrides)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@main.command()
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
+@click.option("--count", default=8, show_default=True, help="Assembled images to draw.")
+@click.option("--columns", default=4, show_default=True)
+@click.option("--pipeline", type=click.Choice(["dali", "reference"]), default="dali", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--fit", type=click.Choice(["pad_crop", "warp", "resize"]), default="pad_crop", show_default=True)
+@click.option("--canvas", default=224, show_default=True)
+@click.option("--split", default=64, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, device: str, fit: str,
+            canvas: int, split: int, seed: int) -> None:
+    """Draw assembled jigsaw images with region borders and class names."""
+    from pipelines.preview import render_grid
+    from pipelines.shardset import open_shard_set
+
+    cfg = _jigsaw_config(canvas, split, fit, seed, initial_fill=256)
+    if pipeline == "dali":
+        from pipelines.dali import DaliJigsawLoader
+
+        loader = DaliJigsawLoader(shards, count, cfg, device=device, device_id=0 if device == "gpu" else None,
+                                  rank=0, world_size=1)
+    else:
+        from pipelines.reference import reference_loader
+
+        loader = reference_loader(shards, count, cfg, workers=0, rank=0, world_size=1)
+    images, labels = next(iter(loader))
+    render_grid(images, labels, open_shard_set(shards).class_names, cfg.template, columns).save(out)
+    click.echo(f"wrote {out} ({count} images, {pipeline} pipeline)")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,184 @@
+"""The jigsaw pipeline on NVIDIA DALI: GPU (nvJPEG + CUDA kernels) or DALI's CPU backend.
+
+Four webdataset readers — two over the S shards with different seeds, one over T, one
+over W — feed one graph (all readers of a DALI pipeline share a batch size, which is how two
+S crops per image are drawn). Per sample: decode, random resize keeping the aspect ratio,
+then pad-or-crop to the region and a random horizontal flip; the two S crops are ordered
+by their resized area, the four are concatenated into the canvas and normalised. ``device`` selects where
+this runs; the graph is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
+from .shardset import GroupShards, check_enough_samples, open_shard_set, rank_and_world
+
+log = logging.getLogger(__name__)
+
+READERS: tuple[tuple[str, str], ...] = (("S0", "S"), ("S1", "S"), ("T", "T"), ("W", "W"))
+_MAX_LABEL_DIGITS = 9
+
+
+def reader_seed(seed: int, reader: int) -> int:
+    """A distinct, positive 31-bit seed per reader, derived from the pipeline seed."""
+    return int(np.random.SeedSequence([seed, reader]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _label_bytes(cls):
+    """The ``.cls`` component (ASCII decimal) zero-padded to a fixed width, so a batch of
+    them is one dense tensor; :func:`parse_labels` turns it into integers on the torch side,
+    which costs nothing there and saves a dozen graph operators per reader here."""
+    from nvidia.dali import fn
+
+    return fn.pad(cls, shape=[_MAX_LABEL_DIGITS], fill_value=0)
+
+
+def parse_labels(digits: "torch.Tensor") -> "torch.Tensor":
+    """(..., D) uint8 ASCII digits, zero-padded at the end -> (...) int64."""
+    import torch
+
+    d = digits.to(torch.int64)
+    valid = d >= 48
+    value = torch.zeros(d.shape[:-1], dtype=torch.int64, device=d.device)
+    for i in range(d.shape[-1]):
+        value = torch.where(valid[..., i], value * 10 + d[..., i] - 48, value)
+    return value
+
+
+def _read(group: GroupShards, name: str, seed: int, cfg: JigsawConfig, shard_id: int, num_shards: int):
+    from nvidia.dali import fn
+
+    jpg, cls = fn.readers.webdataset(
+        paths=list(group.tars), index_paths=list(group.indexes), ext=["jpg", "cls"],
+        missing_component_behavior="error", random_shuffle=cfg.shuffle, initial_fill=cfg.initial_fill,
+        seed=seed, shard_id=shard_id, num_shards=num_shards, name=name)
+    return jpg, _label_bytes(cls)
+
+
+def _decode(jpg, cfg: JigsawConfig, decoder_device: str):
+    """Decode, and draw the random resize: returns (image, size) where ``size`` is the
+    float ``[height, width]`` after resizing; the resize itself is fused into :func:`_fit`.
+    Sizes travel as one 2-vector: every graph operator costs per batch, so fewer is faster."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    size = fn.cast(fn.peek_image_shape(jpg), dtype=types.FLOAT)[0:2]
+    image = fn.decoders.image(jpg, device=decoder_device, output_type=types.RGB)
+    lo, hi = cfg.scale
+    if cfg.fit == "pad_crop" and (lo, hi) != (1.0, 1.0):
+        scale = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
+        size = dmath.max(dmath.floor(size * scale + 0.5), 1.0)
+    return image, size
+
+
+def _fit(image, size, region: tuple[int, int], cfg: JigsawConfig):
+    """Resize, pick the region window, flip, zero-pad: one region's pixels.
+
+    ``resize_crop_mirror`` resamples only the window (the ROI of the resize), which is what
+    makes the CPU backend fast: a 600 px crop bound for a 64 px region is never resized
+    whole. The window is clamped to the resized size; the axes that were smaller than the
+    region are then padded by the second crop, at the same relative position.
+    """
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
+
+    rw, rh = region
+    pos = [cfg.crop_pos if cfg.crop_pos is not None else fn.random.uniform(range=[0.0, 1.0]) for _ in range(2)]
+    mirror = fn.random.coin_flip(probability=cfg.flip_p) if cfg.flip_p > 0 else 0
+    if cfg.fit == "pad_crop":
+        window = dmath.min(size, types.Constant(np.array([rh, rw], dtype=np.float32)))
+        piece = fn.resize_crop_mirror(image, size=size, crop=window, crop_pos_x=pos[0], crop_pos_y=pos[1],
+                                      mirror=mirror, interp_type=types.INTERP_LINEAR, antialias=True)
+    else:
+        mode = "not_larger" if cfg.fit == "resize" else "default"
+        piece = fn.resize(image, resize_x=float(rw), resize_y=float(rh), mode=mode, interp_type=types.INTERP_LINEAR)
+        if cfg.flip_p > 0:
+            piece = fn.flip(piece, horizontal=mirror)
+    return fn.crop(piece, crop_w=rw, crop_h=rh, crop_pos_x=pos[0], crop_pos_y=pos[1],
+                   out_of_bounds_policy="pad", fill_values=0)
+
+
+def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: str = "cpu",
+                    num_threads: int = 4, device_id: int | None = None, shard_id: int = 0,
+                    num_shards: int = 1, fp16: bool = False, prefetch_queue_depth: int = 2):
+    """Build (not yet started) the DALI pipeline over the shard set at ``root``.
+
+    Outputs ``images`` (N, 3, canvas, canvas) float (fp16 on request) and ``labels``
+    (N, 4) int64 in region order TL, TR, BL, BR.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    if device == "gpu" and device_id is None:
+        raise ValueError("device='gpu' needs a device_id")
+    shards = open_shard_set(root)
+    sizes = cfg.template.sizes
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
+                  seed=reader_seed(cfg.seed, len(READERS)), enable_conditionals=True,
+                  prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True)
+    def pipe():
+        decoder = "mixed" if device == "gpu" else "cpu"
+        samples = []
+        for i, (name, group) in enumerate(READERS):
+            jpg, label = _read(shards.groups[group], name, reader_seed(cfg.seed, i), cfg, shard_id, num_shards)
+            samples.append((*_decode(jpg, cfg, decoder), label))
+        (a, size_a, la), (b, size_b, lb), tall, wide = samples
+        # The smaller S crop goes top-left, the larger bottom-right (ties keep reader order).
+        if size_a[0] * size_a[1] > size_b[0] * size_b[1]:
+            small, large = (b, size_b, lb), (a, size_a, la)
+        else:
+            small, large = (a, size_a, la), (b, size_b, lb)
+        placed = (small, wide, tall, large)  # region order
+        tl, tr, bl, br = (_fit(p[0], p[1], region, cfg) for p, region in zip(placed, sizes))
+        canvas = fn.cat(fn.cat(tl, tr, axis=1), fn.cat(bl, br, axis=1), axis=0)
+        images = fn.crop_mirror_normalize(
+            canvas, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="CHW",
+            mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+        labels = fn.stack(*(p[2] for p in placed))  # (4, digits) uint8: see parse_labels
+        return images, labels
+
+    return pipe()
+
+
+class DaliJigsawLoader:
+    """Batches of ``(images, labels)`` torch tensors from the DALI pipeline.
+
+    Iteration never ends (training is iteration-based) unless ``epoch=True``, in which case
+    one pass over this rank's share of the S shards (first S reader) is one epoch.
+    In a torchrun job each rank reads its own 1/world share of every group.
+    """
+
+    def __init__(self, root: Path, batch_size: int, cfg: JigsawConfig | None = None, *, device: str = "cpu",
+                 num_threads: int = 4, device_id: int | None = None, rank: int | None = None,
+                 world_size: int | None = None, fp16: bool = False, epoch: bool = False) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        cfg = cfg or JigsawConfig()
+        if rank is None or world_size is None:
+            rank, world_size = rank_and_world()
+        check_enough_samples(open_shard_set(root), world_size)
+        self.batch_size = batch_size
+        self.pipeline = jigsaw_pipeline(root, batch_size, cfg, device=device, num_threads=num_threads,
+                                        device_id=device_id, shard_id=rank, num_shards=world_size, fp16=fp16)
+        self.pipeline.build()
+        self._iterator = DALIGenericIterator(
+            [self.pipeline], ["images", "labels"], reader_name="S0" if epoch else None,
+            last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        log.info("DALI jigsaw loader: device=%s rank %d/%d batch %d", device, rank, world_size, batch_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._iterator)[0]
+        return batch["images"], parse_labels(batch["labels"])
+
+    def reset(self) -> None:
+        self._iterator.reset()
