@@ -9,7 +9,6 @@ process, medians over repeats. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from collections import defaultdict
@@ -19,7 +18,7 @@ from jigsawdata.build import BuildConfig, _encode_jpeg, build_shards
 from jigsawdata.coco import load_coco, load_rgb, resolve_coco_root
 from jigsawdata.index import read_index
 
-from .common import DEFAULT_COCO, environment, stats
+from .common import DEFAULT_COCO, environment, report, stats
 
 
 def _bound(source, boxes_by_image: dict[int, list], quality: int) -> float:
@@ -78,10 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="Also write the result here.")
     args = parser.parse_args(argv)
     result = run(args.coco, args.split, args.repeats, args.workers)
-    print(format_table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return report(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

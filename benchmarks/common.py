@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import sys
@@ -31,3 +32,11 @@ def _cpus() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def report(result: dict, table: str, json_path: Path | None) -> dict:
+    """Print a benchmark's table and, on request, write its full result as JSON."""
+    print(table)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result

@@ -11,7 +11,6 @@ ResNet-50 AMP training step consumes, the rate the pipeline has to keep up with.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pipelines.config import JigsawConfig
 from pipelines.dali import DaliJigsawLoader
 from pipelines.reference import reference_loader
 
-from .common import DEFAULT_COCO, environment, stats
+from .common import DEFAULT_COCO, environment, report, stats
 
 
 def build_benchmark_shards(coco: Path, out: Path, split: str = "train2017", shard_samples: int = 100) -> Path:
@@ -128,10 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     result = run(args.coco, args.workers, args.batch, args.batches, args.repeats, args.shards)
-    print(format_table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return report(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

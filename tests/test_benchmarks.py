@@ -1,0 +1,18 @@
+"""Smoke tests: every benchmark runs end to end on tiny settings (no timing is asserted)."""
+
+from benchmarks import build_shards as bench_build
+from benchmarks import pipeline_throughput as bench_pipeline
+
+
+def test_build_benchmark_runs(real_coco, tmp_path):
+    result = bench_build.main(["--coco", str(real_coco), "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    assert result["images"] == 288 and result["crops"] > 2000
+    assert result["build_seconds"]["median"] > 0 and result["ratio"] > 0
+    assert (tmp_path / "r.json").is_file()
+    assert "ratio build / bound" in bench_build.format_table(result)
+
+
+def test_pipeline_benchmark_runs(built_synthetic):
+    result = bench_pipeline.run(shards=built_synthetic, workers=1, batch=4, batches=1, repeats=1)
+    assert set(result["images_per_s"]) >= {"dali_cpu", "reference"}
+    assert result["ratio_dali_cpu_over_reference"] > 0
