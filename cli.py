@@ -248,5 +248,101 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
     click.echo(f"wrote {out} ({count} images, {pipeline} pipeline)")
 
 
+@main.command()
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard set directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--arch", type=click.Choice(["resnet18", "resnet50", "resnet101", "resnext101_32x4d"]),
+              default="resnet50", show_default=True)
+@click.option("--loss", type=click.Choice(["erf", "blockwise", "global"]), default="erf", show_default=True)
+@click.option("--tau", default=0.7, show_default=True, help="ERF weight floor of a cell's own region.")
+@click.option("--iterations", default=64_000, show_default=True)
+@click.option("--batch", default=512, show_default=True, help="Global batch of assembled images (all ranks).")
+@click.option("--lr-start", default=0.2, show_default=True, help="Warm-up start lr at batch 512 (scaled linearly).")
+@click.option("--lr-peak", default=0.8, show_default=True, help="Peak lr at batch 512 (scaled linearly).")
+@click.option("--warmup", default=1250, show_default=True, help="Warm-up iterations.")
+@click.option("--canvas", default=224, show_default=True)
+@click.option("--split", default=64, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--pipeline", type=click.Choice(["dali", "reference"]), default="dali", show_default=True)
+@click.option("--workers", default=4, show_default=True, help="DALI threads or DataLoader workers per rank.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--erf-every", default=5000, show_default=True, help="Iterations between ERF weight refreshes.")
+@click.option("--erf-images", default=64, show_default=True, help="Images the ERF is averaged over.")
+@click.option("--checkpoint-every", default=1000, show_default=True)
+@click.option("--log-every", default=10, show_default=True)
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+def pretrain(resume: bool, **options) -> None:
+    """ERF-adaptive dense classification pre-training on jigsaw batches (torchrun for many GPUs)."""
+    from tqdm import tqdm
+
+    from trainer.pretrain import PretrainConfig, Trainer
+
+    cfg = PretrainConfig(**options)
+    bar = None
+
+    def on_log(m: dict) -> None:
+        bar.n = m["iteration"]
+        bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.4f}", ips=f"{m['images_per_s']:.0f}",
+                        wait=f"{100 * m['data_wait_fraction']:.1f}%", refresh=False)
+        bar.refresh()
+
+    trainer = Trainer(cfg, resume=resume, on_log=on_log)
+    bar = tqdm(total=cfg.iterations, initial=trainer.iteration, unit="it", desc="pretrain", dynamic_ncols=True,
+               disable=not trainer.dist.main)
+    try:
+        metrics = trainer.train()
+    finally:
+        bar.close()
+    if trainer.dist.main:
+        click.echo(f"done: {trainer.iteration} iterations, last loss {metrics.get('loss', float('nan')):.4f}; "
+                   f"checkpoint {cfg.out}/checkpoint.pt")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["torchvision", "detectron2", "mmdet"]), default="torchvision",
+              show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def export(checkpoint: Path, fmt: str, out: Path) -> None:
+    """Write a pre-trained backbone for torchvision, Detectron2 or MMDetection."""
+    from trainer.export import export as export_backbone
+
+    payload = export_backbone(checkpoint, fmt, out)
+    n = len(payload.get("model", payload.get("state_dict", payload)))
+    click.echo(f"wrote {out}: {n} tensors, {fmt} naming")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--region", type=click.Choice(["TL", "TR", "BL", "BR"]), default="TL", show_default=True)
+@click.option("--images", default=16, show_default=True, help="Jigsaw images to average over.")
+@click.option("--shards", type=click.Path(exists=True, file_okay=False), help="Shard set (default: the run's).")
+def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) -> None:
+    """Draw the effective receptive field of a region's cells for a run's checkpoint."""
+    import torch
+
+    from pipelines.config import JigsawConfig
+    from pipelines.reference import reference_loader
+    from pipelines.template import REGION_NAMES
+    from trainer.checkpoint import load
+    from trainer.erf import effective_receptive_fields, erf_weights
+    from trainer.erfviz import render_erf
+    from trainer.model import DenseClassifier
+    from trainer.pretrain import config_from
+
+    ckpt = load(run_dir)
+    cfg = config_from(ckpt["config"])
+    model = DenseClassifier(ckpt["arch"], len(ckpt["class_names"]))
+    model.load_state_dict(ckpt["model"])
+    batch, _ = next(iter(reference_loader(shards or cfg.shards, images, JigsawConfig(template=cfg.template),
+                                          workers=0, rank=0, world_size=1)))
+    maps = effective_receptive_fields(model, batch)
+    weights = erf_weights(maps, cfg.template, cfg.tau)
+    render_erf(maps, weights, cfg.template, REGION_NAMES.index(region)).save(out)
+    click.echo(f"wrote {out} (iteration {ckpt['iteration']}, {images} images)")
+
+
 if __name__ == "__main__":
     main()

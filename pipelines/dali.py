@@ -105,7 +105,8 @@ def _fit(image, size, region: tuple[int, int], cfg: JigsawConfig):
 
 def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: str = "cpu",
                     num_threads: int = 4, device_id: int | None = None, shard_id: int = 0,
-                    num_shards: int = 1, fp16: bool = False, prefetch_queue_depth: int = 2):
+                    num_shards: int = 1, fp16: bool = False, prefetch_queue_depth: int = 2,
+                    checkpoint: str | None = None):
     """Build (not yet started) the DALI pipeline over the shard set at ``root``.
 
     Outputs ``images`` (N, 3, canvas, canvas) float (fp16 on request) and ``labels``
@@ -122,7 +123,7 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
                   seed=reader_seed(cfg.seed, len(READERS)), enable_conditionals=True,
-                  prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True)
+                  prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True, enable_checkpointing=True)
     def pipe():
         decoder = "mixed" if device == "gpu" else "cpu"
         samples = []
@@ -144,7 +145,7 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
         labels = fn.stack(*(p[2] for p in placed))  # (4, digits) uint8: see parse_labels
         return images, labels
 
-    return pipe()
+    return pipe(checkpoint=checkpoint)
 
 
 class DaliJigsawLoader:
@@ -152,12 +153,15 @@ class DaliJigsawLoader:
 
     Iteration never ends (training is iteration-based) unless ``epoch=True``, in which case
     one pass over this rank's share of the S shards (first S reader) is one epoch.
-    In a torchrun job each rank reads its own 1/world share of every group.
+    In a torchrun job each rank reads its own 1/world share of every group. :meth:`state`
+    returns DALI's checkpoint of the readers and random generators; passing it back as
+    ``checkpoint`` continues exactly where that state was taken.
     """
 
     def __init__(self, root: Path, batch_size: int, cfg: JigsawConfig | None = None, *, device: str = "cpu",
                  num_threads: int = 4, device_id: int | None = None, rank: int | None = None,
-                 world_size: int | None = None, fp16: bool = False, epoch: bool = False) -> None:
+                 world_size: int | None = None, fp16: bool = False, epoch: bool = False,
+                 checkpoint: str | None = None) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         cfg = cfg or JigsawConfig()
@@ -166,7 +170,8 @@ class DaliJigsawLoader:
         check_enough_samples(open_shard_set(root), world_size)
         self.batch_size = batch_size
         self.pipeline = jigsaw_pipeline(root, batch_size, cfg, device=device, num_threads=num_threads,
-                                        device_id=device_id, shard_id=rank, num_shards=world_size, fp16=fp16)
+                                        device_id=device_id, shard_id=rank, num_shards=world_size, fp16=fp16,
+                                        checkpoint=checkpoint)
         self.pipeline.build()
         self._iterator = DALIGenericIterator(
             [self.pipeline], ["images", "labels"], reader_name="S0" if epoch else None,
@@ -182,3 +187,6 @@ class DaliJigsawLoader:
 
     def reset(self) -> None:
         self._iterator.reset()
+
+    def state(self) -> str:
+        return self._iterator.checkpoints()[0]

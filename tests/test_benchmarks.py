@@ -16,3 +16,12 @@ def test_pipeline_benchmark_runs(built_synthetic):
     result = bench_pipeline.run(shards=built_synthetic, workers=1, batch=4, batches=1, repeats=1)
     assert set(result["images_per_s"]) >= {"dali_cpu", "reference"}
     assert result["ratio_dali_cpu_over_reference"] > 0
+
+
+def test_loss_overhead_benchmark_runs():
+    from benchmarks import loss_overhead
+
+    result = loss_overhead.run(arch="resnet18", batch=2, steps=1, repeats=1, erf_every=10, erf_images=1)
+    assert result["plain_step_s"]["median"] > 0 and result["erf_dense_step_s"]["median"] > 0
+    assert result["erf_refresh_amortised_s"] == result["erf_refresh_s"]["median"] / 10
+    assert "overhead" in loss_overhead.format_table(result)

@@ -1,0 +1,118 @@
+"""Pre-training end to end on the real subset: the loss falls, kill-and-resume is exact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+from cli import main
+from jigsawdata.errors import InputError
+from trainer.checkpoint import load
+from trainer.pretrain import PretrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_thirty_iterations_of_resnet18_lower_the_loss(built_real, tmp_path):
+    logs = []
+    cfg = PretrainConfig(shards=str(built_real), out=str(tmp_path / "run"), arch="resnet18", iterations=30, batch=8,
+                         warmup=3, log_every=1, checkpoint_every=30, erf_every=100, erf_images=2, workers=2, seed=0)
+    Trainer(cfg, on_log=logs.append).train()
+    losses = [m["loss"] for m in logs]
+    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    assert {"lr", "images_per_s", "data_wait_s", "data_wait_fraction"} <= set(logs[0])
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 30
+    # The exported backbone loads into torchvision.
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "r18.pth")])
+    assert result.exit_code == 0, result.output
+    missing = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True),
+                                                            strict=False)
+    assert set(missing.missing_keys) == {"fc.weight", "fc.bias"}
+
+
+def _args(shards, out, iterations=12):
+    return ["pretrain", "--shards", str(shards), "--out", str(out), "--arch", "resnet18", "--iterations",
+            str(iterations), "--batch", "4", "--warmup", "2", "--canvas", "128", "--split", "32",
+            "--checkpoint-every", "4", "--erf-every", "6", "--erf-images", "2", "--workers", "2", "--log-every", "2"]
+
+
+def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(built_real, tmp_path):
+    straight = tmp_path / "straight"
+    assert CliRunner().invoke(main, _args(built_real, straight)).exit_code == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *_args(built_real, killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (killed / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    at_kill = load(killed)["iteration"]
+    assert 4 <= at_kill < 12
+    result = CliRunner().invoke(main, [*_args(built_real, killed), "--resume"])
+    assert result.exit_code == 0, result.output
+    a, b = load(straight), load(killed)
+    assert a["iteration"] == b["iteration"] == 12
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert torch.equal(a["erf_weights"], b["erf_weights"])
+
+
+def test_run_directory_is_protected(built_real, tmp_path):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, _args(built_real, out, iterations=1)).exit_code == 0
+    result = CliRunner().invoke(main, _args(built_real, out, iterations=1))
+    assert result.exit_code == 1 and "pass --resume" in result.output
+    result = CliRunner().invoke(main, [*_args(built_real, out, iterations=1), "--tau", "0.6", "--resume"])
+    assert result.exit_code == 1 and "settings differ from the saved run in tau" in result.output
+
+
+def test_bad_settings_are_refused(built_real, tmp_path, monkeypatch):
+    with monkeypatch.context() as env:
+        env.setenv("WORLD_SIZE", "3")
+        with pytest.raises(InputError, match="--batch 4 is not divisible by the 3 ranks"):
+            Trainer(PretrainConfig(shards=str(built_real), out=str(tmp_path / "x"), batch=4, device="cpu"))
+    with pytest.raises(InputError, match="--tau"):
+        Trainer(PretrainConfig(shards=str(built_real), out=str(tmp_path / "x"), tau=1.5))
+
+
+def test_torchrun_two_processes_on_cpu(built_real, tmp_path):
+    """DistributedDataParallel over gloo: both ranks train, each on its share of the shards,
+    and the checkpoint keeps both data positions."""
+    out = tmp_path / "ddp"
+    args = _args(built_real, out, iterations=4)
+    args[args.index("--erf-every") + 1] = "2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "cli.py"), *args, "--device", "cpu", "--workers", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = load(out)
+    assert ckpt["iteration"] == 4 and len(ckpt["data"]["states"]) == 2
+    assert ckpt["data"]["states"][0] != ckpt["data"]["states"][1]
+    assert ckpt["erf_weights"].shape == (4, 4, 4)
+
+
+@pytest.mark.gpu
+def test_short_gpu_run_with_dali_gpu(built_real, tmp_path):
+    logs = []
+    cfg = PretrainConfig(shards=str(built_real), out=str(tmp_path / "gpu"), arch="resnet50", iterations=20, batch=64,
+                         warmup=5, log_every=5, erf_every=10, erf_images=16, device="cuda", pipeline="dali",
+                         workers=4, amp="bf16")
+    trainer = Trainer(cfg, on_log=logs.append)
+    trainer.train()
+    assert trainer.device.type == "cuda" and len(logs) == 4
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in logs)
+    assert logs[-1]["data_wait_fraction"] < 0.5

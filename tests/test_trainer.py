@@ -1,0 +1,220 @@
+"""Pre-training: ERF weights, losses against naive versions, model, schedule, export, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from jigsawdata.errors import InputError
+from pipelines.template import Template
+from trainer import checkpoint as ckpt_io
+from trainer.erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
+from trainer.export import backbone_state, detectron2_name, export
+from trainer.losses import blockwise_loss, erf_dense_loss, global_loss
+from trainer.model import DenseClassifier
+from trainer.schedule import learning_rate, scaled
+
+T = Template()
+G = T.grid
+
+
+def _cells_of(region: int) -> np.ndarray:
+    return T.feature_region_map().reshape(-1) == region
+
+
+# ------------------------------------------------------------------ Eq. 2 on hand-made G
+
+
+def test_erf_inside_own_region_gives_weight_one():
+    erf = torch.zeros(G * G, 224, 224)
+    fmap = T.feature_region_map().reshape(-1)
+    for p in range(G * G):  # every cell's ERF lies wholly inside its own region
+        x0, y0, x1, y1 = T.boxes[fmap[p]]
+        erf[p, y0:y1, x0:x1] = 1.0
+    w = erf_weights(erf, T, tau=0.7)
+    np.testing.assert_allclose(w.numpy(), blockwise_weights(T).numpy())
+
+
+def test_erf_inside_another_region_gets_the_tau_floor():
+    erf = torch.zeros(G * G, 224, 224)
+    erf[:, 100:120, 100:120] = 1.0  # every ERF inside BR
+    w = erf_weights(erf, T, tau=0.7).reshape(4, -1)
+    tl = _cells_of(0)
+    np.testing.assert_allclose(w[0, tl].numpy(), 0.7)
+    np.testing.assert_allclose(w[3, tl].numpy(), 0.3, atol=1e-6)
+    assert (w[1:3, tl] == 0).all()
+
+
+@pytest.mark.parametrize("tau", [0.7, 0.5])
+def test_uniform_erf_gives_area_weights_with_the_floor(tau):
+    w = erf_weights(torch.ones(G * G, 224, 224), T, tau=tau).reshape(4, -1)
+    area = region_fractions(T)
+    for r in range(4):
+        cells = _cells_of(r)
+        own = max(tau, area[r])
+        np.testing.assert_allclose(w[r, cells].numpy(), own, rtol=1e-5)
+        for i in set(range(4)) - {r}:
+            np.testing.assert_allclose(w[i, cells].numpy(), (1 - own) * area[i] / (1 - area[r]), rtol=1e-5)
+    np.testing.assert_allclose(w.sum(0).numpy(), 1.0, rtol=1e-5)
+
+
+def test_tau_one_is_blockwise():
+    erf = torch.rand(G * G, 224, 224)
+    np.testing.assert_allclose(erf_weights(erf, T, tau=1.0).numpy(), blockwise_weights(T).numpy())
+
+
+def test_erf_batched_equals_one_backward_per_cell():
+    small = Template(canvas=64, split=32)
+    torch.manual_seed(0)
+    model = DenseClassifier("resnet18", 5)
+    images = torch.randn(3, 3, 64, 64)
+    fast = effective_receptive_fields(model, images, chunk=2)
+    assert model.training, "the training mode is restored"
+    model.eval()
+    naive = torch.zeros_like(fast)
+    for img in images:
+        x = img[None].clone().requires_grad_(True)
+        out = model(x)
+        for p in range(small.grid ** 2):
+            (g,) = torch.autograd.grad(out[0, :, p // small.grid, p % small.grid].sum(), x, retain_graph=True)
+            m = g[0].abs().sum(0)
+            naive[p] += m / m.sum()
+    naive /= len(images)
+    torch.testing.assert_close(fast, naive, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(fast.sum(dim=(1, 2)).numpy(), 1.0, rtol=1e-5)
+
+
+def test_erf_is_centred_on_its_cell():
+    torch.manual_seed(0)
+    erf = effective_receptive_fields(DenseClassifier("resnet18", 5), torch.randn(2, 3, 224, 224))
+    first, last = erf[0], erf[-1]  # top-left and bottom-right cells of the 7x7 grid
+    assert first[:112, :112].sum() > 0.5 > first[112:, 112:].sum()
+    assert last[112:, 112:].sum() > 0.5 > last[:112, :112].sum()
+
+
+# ------------------------------------------------------------------ losses versus naive versions
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(1)
+    n, k = 5, 11
+    logits = torch.randn(n, k, G, G)
+    labels = torch.randint(0, k, (n, 4))
+    labels[0, 3] = labels[0, 0]  # two regions with the same class
+    weights = torch.rand(4, G, G)
+    weights = weights / weights.sum(0, keepdim=True)
+    return logits, labels, weights, torch.from_numpy(T.feature_region_map())
+
+
+def _region_means(values, region_map):
+    return torch.stack([values[..., region_map == r].mean(-1) for r in range(4)], -1)
+
+
+def test_erf_loss_matches_an_explicit_soft_label(batch):
+    logits, labels, weights, rmap = batch
+    n, k = logits.shape[:2]
+    soft = torch.zeros(n, k, G, G)
+    for i in range(n):
+        for r in range(4):
+            soft[i, labels[i, r]] += weights[r]
+    ce = -(soft * F.log_softmax(logits, 1)).sum(1)
+    expected = _region_means(ce, rmap).mean()
+    torch.testing.assert_close(erf_dense_loss(logits, labels, weights, rmap), expected)
+
+
+def test_blockwise_loss_matches_pool_then_cross_entropy(batch):
+    logits, labels, _, rmap = batch
+    expected = torch.stack([F.cross_entropy(logits[..., rmap == r].mean(-1), labels[:, r]) for r in range(4)]).mean()
+    torch.testing.assert_close(blockwise_loss(logits, labels, rmap), expected)
+
+
+def test_global_loss_matches_an_area_mixed_label(batch):
+    logits, labels, _, _ = batch
+    area = torch.from_numpy(region_fractions(T)).float()
+    n, k = logits.shape[:2]
+    mixed = torch.zeros(n, k)
+    for i in range(n):
+        for r in range(4):
+            mixed[i, labels[i, r]] += area[r]
+    expected = -(mixed * F.log_softmax(logits.mean((2, 3)), 1)).sum(1).mean()
+    torch.testing.assert_close(global_loss(logits, labels, area), expected)
+
+
+# ------------------------------------------------------------------ model and schedule
+
+
+def test_model_gives_a_logit_map_and_torchvision_keys():
+    model = DenseClassifier("resnet18", 81)
+    assert model(torch.randn(2, 3, 224, 224)).shape == (2, 81, 7, 7)
+    r50 = DenseClassifier("resnet50", 81)
+    tv = torchvision.models.resnet50()
+    assert set(backbone_state({"model": r50.state_dict()})) == set(tv.state_dict()) - {"fc.weight", "fc.bias"}
+
+
+def test_resnext101_32x4d_is_built_locally():
+    model = DenseClassifier("resnext101_32x4d", 3)
+    assert model.backbone.layer1[0].conv2.groups == 32
+    assert model.backbone.layer1[0].conv2.out_channels == 128  # 32 groups x 4 channels
+
+
+def test_schedule():
+    kw = dict(total=100, warmup=10, lr_start=0.2, lr_peak=0.8)
+    assert learning_rate(0, **kw) == pytest.approx(0.2)
+    assert learning_rate(5, **kw) == pytest.approx(0.5)
+    assert learning_rate(10, **kw) == pytest.approx(0.8)
+    assert learning_rate(55, **kw) == pytest.approx(0.4)
+    assert learning_rate(100, **kw) == pytest.approx(0.0)
+    lrs = [learning_rate(i, **kw) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert scaled(0.8, 256) == pytest.approx(0.4)
+
+
+# ------------------------------------------------------------------ export
+
+
+def _fake_checkpoint(tmp_path, arch="resnet50"):
+    model = DenseClassifier(arch, 81)
+    path = tmp_path / "checkpoint.pt"
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "arch": arch, "iteration": 7, "model": model.state_dict()}, path)
+    return path, model
+
+
+def test_detectron2_names():
+    assert detectron2_name("conv1.weight") == "stem.conv1.weight"
+    assert detectron2_name("bn1.running_var") == "stem.conv1.norm.running_var"
+    assert detectron2_name("layer1.0.downsample.0.weight") == "res2.0.shortcut.weight"
+    assert detectron2_name("layer1.0.downsample.1.running_mean") == "res2.0.shortcut.norm.running_mean"
+    assert detectron2_name("layer4.2.bn3.bias") == "res5.2.conv3.norm.bias"
+
+
+def test_exports_load(tmp_path):
+    path, model = _fake_checkpoint(tmp_path)
+    export(path, "torchvision", tmp_path / "tv.pth")
+    tv = torchvision.models.resnet50()
+    result = tv.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True), strict=False)
+    assert set(result.missing_keys) == {"fc.weight", "fc.bias"} and not result.unexpected_keys
+    assert torch.equal(tv.layer3[2].conv2.weight, model.backbone.layer3[2].conv2.weight)
+    d2 = torch.load(export(path, "detectron2", tmp_path / "d2.pth") and tmp_path / "d2.pth", weights_only=True)
+    assert d2["matching_heuristics"] and torch.equal(d2["model"]["res4.2.conv2.weight"], model.backbone.layer3[2].conv2.weight)
+    assert not any(k.startswith(("layer", "bn1", "conv1")) for k in d2["model"])
+    mm = torch.load(export(path, "mmdet", tmp_path / "mm.pth") and tmp_path / "mm.pth", weights_only=True)
+    assert set(mm["state_dict"]) == set(tv.state_dict()) - {"fc.weight", "fc.bias"}
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoints_are_never_unpickled(tmp_path):
+    path = tmp_path / "bad.pt"
+    torch.save({"format": ckpt_io.FORMAT, "payload": _Evil()}, path)
+    with pytest.raises(InputError, match="not a loadable checkpoint"):
+        ckpt_io.load(path)
+    torch.save({"format": "something-else"}, path)
+    with pytest.raises(InputError, match="not a jigsawdata pre-training checkpoint"):
+        ckpt_io.load(path)

@@ -1,0 +1,315 @@
+"""Iteration-based jigsaw pre-training with ERF-adaptive dense classification.
+
+One process per GPU under ``torchrun`` (DistributedDataParallel, every rank reading its own
+share of the shards), or a single process on one GPU or the CPU. A checkpoint holds model,
+optimizer, grad scaler, ERF weights, RNG states and every rank's data position, so
+``resume`` continues to the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from jigsawdata.errors import InputError
+from pipelines.config import JigsawConfig
+from pipelines.shardset import open_shard_set
+from pipelines.template import Template
+
+from . import checkpoint as ckpt_io
+from .data import SOURCES
+from .erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
+from .losses import LOSSES, blockwise_loss, erf_dense_loss, global_loss
+from .model import ARCHS, DenseClassifier
+from .schedule import learning_rate, scaled
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    shards: str
+    out: str
+    arch: str = "resnet50"
+    loss: str = "erf"
+    tau: float = 0.7
+    iterations: int = 64_000
+    batch: int = 512
+    """Global batch (all ranks together) of assembled images."""
+    lr_start: float = 0.2
+    lr_peak: float = 0.8
+    """Both are for batch 512 and scaled linearly to ``batch`` (PAPER.md 5)."""
+    warmup: int = 1250
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    canvas: int = 224
+    split: int = 64
+    device: str = "auto"
+    pipeline: str = "dali"
+    workers: int = 4
+    """DALI threads, or DataLoader worker processes for the reference pipeline."""
+    seed: int = 0
+    erf_every: int = 5000
+    erf_images: int = 64
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    amp: str = "bf16"
+    """Autocast dtype on GPU: bf16, fp16 (with a grad scaler) or off. The CPU runs fp32."""
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise InputError(f"--arch must be one of {ARCHS}")
+        if self.loss not in LOSSES:
+            raise InputError(f"--loss must be one of {LOSSES}")
+        if self.pipeline not in SOURCES:
+            raise InputError(f"--pipeline must be one of {tuple(SOURCES)}")
+        if self.amp not in ("bf16", "fp16", "off"):
+            raise InputError("--amp must be bf16, fp16 or off")
+        if self.iterations < 1 or self.batch < 1 or self.erf_every < 1 or self.checkpoint_every < 1:
+            raise InputError("iterations, batch, erf-every and checkpoint-every must be >= 1")
+        if not 0.0 <= self.tau <= 1.0:
+            raise InputError("--tau must be in [0, 1]")
+
+    @property
+    def template(self) -> Template:
+        return Template(canvas=self.canvas, split=self.split)
+
+
+# Settings that may differ between a run and its resumption.
+_RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device"}
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: str) -> tuple[_Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda, but torch sees no CUDA GPU")
+    info = _Dist(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+        return info, torch.device("cuda", info.local_rank)
+    return info, torch.device("cpu")
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _gather(obj, d: _Dist) -> list:
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, resume: bool = False,
+                 on_log: Callable[[dict], None] | None = None) -> None:
+        cfg.validate()
+        self.cfg, self.on_log = cfg, on_log
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if cfg.batch % world:
+            raise InputError(f"--batch {cfg.batch} is not divisible by the {world} ranks")
+        self.dist, self.device = _init_distributed(cfg.device)
+        self.local_batch = cfg.batch // self.dist.world
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        shards = open_shard_set(Path(cfg.shards))
+        self.class_names = shards.class_names
+        self.template = cfg.template
+        self.jigsaw = JigsawConfig(template=self.template, seed=cfg.seed + 1000 * self.dist.rank)
+        self.region_map = torch.from_numpy(self.template.feature_region_map()).to(self.device)
+        self.area = torch.from_numpy(region_fractions(self.template)).to(self.device)
+
+        torch.manual_seed(cfg.seed)
+        self.model = DenseClassifier(cfg.arch, len(self.class_names)).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.autocast = self.device.type == "cuda" and cfg.amp != "off"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast and cfg.amp == "fp16")
+        self.iteration = 0
+        self.weights: torch.Tensor | None = None
+        data_state = None
+        if resume:
+            data_state = self._restore()
+        elif (self.out / "checkpoint.pt").exists():
+            raise InputError(f"{self.out} holds a run already: pass --resume to continue it, or use another --out")
+        if self.dist.main:
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+        self.net = self.model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.source = SOURCES[cfg.pipeline](cfg.shards, self.local_batch, self.jigsaw, device=self.device,
+                                            workers=cfg.workers, rank=self.dist.rank, world_size=self.dist.world,
+                                            state=data_state)
+        self._tb = self._tensorboard() if self.dist.main else None
+
+    # ------------------------------------------------------------------ state
+
+    def _restore(self):
+        ckpt = ckpt_io.load(self.out / "checkpoint.pt", map_location=self.device)
+        saved = ckpt["config"]
+        diff = sorted(k for k in saved if k not in _RESUMABLE and saved[k] != getattr(self.cfg, k, None))
+        if diff:
+            raise InputError(f"cannot resume {self.out}: settings differ from the saved run in {', '.join(diff)}")
+        if len(ckpt["data"]["states"]) != self.dist.world:
+            raise InputError(f"{self.out} was saved by {len(ckpt['data']['states'])} ranks; resume it with as many")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.weights = ckpt["erf_weights"].to(self.device) if ckpt["erf_weights"] is not None else None
+        self.iteration = int(ckpt["iteration"])
+        _set_rng_state(ckpt["rng"][self.dist.rank], self.device)
+        log.info("resumed %s at iteration %d", self.out, self.iteration)
+        return ckpt["data"]["states"][self.dist.rank]
+
+    def save(self) -> None:
+        data_states = _gather(self.source.state(), self.dist)
+        rng = _gather(_rng_state(self.device), self.dist)
+        if not self.dist.main:
+            return
+        ckpt_io.save_atomic({
+            "format": ckpt_io.FORMAT, "iteration": self.iteration, "arch": self.cfg.arch,
+            "class_names": list(self.class_names), "config": asdict(self.cfg),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "erf_weights": self.weights, "rng": rng,
+            "data": {"kind": self.source.kind, "states": data_states},
+            "schedule": {"warmup": self.cfg.warmup, "total": self.cfg.iterations,
+                         "lr_start": self._lr(0), "lr_peak": scaled(self.cfg.lr_peak, self.cfg.batch)},
+        }, self.out / "checkpoint.pt")
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    # ------------------------------------------------------------------ steps
+
+    def _lr(self, iteration: int) -> float:
+        c = self.cfg
+        return learning_rate(iteration, total=c.iterations, warmup=c.warmup,
+                             lr_start=scaled(c.lr_start, c.batch), lr_peak=scaled(c.lr_peak, c.batch))
+
+    def refresh_erf(self) -> None:
+        """Recompute the (4, g, g) label weights from the current model on real jigsaw images."""
+        if self.cfg.loss != "erf":
+            self.weights = blockwise_weights(self.template).to(self.device)
+            return
+        images, _ = next(self.source)
+        maps = effective_receptive_fields(self.model, images[: self.cfg.erf_images])
+        if self.dist.world > 1:
+            dist.all_reduce(maps)
+            maps /= self.dist.world
+        self.weights = erf_weights(maps, self.template, self.cfg.tau)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.cfg.loss == "erf":
+            return erf_dense_loss(logits, labels, self.weights, self.region_map)
+        if self.cfg.loss == "blockwise":
+            return blockwise_loss(logits, labels, self.region_map)
+        return global_loss(logits, labels, self.area)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(self.iteration)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        dtype = torch.float16 if self.cfg.amp == "fp16" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast):
+            logits = self.net(images)
+        loss = self.loss(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def train(self) -> dict:
+        """Run to ``cfg.iterations``; returns the last logged metrics."""
+        cfg, metrics = self.cfg, {}
+        window = {"loss": 0.0, "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+        metrics_file = open(self.out / "metrics.jsonl", "a") if self.dist.main else None
+        try:
+            while self.iteration < cfg.iterations:
+                if self.weights is None or self.iteration % cfg.erf_every == 0:
+                    self.refresh_erf()
+                t0 = time.perf_counter()
+                images, labels = next(self.source)
+                window["wait"] += time.perf_counter() - t0
+                loss = self.step(images, labels)
+                self.iteration += 1
+                window["loss"] += float(loss)
+                window["steps"] += 1
+                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
+                    metrics = self._log(window, metrics_file)
+                    window = {"loss": 0.0, "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+                    self.save()
+        finally:
+            if metrics_file:
+                metrics_file.close()
+        return metrics
+
+    def _log(self, window: dict, metrics_file) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - window["start"]
+        steps = window["steps"]
+        metrics = {
+            "iteration": self.iteration, "loss": window["loss"] / steps, "lr": self._lr(self.iteration - 1),
+            "images_per_s": steps * self.cfg.batch / elapsed, "step_s": elapsed / steps,
+            "data_wait_s": window["wait"] / steps, "data_wait_fraction": window["wait"] / elapsed,
+        }
+        if self.device.type == "cuda":
+            metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.dist.main:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            if self._tb:
+                for key, value in metrics.items():
+                    if key != "iteration":
+                        self._tb.add_scalar(key, value, self.iteration)
+            if self.on_log:
+                self.on_log(metrics)
+        return metrics
+
+
+def config_from(values: dict) -> PretrainConfig:
+    known = {f.name for f in fields(PretrainConfig)}
+    return PretrainConfig(**{k: v for k, v in values.items() if k in known})
