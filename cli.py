@@ -344,5 +344,60 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
     click.echo(f"wrote {out} (iteration {ckpt['iteration']}, {images} images)")
 
 
+@main.command()
+@click.option("--coco", required=True, type=click.Path(exists=True, file_okay=False), help="COCO root.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--init", default="scratch", show_default=True,
+              help="A jigsaw run directory or checkpoint, an exported backbone, imagenet:FILE (a torchvision "
+                   "ResNet state dict), or scratch.")
+@click.option("--detector", type=click.Choice(["c4", "fpn", "mask"]), default="c4", show_default=True)
+@click.option("--arch", type=click.Choice(["resnet18", "resnet50", "resnet101", "resnext101_32x4d"]),
+              default="resnet50", show_default=True)
+@click.option("--norm", type=click.Choice(["frozen_bn", "bn", "gn"]),
+              help="Backbone normalisation (default: frozen_bn with pretrained weights, bn from scratch).")
+@click.option("--split", default="train2017", show_default=True)
+@click.option("--val-split", help="Split evaluated after training (default: --split).")
+@click.option("--schedule", type=click.Choice(["1x", "2x"]), default="1x", show_default=True)
+@click.option("--batch", default=16, show_default=True, help="Global batch (all ranks).")
+@click.option("--lr", default=0.02, show_default=True, help="At batch 16, scaled linearly.")
+@click.option("--warmup", default=500, show_default=True)
+@click.option("--min-size", default=800, show_default=True)
+@click.option("--max-size", default=1333, show_default=True)
+@click.option("--workers", default=4, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--amp/--no-amp", default=True, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-iters", type=int, help="Stop after this many iterations.")
+@click.option("--max-images", type=int, help="Use only the first N images of each split.")
+@click.option("--log-every", default=20, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out.")
+def finetune(resume: bool, **options) -> None:
+    """Fine-tune a torchvision detector from jigsaw (or other) weights, then evaluate it."""
+    from trainer.evaluate import format_table
+    from trainer.finetune import FinetuneConfig, Finetuner, evaluate_run
+
+    cfg = FinetuneConfig(**options)
+    trainer = Finetuner(cfg, resume=resume, on_log=lambda m: click.echo(
+        f"epoch {m['epoch']} it {m['iteration']} lr {m['lr']:.5f} loss {m['loss']:.4f}"))
+    trainer.train()
+    if trainer.dist.main:
+        metrics = evaluate_run(cfg.out, split=cfg.val_split, max_images=cfg.max_images, device=cfg.device)
+        click.echo(format_table(metrics))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--coco", type=click.Path(exists=True, file_okay=False), help="COCO root (default: the run's).")
+@click.option("--split", help="Split to evaluate (default: the run's --val-split, else its --split).")
+@click.option("--max-images", type=int, help="Evaluate only the first N images.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def evaluate(run_dir: Path, coco: str | None, split: str | None, max_images: int | None, device: str) -> None:
+    """COCO AP of a fine-tuned detector; writes eval.json and predictions_*.json into RUN_DIR."""
+    from trainer.evaluate import format_table
+    from trainer.finetune import evaluate_run
+
+    click.echo(format_table(evaluate_run(run_dir, coco, split, max_images, device)))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,153 @@
+"""Detection fine-tuning and COCO evaluation, on CPU with small images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from cli import main
+from jigsawdata.errors import InputError
+from trainer import checkpoint as ckpt_io
+from trainer.coco_data import CocoDetection, collate
+from trainer.detection import build_detector
+from trainer.evaluate import METRICS, coco_eval
+from trainer.finetune import SCHEDULES, evaluate, lr_factor
+from trainer.model import DenseClassifier
+
+
+@pytest.fixture(scope="module")
+def jigsaw_ckpt(tmp_path_factory):
+    torch.manual_seed(3)
+    model = DenseClassifier("resnet18", 81)
+    path = tmp_path_factory.mktemp("jig") / "checkpoint.pt"
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "arch": "resnet18", "iteration": 1, "model": model.state_dict()},
+                        path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def train_set(real_coco):
+    return CocoDetection(real_coco / "annotations" / "instances_train2017.json", real_coco / "train2017",
+                         train=True, masks=True, max_images=2)
+
+
+def _body(model, detector):
+    return model.backbone if detector == "c4" else model.backbone.body
+
+
+@pytest.mark.parametrize("detector", ["c4", "fpn", "mask"])
+def test_detector_takes_the_jigsaw_backbone_and_trains_a_step(detector, jigsaw_ckpt, train_set):
+    path, source = jigsaw_ckpt
+    model = build_detector(detector, "resnet18", 80, init=str(path), min_size=128, max_size=160, rois_per_image=32)
+    body = _body(model, detector)
+    assert torch.equal(body.layer2[0].conv1.weight, source.backbone.layer2[0].conv1.weight)
+    assert torch.equal(body.layer3[1].bn2.running_var, source.backbone.layer3[1].bn2.running_var)
+    assert isinstance(body.layer2[0].bn1, FrozenBatchNorm2d)
+    assert not body.conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
+    fresh = build_detector(detector, "resnet18", 80, min_size=128, max_size=160)
+    assert not torch.equal(_body(fresh, detector).layer2[0].conv1.weight, source.backbone.layer2[0].conv1.weight)
+    images, targets = collate([train_set[0], train_set[1]])
+    if detector != "mask":
+        targets = [{k: v for k, v in t.items() if k != "masks"} for t in targets]
+    model.train()
+    losses = model(list(images), list(targets))
+    assert ("loss_mask" in losses) == (detector == "mask")
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_c4_is_stride_16_with_layer4_head(jigsaw_ckpt):
+    model = build_detector("c4", "resnet18", 80, init=str(jigsaw_ckpt[0]))
+    assert model.backbone(torch.zeros(1, 3, 64, 96)).shape[-2:] == (4, 6)
+    assert model.roi_heads.box_roi_pool.output_size == (14, 14)
+    assert model.roi_heads.box_head.layer4 is not None
+
+
+def test_scratch_with_group_norm():
+    model = build_detector("fpn", "resnet18", 80, norm="gn")
+    assert isinstance(model.backbone.body.layer1[0].bn1, nn.GroupNorm)
+    assert model.backbone.body.conv1.weight.requires_grad
+
+
+def test_imagenet_weights_from_a_local_file(tmp_path):
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")
+    model = build_detector("fpn", "resnet18", 80, init=f"imagenet:{tmp_path / 'r18.pth'}")
+    assert torch.equal(model.backbone.body.layer4[1].conv2.weight, tv.layer4[1].conv2.weight)
+
+
+def test_bad_init_is_a_clear_error(tmp_path, jigsaw_ckpt):
+    with pytest.raises(InputError, match="no such file"):
+        build_detector("fpn", "resnet18", 80, init=str(tmp_path / "missing.pth"))
+    with pytest.raises(InputError, match="holds a resnet18 backbone, not resnet50"):
+        build_detector("fpn", "resnet50", 80, init=str(jigsaw_ckpt[0]))
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(InputError, match="does not fit this backbone .* wrong --arch"):
+        build_detector("c4", "resnet50", 80, init=f"imagenet:{tmp_path / 'r18.pth'}")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a loadable weights file"):
+        build_detector("c4", "resnet18", 80, init=str(tmp_path / "junk.pth"))
+
+
+def test_schedule_factors():
+    epochs, milestones = SCHEDULES["1x"]
+    assert (epochs, milestones) == (13, (9, 12))
+    assert lr_factor(0, 0, 500, milestones) == pytest.approx(0.001)
+    assert lr_factor(500, 0, 500, milestones) == 1.0
+    assert lr_factor(10_000, 9, 500, milestones) == pytest.approx(0.1)
+    assert lr_factor(10_000, 12, 500, milestones) == pytest.approx(0.01)
+
+
+def test_ground_truth_as_predictions_scores_ap_one(real_coco):
+    ds = CocoDetection(real_coco / "annotations" / "instances_train2017.json", real_coco / "train2017", train=False)
+    anns = [a for a in ds.coco.dataset["annotations"] if not a["iscrowd"]]
+    boxes = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+             for a in anns]
+    metrics = coco_eval(ds.coco, boxes, "bbox")
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    segms = []
+    for a in anns:
+        rle = ds.coco.annToRLE(a)
+        segms.append({"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
+                      "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()
+                                       if isinstance(rle["counts"], bytes) else rle["counts"]}})
+    assert coco_eval(ds.coco, segms, "segm")["AP"] == pytest.approx(1.0)
+    shifted = [dict(b, bbox=[b["bbox"][0] + b["bbox"][2], *b["bbox"][1:]]) for b in boxes]
+    assert coco_eval(ds.coco, shifted, "bbox")["AP"] < 0.2
+
+
+def test_evaluation_writes_a_cocoeval_table(real_coco, jigsaw_ckpt, tmp_path):
+    ds = CocoDetection(real_coco / "annotations" / "instances_train2017.json", real_coco / "train2017",
+                       train=False, masks=True, max_images=3)
+    model = build_detector("mask", "resnet18", 80, init=str(jigsaw_ckpt[0]), min_size=128, max_size=160)
+    model.roi_heads.score_thresh = 0.0  # an untrained head scores every class near 1/81
+    metrics = evaluate(model, ds, torch.device("cpu"), tmp_path, workers=0)
+    assert set(metrics) == {"bbox", "segm"} and all(set(m) == set(METRICS) for m in metrics.values())
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == metrics
+    preds = json.loads((tmp_path / "predictions_bbox.json").read_text())
+    assert preds and {"image_id", "category_id", "bbox", "score"} <= set(preds[0])
+    assert {p["image_id"] for p in preds} <= set(ds.ids)
+    assert "AP50" in (tmp_path / "eval.txt").read_text()
+
+
+def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
+    out = tmp_path / "ft"
+    args = ["finetune", "--coco", str(real_coco), "--out", str(out), "--init", str(jigsaw_ckpt[0]),
+            "--detector", "fpn", "--arch", "resnet18", "--batch", "2", "--min-size", "96", "--max-size", "128",
+            "--max-images", "4", "--workers", "0", "--log-every", "1", "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--max-iters", "1"])
+    assert result.exit_code == 0, result.output
+    assert "AP50" in result.output and (out / "predictions_bbox.json").is_file()
+    assert CliRunner().invoke(main, [*args, "--max-iters", "1"]).exit_code == 1  # run exists, no --resume
+    result = CliRunner().invoke(main, [*args, "--max-iters", "2", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 2
+    result = CliRunner().invoke(main, ["evaluate", str(out), "--max-images", "2"])
+    assert result.exit_code == 0 and "bbox" in result.output

@@ -1,0 +1,143 @@
+"""Detectors assembled from torchvision's building blocks around a (jigsaw-)pretrained ResNet.
+
+- ``fpn``: Faster R-CNN with FPN; ``mask``: Mask R-CNN with FPN (torchvision's own heads).
+- ``c4``: the paper's original Faster R-CNN "C4": the ResNet up to ``layer3`` (stride 16)
+  as the backbone with the RPN on it, RoIAlign 14x14, and ``layer4`` + average pooling as the
+  box head, built from torchvision's ``FasterRCNN``, ``AnchorGenerator``,
+  ``MultiScaleRoIAlign`` and ``FastRCNNPredictor``.
+
+Transferred weights go with frozen BatchNorm (``FrozenBatchNorm2d``); training from scratch
+may use GroupNorm instead (the paper's Table 5 baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+
+from jigsawdata.errors import InputError
+
+from .model import ARCHS, build_backbone
+
+DETECTORS = ("c4", "fpn", "mask")
+NORMS = ("frozen_bn", "bn", "gn")
+
+log = logging.getLogger(__name__)
+
+
+def _norm_layer(norm: str):
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "gn":
+        return lambda channels: nn.GroupNorm(32, channels)
+    return nn.BatchNorm2d
+
+
+def _resnet(arch: str, norm: str) -> nn.Module:
+    backbone = build_backbone(arch)
+    if norm == "bn":
+        return backbone
+    # Rebuild with the requested normalisation: torchvision's ResNet takes a norm_layer.
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    layers = [len(backbone.layer1), len(backbone.layer2), len(backbone.layer3), len(backbone.layer4)]
+    block = Bottleneck if isinstance(backbone.layer1[0], Bottleneck) else BasicBlock
+    conv2 = backbone.layer1[0].conv2 if block is Bottleneck else None
+    groups = conv2.groups if conv2 is not None else 1
+    width = conv2.out_channels // groups if conv2 is not None and groups > 1 else 64
+    return ResNet(block, layers, groups=groups, width_per_group=width, norm_layer=_norm_layer(norm))
+
+
+def read_init(init: str, arch: str) -> "OrderedDict[str, torch.Tensor] | None":
+    """Backbone weights named as torchvision's ResNet, from ``scratch``, ``imagenet:FILE``
+    (a torchvision state dict), a jigsaw run directory / checkpoint, or an exported file."""
+    if init == "scratch":
+        return None
+    path = Path(init.removeprefix("imagenet:"))
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise InputError(f"--init {init}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"--init {init}: not a loadable weights file ({exc})") from exc
+    if isinstance(obj, dict) and obj.get("format") == "jigsawdata-pretrain-1":
+        if obj["arch"] != arch:
+            raise InputError(f"--init {init} holds a {obj['arch']} backbone, not {arch} (use --arch {obj['arch']})")
+        obj = {k.removeprefix("backbone."): v for k, v in obj["model"].items() if k.startswith("backbone.")}
+    elif isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"--init {init}: not a ResNet state dict")
+    return OrderedDict((k, v) for k, v in obj.items() if not k.startswith("fc."))
+
+
+def load_backbone_weights(resnet: nn.Module, weights: "OrderedDict[str, torch.Tensor]", init: str) -> None:
+    own = resnet.state_dict()
+    wrong = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in weights and not k.endswith("num_batches_tracked") and not k.startswith("fc.")]
+    if wrong or missing:
+        detail = f"shape mismatch in {wrong[:3]}" if wrong else f"missing {missing[:3]}"
+        raise InputError(f"--init {init} does not fit this backbone ({detail}): wrong --arch?")
+    resnet.load_state_dict(weights, strict=False)
+
+
+class _Res5Head(nn.Module):
+    """``layer4`` + global average pooling: the C4 box head, on 14x14 RoI features."""
+
+    def __init__(self, layer4: nn.Module) -> None:
+        super().__init__()
+        self.layer4 = layer4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.layer4(x), 1), 1)
+
+
+def _freeze_stem_and_layer1(resnet: nn.Module) -> None:
+    """As torchvision (trainable_layers=3) and Detectron2 (FREEZE_AT=2) do for transfer."""
+    for module in (resnet.conv1, resnet.bn1, resnet.layer1):
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def build_detector(detector: str, arch: str, num_classes: int, *, init: str = "scratch", norm: str | None = None,
+                   min_size: int = 800, max_size: int = 1333, rois_per_image: int = 512) -> nn.Module:
+    """``num_classes`` counts foreground classes; torchvision's heads add background."""
+    if detector not in DETECTORS:
+        raise InputError(f"--detector must be one of {DETECTORS}")
+    if arch not in ARCHS:
+        raise InputError(f"--arch must be one of {ARCHS}")
+    weights = read_init(init, arch)
+    norm = norm or ("frozen_bn" if weights is not None else "bn")
+    if norm not in NORMS:
+        raise InputError(f"--norm must be one of {NORMS}")
+    resnet = _resnet(arch, norm)
+    if weights is not None:
+        load_backbone_weights(resnet, weights, init)
+        _freeze_stem_and_layer1(resnet)
+    sizes = dict(min_size=min_size, max_size=max_size, box_batch_size_per_image=rois_per_image)
+    if detector in ("fpn", "mask"):
+        trainable = 3 if weights is not None else 5
+        backbone = _resnet_fpn_extractor(resnet, trainable, norm_layer=None)
+        cls = MaskRCNN if detector == "mask" else FasterRCNN
+        return cls(backbone, num_classes=num_classes + 1, **sizes)
+    body = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in
+                                     ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
+    last = resnet.layer3[-1]
+    body.out_channels = (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
+    head_channels = resnet.fc.in_features
+    anchors = AnchorGenerator(sizes=((32, 64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),))
+    return FasterRCNN(body, num_classes=None, rpn_anchor_generator=anchors,
+                      box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
+                      box_head=_Res5Head(resnet.layer4),
+                      box_predictor=FastRCNNPredictor(head_channels, num_classes + 1), **sizes)

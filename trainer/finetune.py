@@ -1,0 +1,246 @@
+"""Detection fine-tuning (PAPER.md 5: the 1x / 2x schedules) and COCO evaluation.
+
+Epoch-based like the paper's schedules; a checkpoint after every epoch (and at
+``max_iters``) holds model, optimizer, grad scaler, RNG and position, and ``--resume``
+continues from it. Under ``torchrun`` the model is wrapped in DistributedDataParallel and
+each rank trains on its part of every epoch; evaluation runs on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from jigsawdata.coco import resolve_coco_root
+from jigsawdata.errors import InputError
+
+from . import checkpoint as ckpt_io
+from .coco_data import CocoDetection, collate, to_coco_results
+from .detection import build_detector
+from .evaluate import coco_eval, format_table
+from .pretrain import _gather, _init_distributed, _rng_state, _set_rng_state
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = {"1x": (13, (9, 12)), "2x": (26, (18, 24))}
+"""Epochs and the epochs after which the learning rate drops tenfold (PAPER.md 5)."""
+FORMAT = "jigsawdata-finetune-1"
+
+
+@dataclass
+class FinetuneConfig:
+    coco: str
+    out: str
+    init: str = "scratch"
+    detector: str = "c4"
+    arch: str = "resnet50"
+    norm: str | None = None
+    """frozen_bn (default with pretrained weights), bn, or gn (for scratch)."""
+    split: str = "train2017"
+    val_split: str | None = None
+    """Evaluated after training (default: the training split)."""
+    schedule: str = "1x"
+    batch: int = 16
+    """Global batch (all ranks)."""
+    lr: float = 0.02
+    """At batch 16; scaled linearly to ``batch``."""
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup: int = 500
+    min_size: int = 800
+    max_size: int = 1333
+    flip_p: float = 0.5
+    rois_per_image: int = 512
+    workers: int = 4
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+    max_iters: int | None = None
+    """Stop after this many iterations (short runs, smoke tests)."""
+    max_images: int | None = None
+    """Use only the first N images of each split (short runs, smoke tests)."""
+    log_every: int = 20
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"--schedule must be one of {tuple(SCHEDULES)}")
+        if self.batch < 1 or self.lr <= 0:
+            raise InputError("--batch and --lr must be positive")
+
+
+def config_from(values: dict) -> FinetuneConfig:
+    known = {f.name for f in fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def lr_factor(iteration: int, epoch: int, warmup: int, milestones: tuple[int, ...]) -> float:
+    """Linear warm-up from 1/1000 (torchvision's references), then x0.1 per milestone passed."""
+    warm = 1.0 if iteration >= warmup else 0.001 + (1 - 0.001) * iteration / warmup
+    return warm * 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def _dataset(cfg: FinetuneConfig, split: str, train: bool, masks: bool) -> CocoDetection:
+    ann, images = resolve_coco_root(Path(cfg.coco), split)
+    return CocoDetection(ann, images, train=train, masks=masks, flip_p=cfg.flip_p if train else 0.0,
+                         max_images=cfg.max_images)
+
+
+class Finetuner:
+    def __init__(self, cfg: FinetuneConfig, resume: bool = False, on_log: Callable[[dict], None] | None = None):
+        cfg.validate()
+        self.cfg, self.on_log = cfg, on_log
+        self.dist, self.device = _init_distributed(cfg.device)
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.masks = cfg.detector == "mask"
+        self.train_set = _dataset(cfg, cfg.split, True, self.masks)
+        torch.manual_seed(cfg.seed)
+        self.model = build_detector(cfg.detector, cfg.arch, self.train_set.num_classes, init=cfg.init, norm=cfg.norm,
+                                    min_size=cfg.min_size, max_size=cfg.max_size,
+                                    rois_per_image=cfg.rois_per_image).to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.base_lr = cfg.lr * cfg.batch / 16
+        self.optimizer = torch.optim.SGD(params, lr=self.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.autocast = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast)
+        self.epoch, self.iteration = 0, 0
+        if resume:
+            self._restore()
+        elif (self.out / "checkpoint.pt").exists():
+            raise InputError(f"{self.out} holds a run already: pass --resume to continue it, or use another --out")
+        if self.dist.main:
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+        self.net = self.model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _restore(self) -> None:
+        ckpt = load_run(self.out, self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+        _set_rng_state(ckpt["rng"][self.dist.rank], self.device)
+
+    def save(self) -> None:
+        rng = _gather(_rng_state(self.device), self.dist)
+        if self.dist.main:
+            ckpt_io.save_atomic({"format": FORMAT, "config": asdict(self.cfg), "epoch": self.epoch,
+                                 "iteration": self.iteration, "model": self.model.state_dict(),
+                                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                                 "rng": rng, "cat_ids": self.train_set.cat_ids}, self.out / "checkpoint.pt")
+
+    def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        local = max(1, self.cfg.batch // self.dist.world)
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            self.train_set, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed)
+        sampler.set_epoch(epoch)
+        return torch.utils.data.DataLoader(self.train_set, batch_size=local, sampler=sampler, drop_last=True,
+                                           num_workers=self.cfg.workers, collate_fn=collate,
+                                           generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+
+    def _done(self) -> bool:
+        return self.cfg.max_iters is not None and self.iteration >= self.cfg.max_iters
+
+    def train(self) -> dict:
+        epochs, milestones = SCHEDULES[self.cfg.schedule]
+        metrics: dict = {}
+        with open(self.out / "metrics.jsonl", "a") as metrics_file:
+            while self.epoch < epochs and not self._done():
+                start, wait, t0 = time.perf_counter(), 0.0, time.perf_counter()
+                for images, targets in self._loader(self.epoch):
+                    wait += time.perf_counter() - t0
+                    losses = self.step(images, targets, lr_factor(self.iteration, self.epoch, self.cfg.warmup, milestones))
+                    self.iteration += 1
+                    if self.iteration % self.cfg.log_every == 0 or self._done():
+                        metrics = {"epoch": self.epoch, "iteration": self.iteration,
+                                   "lr": self.optimizer.param_groups[0]["lr"], **losses,
+                                   "seconds": time.perf_counter() - start, "data_wait_s": wait}
+                        if self.dist.main:
+                            metrics_file.write(json.dumps(metrics) + "\n")
+                            metrics_file.flush()
+                            if self.on_log:
+                                self.on_log(metrics)
+                    if self._done():
+                        break
+                    t0 = time.perf_counter()
+                if not self._done():
+                    self.epoch += 1
+                self.save()
+        return metrics
+
+    def step(self, images, targets, factor: float) -> dict:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * factor
+        images = [i.to(self.device, non_blocking=True) for i in images]
+        targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        with torch.autocast(self.device.type, enabled=self.autocast):
+            losses = self.net(images, targets)
+        loss = sum(losses.values())
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        if not math.isfinite(sum(values.values())):
+            raise FloatingPointError(f"loss is not finite at iteration {self.iteration}: {values}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"loss": sum(values.values()), **values}
+
+
+def load_run(run_dir: Path, device="cpu") -> dict:
+    path = Path(run_dir) / "checkpoint.pt" if Path(run_dir).is_dir() else Path(run_dir)
+    if not path.is_file():
+        raise InputError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if ckpt.get("format") != FORMAT:
+        raise InputError(f"{path} is not a jigsawdata fine-tuning checkpoint")
+    return ckpt
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.device, out: Path | None = None,
+             batch: int = 2, workers: int = 2) -> dict[str, dict]:
+    """Run the detector over ``dataset``, write COCO-format predictions, return COCOeval's APs."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate)
+    results: dict[str, list] = {"bbox": [], "segm": []}
+    cat_ids = dataset.cat_ids
+    for images, targets in loader:
+        outputs = model([i.to(device) for i in images])
+        part = to_coco_results(outputs, [t["image_id"] for t in targets], cat_ids, dataset.masks)
+        for key in results:
+            results[key].extend(part[key])
+    iou_types = ("bbox", "segm") if dataset.masks else ("bbox",)
+    metrics = {t: coco_eval(dataset.coco, results[t], t, dataset.ids) for t in iou_types}
+    if out is not None:
+        for t in iou_types:
+            (out / f"predictions_{t}.json").write_text(json.dumps(results[t]))
+        (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (out / "eval.txt").write_text(format_table(metrics) + "\n")
+    return metrics
+
+
+def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = None, max_images: int | None = None,
+                 device: str = "auto") -> dict[str, dict]:
+    ckpt = load_run(run_dir)
+    cfg = config_from(ckpt["config"])
+    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    root, split = coco or cfg.coco, split or cfg.val_split or cfg.split
+    ann, images = resolve_coco_root(Path(root), split)
+    dataset = CocoDetection(ann, images, train=False, masks=cfg.detector == "mask", max_images=max_images)
+    if dataset.cat_ids != list(ckpt["cat_ids"]):
+        raise InputError(f"{ann} has other categories than the set {run_dir} was trained on")
+    model = build_detector(cfg.detector, cfg.arch, len(dataset.cat_ids), norm=cfg.norm or
+                           ("frozen_bn" if cfg.init != "scratch" else "bn"),
+                           min_size=cfg.min_size, max_size=cfg.max_size).to(dev)
+    model.load_state_dict(ckpt["model"])
+    return evaluate(model, dataset, dev, Path(run_dir))
