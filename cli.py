@@ -399,5 +399,23 @@ def evaluate(run_dir: Path, coco: str | None, split: str | None, max_images: int
     click.echo(format_table(evaluate_run(run_dir, coco, split, max_images, device)))
 
 
+@main.command()
+@click.argument("which", type=click.Choice(["all", "build", "pipeline", "loss", "cost"]))
+@click.option("--out", default="bench-report", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Report directory (report.json, report.md, charts).")
+@click.option("--coco", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="COCO root with real photographs (default: ../shared/data/coco-train288).")
+@click.option("--split", default="train2017", show_default=True)
+@click.option("--quick", is_flag=True, help="A couple of steps each: checks that everything runs.")
+def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> None:
+    """Throughput and cost benchmarks; `all` runs every one that fits the machine."""
+    from benchmarks.common import DEFAULT_COCO
+    from benchmarks.report import BENCHMARKS, run_all
+
+    only = BENCHMARKS if which == "all" else (which,)
+    run_all(out, coco or DEFAULT_COCO, split, only, quick, log=click.echo)
+    click.echo(f"wrote {out}/report.json and {out}/report.md")
+
+
 if __name__ == "__main__":
     main()

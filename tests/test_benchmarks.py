@@ -25,3 +25,34 @@ def test_loss_overhead_benchmark_runs():
     assert result["plain_step_s"]["median"] > 0 and result["erf_dense_step_s"]["median"] > 0
     assert result["erf_refresh_amortised_s"] == result["erf_refresh_s"]["median"] / 10
     assert "overhead" in loss_overhead.format_table(result)
+
+
+def test_cost_claim_runs(built_real, real_coco):
+    from benchmarks import cost_claim
+
+    result = cost_claim.run(real_coco, arch="resnet18", batch=4, steps=1, repeats=1, warmup=1, erf_images=1,
+                            shards=built_real)
+    p = result["projection"]
+    assert p["image_ratio"] == 64_000 * 512 / (90 * 1_281_167)
+    assert p["paper_ratio"] == 1.73 / 6.80 and p["ratio"] > 0
+    assert 0 <= result["jigsaw"]["data_wait_fraction"]["median"] <= 1
+    assert "cost ratio Jigsaw / ImageNet" in cost_claim.format_table(result)
+
+
+def test_bench_all_quick_writes_the_report(real_coco, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from cli import main
+
+    result = CliRunner().invoke(main, ["bench", "all", "--quick", "--out", str(tmp_path), "--coco", str(real_coco)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["results"]) == {"build", "pipeline", "loss", "cost"}
+    assert report["environment"]["packages"]["torch"]
+    md = (tmp_path / "report.md").read_text()
+    assert "## cost" in md and "quick" in md
+    assert Image.open(tmp_path / "cost.png").size == (640, 360)
+    assert Image.open(tmp_path / "pipelines.png").size == (640, 360)
