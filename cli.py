@@ -103,9 +103,11 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.option("--shard-samples", default=10_000, show_default=True, help="Most samples per shard.")
 @click.option("--chunk-images", default=64, show_default=True, help="Images per work unit (unit of resumption).")
 @click.option("--keep-staging/--no-keep-staging", default=False, show_default=True)
+@click.option("--license", "license_", help="Licence of the source set, for the dataset card "
+              "(default: COCO's terms for a COCO-derived set, else 'unknown').")
 def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spec, pos_per_neg,
                      max_enlarge, min_box_size, jpeg_quality, shard_size, shard_samples, chunk_images,
-                     keep_staging) -> None:
+                     keep_staging, license_) -> None:
     """Extract positive and negative crops from a COCO set into grouped WebDataset shards.
 
     Rerunning the same command resumes an interrupted build.
@@ -142,7 +144,7 @@ def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spe
 
     try:
         manifest = build_shards(source, out, cfg, workers=workers, part=part, parts=parts,
-                                keep_staging=keep_staging, progress=progress)
+                                keep_staging=keep_staging, progress=progress, license=license_)
     finally:
         for bar in bars.values():
             bar.close()
@@ -249,7 +251,8 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
 
 
 @main.command()
-@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False), help="Shard set directory.")
+@click.option("--shards", required=True, help="Shard set: a directory, or a URL (fetched to a cache for DALI, "
+              "streamed by the reference pipeline).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--arch", type=click.Choice(["resnet18", "resnet50", "resnet101", "resnext101_32x4d"]),
               default="resnet50", show_default=True)
@@ -271,6 +274,8 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
 @click.option("--checkpoint-every", default=1000, show_default=True)
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True)
+@click.option("--cache-dir", help="Where --shards URLs are fetched to (default: $JIGSAWDATA_CACHE or "
+              "~/.cache/jigsawdata).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 def pretrain(resume: bool, **options) -> None:
     """ERF-adaptive dense classification pre-training on jigsaw batches (torchrun for many GPUs)."""
@@ -415,6 +420,27 @@ def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> 
     only = BENCHMARKS if which == "all" else (which,)
     run_all(out, coco or DEFAULT_COCO, split, only, quick, log=click.echo)
     click.echo(f"wrote {out}/report.json and {out}/report.md")
+
+
+@main.command()
+@click.argument("url")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--workers", default=8, show_default=True, help="Parallel downloads.")
+@click.option("--retries", default=5, show_default=True, help="Attempts per file (each resumes the last).")
+def fetch(url: str, out: Path, workers: int, retries: int) -> None:
+    """Download a published shard set (https://, s3://, gs://, file://...) and verify every file."""
+    from tqdm import tqdm
+
+    from jigsawdata.fetch import fetch as fetch_shards
+
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="fetch", dynamic_ncols=True) as bar:
+        def on_total(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+
+        manifest = fetch_shards(url, out, workers=workers, retries=retries, progress=bar.update, on_total=on_total)
+    n = sum(len(v["shards"]) for v in manifest["groups"].values())
+    click.echo(f"{out}: {n} shards fetched and verified")
 
 
 if __name__ == "__main__":

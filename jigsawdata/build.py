@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from . import __version__
+from .card import CARD_NAME, license_text, render_card
 from .coco import CocoSource, ImageRecord, load_rgb, sha256_file
 from .errors import InputError
 from .grouping import GROUPS
 from .index import write_index
 from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, group_totals, part_index_path,
-                       part_manifest_path, write_json_atomic)
+                       part_manifest_path, write_json_atomic, write_text_atomic)
 from .sampling import SamplingConfig, image_rng, plan_image, shuffle_rng
-from .shards import ShardInfo, write_shard
+from .shards import ShardInfo, index_path, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,8 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
                 })
                 blob.write(data)
     os.replace(tmp_blob, blob_path)
-    tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
-    tmp_meta.write_text(json.dumps({"records": records, "skipped_images": skipped, "counts": dict(counts)},
-                                   separators=(",", ":")))
-    os.replace(tmp_meta, meta_path)
+    write_text_atomic(meta_path, json.dumps({"records": records, "skipped_images": skipped, "counts": dict(counts)},
+                                            separators=(",", ":")))
     return len(task.images), len(records)
 
 
@@ -205,12 +204,13 @@ def _shuffled_groups(records: list[dict], seed: int, part: int) -> dict[str, lis
 # ---------------------------------------------------------------- the build
 
 
-def _fingerprint(source: CocoSource, cfg: BuildConfig, part: int, parts: int) -> dict:
+def _fingerprint(source: CocoSource, cfg: BuildConfig, parts: int, license: str | None) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "jigsawdata", "version": __version__},
         "source": {"annotation_file": source.ann_file.name, "sha256": source.ann_sha256,
-                   "images": len(source.images), "orphan_annotations": source.orphan_annotations},
+                   "images": len(source.images), "orphan_annotations": source.orphan_annotations,
+                   "license": license_text(source.from_coco, license), "license_given": bool(license)},
         "params": _params(cfg),
         "classes": [asdict(c) for c in source.classes],
         "background": {"label": source.background_label, "category_id": 0, "name": "background"},
@@ -224,7 +224,7 @@ def _differences(a: dict, b: dict) -> list[str]:
 
 def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: int = 1,
                  part: int = 0, parts: int = 1, keep_staging: bool = False,
-                 progress: Progress | None = None) -> dict:
+                 progress: Progress | None = None, license: str | None = None) -> dict:
     """Build (or resume, or confirm) the shard set of ``part`` of ``parts`` under ``out``.
 
     Returns the manifest. With ``parts > 1`` this writes a partial manifest under
@@ -234,7 +234,7 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
         raise InputError(f"part must be in [0, {parts}), got {part}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(source, cfg, part, parts)
+    fingerprint = _fingerprint(source, cfg, parts, license)
     manifest_path = out / MANIFEST_NAME if parts == 1 else part_manifest_path(out, part, parts)
     index_file = out / INDEX_NAME if parts == 1 else part_index_path(out, part, parts)
     staging = out / f".staging-{part:03d}-of-{parts:03d}"
@@ -283,7 +283,7 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
                     n, nbytes, digest = len(shard_records), path.stat().st_size, sha256_file(path)
                 else:
                     n, nbytes, digest = write_shard(path, _shard_samples(shard_records, reader))
-                infos.append(ShardInfo(name, n, nbytes, digest).to_json())
+                infos.append(ShardInfo(name, n, nbytes, digest, sha256_file(index_path(path))).to_json())
                 index_rows.extend({**r, "shard": name} for r in shard_records)
                 if progress:
                     progress("write", 1, n)
@@ -296,7 +296,9 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
     manifest = {**fingerprint, "part": part if parts > 1 else None, "groups": group_totals(groups),
                 "counts": dict(sorted(counts.items())),
                 "skipped_images": sorted(skipped, key=lambda s: s["image_id"]),
-                "index": os.path.relpath(index_file, out)}
+                "index": os.path.relpath(index_file, out), "index_sha256": sha256_file(index_file)}
+    if parts == 1:
+        write_text_atomic(out / CARD_NAME, render_card(manifest, [r["label"] for r in index_rows]))
     write_json_atomic(manifest_path, manifest)
     if not keep_staging:
         shutil.rmtree(staging)

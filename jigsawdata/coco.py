@@ -63,6 +63,8 @@ class CocoSource:
     images: tuple[ImageRecord, ...]
     orphan_annotations: int
     """Annotations whose ``image_id`` names no image; they cannot be used."""
+    from_coco: bool = False
+    """The images carry COCO's ``coco_url``/``flickr_url`` fields: a COCO-derived set."""
 
     @property
     def background_label(self) -> int:
@@ -147,7 +149,8 @@ def load_coco(ann_file: Path, images_dir: Path) -> CocoSource:
     orphans = sum(1 for a in raw["annotations"] if a["image_id"] not in coco.imgs)
     if orphans:
         log.warning("%d annotations name an image id that is not in 'images'; ignored", orphans)
-    return CocoSource(ann_file, images_dir, sha256_file(ann_file), classes, tuple(images), orphans)
+    from_coco = any("coco_url" in im or "flickr_url" in im for im in raw["images"][:100])
+    return CocoSource(ann_file, images_dir, sha256_file(ann_file), classes, tuple(images), orphans, from_coco)
 
 
 def load_rgb(path: Path, width: int, height: int) -> tuple[Image.Image | None, str | None]:

@@ -21,7 +21,7 @@ INDEX_NAME = "index.parquet"
 PARTS_DIR = "parts"
 
 # Fields that must agree between the parts of one build.
-_SHARED_FIELDS = ("format_version", "tool", "source", "params", "classes", "parts")
+_SHARED_FIELDS = ("format_version", "tool", "source", "params", "classes", "background", "parts")
 
 
 def major(version: str) -> int:
@@ -38,10 +38,14 @@ def check_version(manifest: dict, where: Path) -> None:
             f"{FORMAT_VERSION} (major {major(FORMAT_VERSION)}): upgrade jigsawdata to read it")
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(path: Path) -> dict:
@@ -75,7 +79,9 @@ def group_totals(groups: dict) -> dict:
 
 def merge_parts(root: Path) -> dict:
     """Join the partial manifests under ``root/parts`` into ``root/manifest.json``."""
-    from .index import merge_index_files
+    from .card import CARD_NAME, render_card
+    from .coco import sha256_file
+    from .index import merge_index_files, read_index
 
     root = Path(root)
     paths = sorted((root / PARTS_DIR).glob("manifest-*-of-*.json"))
@@ -105,8 +111,11 @@ def merge_parts(root: Path) -> dict:
         counts.update(m["counts"])
         skipped.extend(m["skipped_images"])
     merged = {key: first[key] for key in _SHARED_FIELDS}
-    merged.update(part=None, groups=group_totals(groups), counts=dict(sorted(counts.items())),
-                  skipped_images=sorted(skipped, key=lambda s: s["image_id"]), index=INDEX_NAME)
     merge_index_files([part_index_path(root, k, n_parts) for k in range(n_parts)], root / INDEX_NAME)
+    merged.update(part=None, groups=group_totals(groups), counts=dict(sorted(counts.items())),
+                  skipped_images=sorted(skipped, key=lambda s: s["image_id"]), index=INDEX_NAME,
+                  index_sha256=sha256_file(root / INDEX_NAME))
+    labels = read_index(root / INDEX_NAME).column("label").to_pylist()
+    write_text_atomic(root / CARD_NAME, render_card(merged, labels))
     write_json_atomic(root / MANIFEST_NAME, merged)
     return merged

@@ -29,9 +29,12 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
+    idx_sha256: str
+    """Of the DALI index beside the shard, so a downloaded copy can be verified too."""
 
     def to_json(self) -> dict:
-        return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+        return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256,
+                "idx_sha256": self.idx_sha256}
 
 
 class _HashingWriter:

@@ -28,6 +28,8 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
     index_file = root / manifest.get("index", "index.parquet")
     if index_file.is_file():
         index_counts = Counter(read_index(index_file).column("shard").to_pylist())
+        if manifest.get("index_sha256") and sha256_file(index_file) != manifest["index_sha256"]:
+            problems.append(f"index {index_file.name}: sha256 differs from the manifest")
     else:
         problems.append(f"index {index_file.name} is missing")
     for group, info in manifest["groups"].items():
@@ -54,6 +56,8 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
             try:
                 if len(read_dali_index(idx)) != shard["samples"]:
                     problems.append(f"{name}: DALI index {idx.name} disagrees on the sample count")
+                elif shard.get("idx_sha256") and sha256_file(idx) != shard["idx_sha256"]:
+                    problems.append(f"{name}: DALI index {idx.name} sha256 differs from the manifest")
             except (ValueError, OSError) as exc:
                 problems.append(f"{name}: DALI index: {exc}")
             if index_file.is_file() and index_counts[name] != shard["samples"]:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jigsawdata.errors import InputError
+from jigsawdata.fetch import is_url
+
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from .shardset import GroupShards, check_enough_samples, open_shard_set, rank_and_world
 
@@ -118,6 +121,9 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if device == "gpu" and device_id is None:
         raise ValueError("device='gpu' needs a device_id")
+    if is_url(str(root)):
+        raise InputError(f"DALI reads local shards only: `jigsawdata fetch {root} --out DIR` first "
+                         "(pretrain --shards URL does this into a cache)")
     shards = open_shard_set(root)
     sizes = cfg.template.sizes
 

@@ -1,7 +1,7 @@
 """The jigsaw pipeline in plain PyTorch + PIL over webdataset: the yardstick and the fallback.
 
 It implements exactly the sampling and geometry of the DALI pipeline (see
-:mod:`pipelines.fit`), reads the same shards (local paths or any URL webdataset opens) and
+:mod:`pipelines.fit`), reads the same shards (local paths, or streamed from any fsspec URL) and
 runs wherever PyTorch does. Use it with a ``torch.utils.data.DataLoader``; each worker of
 each rank reads its own shards, or, when a group has too few shards for that, its own
 samples of every shard.
@@ -22,6 +22,8 @@ from PIL import Image
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from .fit import fit_inside, place, scaled_size, window, window_anchor
+from jigsawdata.shards import check_member_name
+
 from .shardset import check_enough_samples, open_shard_set, rank_and_world
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,28 @@ def normalize(canvas: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((chw - _MEAN) / _STD)
 
 
+def _open_streams(urls: Sequence[str]) -> Iterator[dict]:
+    """Open each shard with fsspec (a local path or any URL) for webdataset's tar expander."""
+    import fsspec
+
+    for url in urls:
+        with fsspec.open(url, "rb") as stream:
+            yield {"url": url, "stream": stream}
+
+
+def _checked(files: Iterator[dict]) -> Iterator[dict]:
+    """Shards from strangers are data: refuse members with unsafe or foreign names."""
+    for item in files:
+        problem = check_member_name(item["fname"]) if "fname" in item else None  # {} marks a shard's end
+        if problem:
+            raise ValueError(f"{item.get('__url__')}: {problem}")
+        yield item
+
+
 def _samples(tars: Sequence[str], cfg: JigsawConfig, part: int, parts: int, stream: int) -> Iterator[tuple[bytes, int]]:
     """Endless ``(jpeg bytes, label)`` of one group for one reader, epoch after epoch."""
     import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     by_shard = len(tars) >= parts
     mine = list(tars[part::parts]) if by_shard else list(tars)
@@ -46,10 +67,10 @@ def _samples(tars: Sequence[str], cfg: JigsawConfig, part: int, parts: int, stre
         order = list(mine)
         if cfg.shuffle:
             random.Random(f"{cfg.seed}/{stream}/{part}/{epoch}").shuffle(order)
-        dataset = wds.WebDataset(order, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+        samples = group_by_keys(_checked(tar_file_expander(_open_streams(order))))
         if cfg.shuffle:
-            dataset = dataset.shuffle(cfg.initial_fill, rng=random.Random(f"{cfg.seed}/{stream}/{part}/{epoch}/buffer"))
-        for i, sample in enumerate(dataset):
+            samples = wds.shuffle(cfg.initial_fill, rng=random.Random(f"{cfg.seed}/{stream}/{part}/{epoch}/buffer"))(samples)
+        for i, sample in enumerate(samples):
             if by_shard or i % parts == part:
                 yield sample["jpg"], int(sample["cls"])
 

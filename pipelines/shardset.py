@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jigsawdata.errors import InputError
+from jigsawdata.fetch import is_url, read_remote_manifest
 from jigsawdata.grouping import GROUPS
 from jigsawdata.manifest import read_manifest
 
@@ -21,22 +22,28 @@ class GroupShards:
 
 @dataclass(frozen=True)
 class ShardSet:
-    root: Path
+    root: Path | str
     groups: dict[str, GroupShards]
     class_names: tuple[str, ...]
     """Name of every label, background last."""
 
 
-def open_shard_set(root: Path) -> ShardSet:
-    """Read the manifest and check that every group the template needs has samples."""
-    root = Path(root)
-    manifest = read_manifest(root)
+def open_shard_set(root: Path | str) -> ShardSet:
+    """Read the manifest (of a local directory or of any fsspec URL) and check that every
+    group the template needs has samples."""
+    if is_url(str(root)):
+        manifest = read_remote_manifest(str(root))
+        base = str(root).rstrip("/") + "/"
+    else:
+        root = Path(str(root).removeprefix("file://"))
+        manifest = read_manifest(root)
+        base = str(root) + os.sep
     groups = {}
     for group in GROUPS:
         info = manifest["groups"].get(group)
         if not info or info["samples"] == 0:
             raise InputError(f"{root} has no {group} samples: a jigsaw image needs S, T and W crops")
-        tars = tuple(str(root / s["name"]) for s in info["shards"])
+        tars = tuple(base + s["name"] for s in info["shards"])
         groups[group] = GroupShards(group, tars, tuple(t[:-4] + ".idx" for t in tars), info["samples"])
     names = tuple(c["name"] for c in sorted(manifest["classes"], key=lambda c: c["label"]))
     return ShardSet(root, groups, names + (manifest["background"]["name"],))

@@ -14,7 +14,7 @@ from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.errors import InputError
 from jigsawdata.index import read_index
 from jigsawdata.manifest import merge_parts, read_manifest, write_json_atomic
-from jigsawdata.verify import verify_shard_set
+from jigsawdata.verify import summarize, verify_shard_set
 
 FIELDS = {"image_id", "ann_id", "category_id", "label", "group", "gt_box", "crop_box", "width", "height", "source"}
 
@@ -220,6 +220,8 @@ def test_parts_merge_to_the_same_samples(tmp_path, synthetic_source, small_cfg, 
     assert sorted(read_index(out / "index.parquet").column("key").to_pylist()) == \
         sorted(read_index(built_synthetic / "index.parquet").column("key").to_pylist())
     assert verify_shard_set(out) == []
+    assert summarize(out)["groups"]["S"]["samples"] == single["groups"]["S"]["samples"]
+    assert "# Jigsaw pre-training shards" in (out / "README.md").read_text()
 
 
 def test_merge_refuses_parts_of_different_builds(tmp_path, synthetic_source, small_cfg):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from jigsawdata.errors import InputError
+from jigsawdata.fetch import cached_shards, is_url
 from pipelines.config import JigsawConfig
 from pipelines.shardset import open_shard_set
 from pipelines.template import Template
@@ -63,6 +64,9 @@ class PretrainConfig:
     log_every: int = 10
     amp: str = "bf16"
     """Autocast dtype on GPU: bf16, fp16 (with a grad scaler) or off. The CPU runs fp32."""
+    cache_dir: str | None = None
+    """Where shards given as a URL are fetched to for DALI (default: $JIGSAWDATA_CACHE or
+    ~/.cache/jigsawdata); the reference pipeline streams them instead."""
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -84,7 +88,7 @@ class PretrainConfig:
 
 
 # Settings that may differ between a run and its resumption.
-_RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device"}
+_RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device", "cache_dir"}
 
 
 @dataclass
@@ -145,7 +149,8 @@ class Trainer:
         self.local_batch = cfg.batch // self.dist.world
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        shards = open_shard_set(Path(cfg.shards))
+        self.shards = self._local_shards()
+        shards = open_shard_set(self.shards)
         self.class_names = shards.class_names
         self.template = cfg.template
         self.jigsaw = JigsawConfig(template=self.template, seed=cfg.seed + 1000 * self.dist.rank)
@@ -173,10 +178,23 @@ class Trainer:
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.source = SOURCES[cfg.pipeline](cfg.shards, self.local_batch, self.jigsaw, device=self.device,
+        self.source = SOURCES[cfg.pipeline](self.shards, self.local_batch, self.jigsaw, device=self.device,
                                             workers=cfg.workers, rank=self.dist.rank, world_size=self.dist.world,
                                             state=data_state)
         self._tb = self._tensorboard() if self.dist.main else None
+
+    def _local_shards(self) -> Path | str:
+        """DALI reads local files: a URL is fetched (and verified) into the cache by one
+        process per node while the others wait; the reference pipeline streams it."""
+        if self.cfg.pipeline != "dali" or not is_url(self.cfg.shards):
+            return self.cfg.shards
+        if self.dist.local_rank == 0:
+            path = cached_shards(self.cfg.shards, self.cfg.cache_dir)
+        if self.dist.world > 1:
+            dist.barrier()
+        if self.dist.local_rank != 0:
+            path = cached_shards(self.cfg.shards, self.cfg.cache_dir)  # verifies, downloads nothing
+        return path
 
     # ------------------------------------------------------------------ state
 

@@ -1,0 +1,83 @@
+"""The dataset card (``README.md``) every shard set carries: what it is, where it came from,
+under which licence, what is in it, and the exact commands to rebuild it and train from it.
+
+Rendered from the manifest alone, so it is deterministic like the shards themselves.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+CARD_NAME = "README.md"
+
+COCO_LICENSE = ("COCO annotations are licensed CC BY 4.0 (https://cocodataset.org/#termsofuse). The images are "
+                "Flickr photographs under their own licences, listed per image in the source annotation file "
+                "('license' of each image, 'licenses' table); every crop keeps the licence of its source image "
+                "(its 'source' field names the image). Many of those licences are NonCommercial or NoDerivs.")
+UNKNOWN_LICENSE = ("Unknown: the source set was not recognised as COCO and no licence was given when building "
+                   "(build-shards --license). Ask the publisher before using or redistributing it.")
+
+
+def license_text(from_coco: bool, given: str | None) -> str:
+    if given:
+        return given
+    return COCO_LICENSE if from_coco else UNKNOWN_LICENSE
+
+
+def rebuild_command(manifest: dict) -> str:
+    params, sampling = manifest["params"], manifest["params"]["sampling"]
+    ann = manifest["source"]["annotation_file"]
+    split = ann.removeprefix("instances_").removesuffix(".json")
+    parts = [f"jigsawdata build-shards COCO_ROOT --split {split} --out SHARDS",
+             f"--seed {params['seed']}", f"--pos-per-neg {sampling['pos_per_neg']:g}",
+             f"--max-enlarge {sampling['max_enlarge']:g}", f"--min-box-size {sampling['min_box_size']}",
+             f"--jpeg-quality {params['jpeg_quality']}", f"--shard-size {params['shard_size']}",
+             f"--shard-samples {params['shard_samples']}", f"--chunk-images {params['chunk_images']}"]
+    if manifest["source"].get("license_given"):
+        parts.append(f"--license '{manifest['source']['license']}'")
+    return " \\\n    ".join(parts)
+
+
+def render_card(manifest: dict, labels: list[int]) -> str:
+    """Markdown card for a finished shard set; ``labels`` are the label of every sample."""
+    src, counts = manifest["source"], manifest["counts"]
+    names = {c["label"]: c["name"] for c in manifest["classes"]}
+    names[manifest["background"]["label"]] = "background"
+    per_class = Counter(labels)
+    lines = [
+        "# Jigsaw pre-training shards", "",
+        "Object and background crops cut from a detection set, grouped by aspect ratio (S: 0.5 <= w/h <= 1.5, "
+        "T: w/h < 0.5, W: w/h > 1.5) and stored as WebDataset tar shards with DALI index files, for Jigsaw "
+        "(Montage) pre-training (Zhou et al., ECCV 2020). Each sample is a `.jpg` crop, its label as `.cls` and "
+        "its provenance as `.json`; `manifest.json` lists every shard with its sha256 and `index.parquet` every "
+        "sample.", "",
+        "## Source", "",
+        f"- Annotation file: `{src['annotation_file']}`, sha256 `{src['sha256']}`",
+        f"- Images listed: {src['images']}; used: {counts.get('images_used', 0)}; "
+        f"skipped: {len(manifest['skipped_images'])} (named in `manifest.json`)",
+        f"- Built by jigsawdata {manifest['tool']['version']} (format {manifest['format_version']})", "",
+        "## Licence", "", src["license"], "",
+        "## Contents", "",
+        "| group | shards | samples | MB |", "|---|---:|---:|---:|",
+        *(f"| {g} | {len(v['shards'])} | {v['samples']} | {v['bytes'] / 1e6:.1f} |" for g, v in manifest["groups"].items()),
+        "",
+        f"Positives: {counts.get('positives', 0)}, negatives: {counts.get('negatives', 0)}. Left out: " +
+        ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("positives", "negatives", "images", "images_used"))
+        + ".", "",
+        "| label | class | samples |", "|---:|---|---:|",
+        *(f"| {label} | {names[label]} | {n} |" for label, n in sorted(per_class.items())), "",
+        "## Build parameters", "",
+        *(f"- `{k}`: {v}" for k, v in sorted(manifest["params"].items()) if k != "sampling"),
+        *(f"- `sampling.{k}`: {v}" for k, v in sorted(manifest["params"]["sampling"].items())), "",
+        "## Rebuild", "",
+        "Byte-identical given the same annotation file (check its sha256 above) and images:", "",
+        "```bash", rebuild_command(manifest), "```", "",
+        "## Check, fetch and train", "",
+        "```bash",
+        "jigsawdata verify SHARDS                      # re-hash every shard against manifest.json",
+        "jigsawdata fetch URL_OF_THIS_DIRECTORY --out SHARDS   # download and verify a published copy",
+        "jigsawdata pretrain --shards SHARDS --out runs/jigsaw",
+        "```", "",
+    ]
+    return "\n".join(lines)
+

@@ -1,0 +1,206 @@
+"""Sharing shard sets: dataset card, fetch over real HTTP (127.0.0.1), streaming, refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+import tarfile
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from jigsawdata.build import BuildConfig, build_shards
+from jigsawdata.card import COCO_LICENSE, UNKNOWN_LICENSE
+from jigsawdata.errors import InputError
+from jigsawdata.fetch import FetchError, cached_shards, fetch
+from jigsawdata.manifest import read_manifest
+from jigsawdata.verify import verify_shard_set
+from pipelines.config import fixed
+from pipelines.reference import reference_loader
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Static files with HTTP range requests; can cut one response short, once per path."""
+
+    def _body(self):
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(404)
+            return None
+        data = path.read_bytes()
+        match = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        start = int(match[1]) if match else 0
+        end = min(int(match[2]), len(data) - 1) if match and match[2] else len(data) - 1
+        self.send_response(206 if match else 200)
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        if match:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.end_headers()
+        return data[start:end + 1], start
+
+    def do_HEAD(self):
+        self._body()
+
+    def do_GET(self):
+        result = self._body()
+        if result is None:
+            return
+        body, start = result
+        self.server.requests.append((self.path, start))
+        if self.path in self.server.cut_once and start > 0:
+            self.server.cut_once.discard(self.path)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www, shut down after the test."""
+    root = tmp_path / "www"
+    root.mkdir()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(root)))
+    httpd.requests, httpd.cut_once = [], set()
+    httpd.timeout = 5
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}", httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def published(server, built_synthetic):
+    root, url, httpd = server
+    shutil.copytree(built_synthetic, root / "set")
+    return root / "set", f"{url}/set", httpd
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_fetch_is_byte_identical(published, tmp_path):
+    src, url, _ = published
+    fetch(url, tmp_path / "copy", workers=4)
+    assert _tree(tmp_path / "copy") == _tree(src)
+    assert verify_shard_set(tmp_path / "copy") == []
+
+
+def test_refetch_keeps_verified_files(published, tmp_path):
+    _, url, httpd = published
+    fetch(url, tmp_path / "copy")
+    httpd.requests.clear()
+    fetch(url, tmp_path / "copy")
+    assert not [p for p, _ in httpd.requests if p.endswith((".tar", ".idx", ".parquet"))]
+
+
+def test_tampered_shard_fails_naming_it_and_leaves_nothing(published, tmp_path):
+    src, url, _ = published
+    victim = sorted(src.glob("T/*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "copy"
+    with pytest.raises(FetchError, match=rf"T/{victim.name}: sha256 .* does not match"):
+        fetch(url, out)
+    assert not (out / "T" / victim.name).exists() and not list(out.rglob("*.part"))
+    assert not (out / "manifest.json").exists()
+
+
+def test_interrupted_download_resumes(published, tmp_path):
+    src, url, httpd = published
+    name = max(src.glob("*/*.tar"), key=lambda p: p.stat().st_size).relative_to(src)
+    httpd.cut_once.add(f"/set/{name}")
+    fetch(url, tmp_path / "copy", block=16 * 1024, workers=1)
+    assert _tree(tmp_path / "copy") == _tree(src)
+    assert f"/set/{name}" not in httpd.cut_once, "the connection was cut"
+    offsets = [start for path, start in httpd.requests if path == f"/set/{name}"]
+    assert offsets.count(0) == 1, "the transfer resumed where it stopped instead of starting over"
+
+
+def test_future_major_version_is_refused(published, tmp_path):
+    src, url, _ = published
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["format_version"] = "7.2"
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="format version 7.2; this jigsawdata understands format 1.0"):
+        fetch(url, tmp_path / "copy")
+
+
+def test_shard_with_a_parent_path_member_is_refused_even_when_the_manifest_vouches_for_it(published, tmp_path):
+    src, url, _ = published
+    victim = sorted(src.glob("S/*.tar"))[0]
+    with tarfile.open(victim, "a") as tar:
+        info = tarfile.TarInfo("../../etc/evil.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    manifest = json.loads((src / "manifest.json").read_text())
+    for shard in manifest["groups"]["S"]["shards"]:
+        if shard["name"] == f"S/{victim.name}":
+            shard["sha256"] = hashlib.sha256(victim.read_bytes()).hexdigest()
+            shard["bytes"] = victim.stat().st_size
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FetchError, match="parent reference"):
+        fetch(url, tmp_path / "copy")
+    assert not (tmp_path / "copy" / "S" / victim.name).exists()
+
+
+def test_manifest_with_unsafe_shard_names_is_refused(published, tmp_path):
+    src, url, _ = published
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["groups"]["W"]["shards"][0]["name"] = "../../outside.tar"
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FetchError, match="unsafe path"):
+        fetch(url, tmp_path / "copy")
+
+
+def test_reference_pipeline_streams_from_the_url(published):
+    src, url, _ = published
+    cfg = fixed(crop_pos=0.5)
+    a = next(iter(reference_loader(url, 6, cfg, workers=0, rank=0, world_size=1)))
+    b = next(iter(reference_loader(src, 6, cfg, workers=0, rank=0, world_size=1)))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_cached_shards_fetch_once(published, tmp_path):
+    _, url, httpd = published
+    first = cached_shards(url, tmp_path / "cache")
+    assert (first / "manifest.json").is_file() and verify_shard_set(first) == []
+    httpd.requests.clear()
+    assert cached_shards(url, tmp_path / "cache") == first
+    assert not [p for p, _ in httpd.requests if p.endswith(".tar")]
+
+
+def test_cli_fetch_from_a_file_url(built_synthetic, tmp_path):
+    result = CliRunner().invoke(main, ["fetch", built_synthetic.as_uri(), "--out", str(tmp_path / "copy")])
+    assert result.exit_code == 0, result.output
+    assert _tree(tmp_path / "copy") == _tree(built_synthetic)
+
+
+def test_dataset_card(built_synthetic, built_real, synthetic_source, tmp_path):
+    card = (built_real / "README.md").read_text()
+    manifest = read_manifest(built_real)
+    assert manifest["source"]["sha256"] in card and COCO_LICENSE in card
+    assert "| S |" in card and "| 0 | person |" in card and "jigsawdata build-shards COCO_ROOT --split train2017" in card
+    assert "--seed 0" in card and "jigsawdata pretrain --shards" in card
+    assert UNKNOWN_LICENSE in (built_synthetic / "README.md").read_text()
+    build_shards(synthetic_source, tmp_path / "lic", BuildConfig(), license="CC0-1.0 (synthetic)")
+    card = (tmp_path / "lic" / "README.md").read_text()
+    assert "CC0-1.0 (synthetic)" in card and "--license 'CC0-1.0 (synthetic)'" in card
