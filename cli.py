@@ -326,7 +326,6 @@ def export(checkpoint: Path, fmt: str, out: Path) -> None:
 @click.option("--shards", type=click.Path(exists=True, file_okay=False), help="Shard set (default: the run's).")
 def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) -> None:
     """Draw the effective receptive field of a region's cells for a run's checkpoint."""
-    import torch
 
     from pipelines.config import JigsawConfig
     from pipelines.reference import reference_loader
@@ -335,10 +334,11 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
     from trainer.erf import effective_receptive_fields, erf_weights
     from trainer.erfviz import render_erf
     from trainer.model import DenseClassifier
-    from trainer.pretrain import config_from
+    from trainer.pretrain import PretrainConfig
+    from trainer.runtime import config_from
 
     ckpt = load(run_dir)
-    cfg = config_from(ckpt["config"])
+    cfg = config_from(PretrainConfig, ckpt["config"])
     model = DenseClassifier(ckpt["arch"], len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
     batch, _ = next(iter(reference_loader(shards or cfg.shards, images, JigsawConfig(template=cfg.template),

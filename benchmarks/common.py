@@ -17,6 +17,17 @@ def stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+def interleaved(cases: dict, repeats: int) -> dict:
+    """Run ``cases`` (name -> callable doing one measured repeat and returning its figures)
+    in turn, ``repeats`` times: A B A B ... rather than A A A B B B, so that a machine
+    getting slower or faster during the run biases neither side of a comparison."""
+    runs: dict = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            runs[name].append(case())
+    return runs
+
+
 def environment(packages: tuple[str, ...] = ("pillow", "numpy", "torch", "nvidia-dali-cuda130", "webdataset")) -> dict:
     versions = {}
     for name in packages:

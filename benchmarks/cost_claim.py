@@ -36,7 +36,7 @@ from trainer.erf import effective_receptive_fields, erf_weights
 from trainer.losses import erf_dense_loss
 from trainer.model import DenseClassifier, build_backbone
 
-from .common import DEFAULT_COCO, environment, report, stats
+from .common import DEFAULT_COCO, environment, interleaved, report, stats
 from .pipeline_throughput import build_benchmark_shards
 
 JIGSAW_IMAGES = 64_000 * 512
@@ -78,13 +78,10 @@ def imagenet_loader(image_dir: Path, batch: int, device: str, threads: int, seed
     return _Loader()
 
 
-def _measure(loader, step, batch: int, steps: int, repeats: int, warmup: int, cuda: bool) -> dict:
-    """Per repeat: ``steps`` iterations of (next batch, step); returns step time stats,
-    images/s and the share of time spent waiting for data."""
-    for _ in range(warmup):
-        step(*next(loader))
-    step_times, waits = [], []
-    for _ in range(repeats):
+def _repeat(loader, step, steps: int, cuda: bool):
+    """One measured repeat: ``steps`` iterations of (next batch, step). Returns a callable
+    giving ``(seconds per step, fraction of the time spent waiting for data)``."""
+    def run() -> tuple[float, float]:
         if cuda:
             torch.cuda.synchronize()
         start, wait = time.perf_counter(), 0.0
@@ -96,10 +93,13 @@ def _measure(loader, step, batch: int, steps: int, repeats: int, warmup: int, cu
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        step_times.append(elapsed / steps)
-        waits.append(wait / elapsed)
-    s = stats(step_times)
-    return {"step_s": s, "images_per_s": batch / s["median"], "data_wait_fraction": stats(waits)}
+        return elapsed / steps, wait / elapsed
+    return run
+
+
+def _summary(runs: list[tuple[float, float]], batch: int) -> dict:
+    s = stats([r[0] for r in runs])
+    return {"step_s": s, "images_per_s": batch / s["median"], "data_wait_fraction": stats([r[1] for r in runs])}
 
 
 def _sgd_step(model, loss_fn, cuda: bool):
@@ -145,22 +145,26 @@ def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = 
         if cuda:
             torch.cuda.synchronize()
         erf_s = time.perf_counter() - t0
-        jig = _measure(jigsaw, _sgd_step(dense, lambda out, y: erf_dense_loss(out, y.to(device), weights, region_map),
-                                         cuda), batch, steps, repeats, warmup, cuda)
-        jig_step = jig["step_s"]["median"] + erf_s / erf_every
-        jig["step_with_erf_s"] = jig_step
-        jig["erf_refresh_s"] = erf_s
-        del jigsaw, dense
+        jig_step = _sgd_step(dense, lambda out, y: erf_dense_loss(out, y.to(device), weights, region_map), cuda)
 
         # 2. ImageNet-style
         plain = build_backbone(arch)
         plain.fc = torch.nn.Linear(plain.fc.in_features, 1000)
         plain = plain.to(device, memory_format=fmt)
-        loader = imagenet_loader(image_dir, batch, dali_device, threads)
-        imnet = _measure(loader, _sgd_step(plain, lambda out, y: F.cross_entropy(out.float(), y.to(device)), cuda),
-                         batch, steps, repeats, warmup, cuda)
+        imnet_loader = imagenet_loader(image_dir, batch, dali_device, threads)
+        imnet_step = _sgd_step(plain, lambda out, y: F.cross_entropy(out.float(), y.to(device)), cuda)
 
-    jig_hours = JIGSAW_IMAGES / batch * jig_step / 3600
+        for loader, step in ((jigsaw, jig_step), (imnet_loader, imnet_step)):
+            for _ in range(warmup):
+                step(*next(loader))
+        runs = interleaved({"jigsaw": _repeat(jigsaw, jig_step, steps, cuda),
+                            "imagenet": _repeat(imnet_loader, imnet_step, steps, cuda)}, repeats)
+    jig, imnet = _summary(runs["jigsaw"], batch), _summary(runs["imagenet"], batch)
+    jig_step_s = jig["step_s"]["median"] + erf_s / erf_every
+    jig["step_with_erf_s"] = jig_step_s
+    jig["erf_refresh_s"] = erf_s
+
+    jig_hours = JIGSAW_IMAGES / batch * jig_step_s / 3600
     imnet_hours = IMAGENET_IMAGES / batch * imnet["step_s"]["median"] / 3600
     unit = "GPU-hours" if cuda else "core-hours"
     scale = 1 if cuda else (torch.get_num_threads() or 1)

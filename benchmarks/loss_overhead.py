@@ -22,14 +22,12 @@ from trainer.erf import effective_receptive_fields, erf_weights
 from trainer.losses import erf_dense_loss
 from trainer.model import DenseClassifier, build_backbone
 
-from .common import environment, report, stats
+from .common import environment, interleaved, report, stats
 
 
-def _timed(step, steps: int, repeats: int, cuda: bool, warmup: int = 3) -> dict:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
+def _timer(step, steps: int, cuda: bool):
+    """One measured repeat of ``steps`` calls: returns a callable giving seconds per call."""
+    def run() -> float:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -37,8 +35,8 @@ def _timed(step, steps: int, repeats: int, cuda: bool, warmup: int = 3) -> dict:
             step()
         if cuda:
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / steps)
-    return stats(times)
+        return (time.perf_counter() - start) / steps
+    return run
 
 
 def run(arch: str = "resnet50", batch: int = 32, steps: int = 10, repeats: int = 3, erf_every: int = 5000,
@@ -70,12 +68,15 @@ def run(arch: str = "resnet50", batch: int = 32, steps: int = 10, repeats: int =
     weights = erf_weights(effective_receptive_fields(dense, x[:2]), template)
     _, dense_step = make_step(dense, lambda out: erf_dense_loss(out, labels, weights, region_map))
 
-    plain_t = _timed(plain_step, steps, repeats, cuda)
-    dense_t = _timed(dense_step, steps, repeats, cuda)
+    for _ in range(3):
+        plain_step()
+        dense_step()
     n_erf = min(erf_images, batch)
-    # The refresh is long and its first call is warm-up enough for the kernels it shares with a step.
-    erf_t = _timed(lambda: erf_weights(effective_receptive_fields(dense, x[:n_erf]), template), 1, repeats, cuda,
-                   warmup=0)
+    runs = interleaved({
+        "plain": _timer(plain_step, steps, cuda), "dense": _timer(dense_step, steps, cuda),
+        "erf": _timer(lambda: erf_weights(effective_receptive_fields(dense, x[:n_erf]), template), 1, cuda),
+    }, repeats)
+    plain_t, dense_t, erf_t = stats(runs["plain"]), stats(runs["dense"]), stats(runs["erf"])
     amortised = erf_t["median"] / erf_every
     overhead = (dense_t["median"] + amortised) / plain_t["median"] - 1.0
     return {"benchmark": "loss_overhead", "arch": arch, "batch": batch, "erf_every": erf_every, "erf_images": n_erf,

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from jigsawdata.errors import InputError
 from jigsawdata.fetch import is_url
@@ -41,10 +42,8 @@ def _label_bytes(cls):
     return fn.pad(cls, shape=[_MAX_LABEL_DIGITS], fill_value=0)
 
 
-def parse_labels(digits: "torch.Tensor") -> "torch.Tensor":
+def parse_labels(digits: torch.Tensor) -> torch.Tensor:
     """(..., D) uint8 ASCII digits, zero-padded at the end -> (...) int64."""
-    import torch
-
     d = digits.to(torch.int64)
     valid = d >= 48
     value = torch.zeros(d.shape[:-1], dtype=torch.int64, device=d.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
@@ -298,3 +297,11 @@ def test_preview_writes_a_grid(built_synthetic, tmp_path, pipeline):
     assert grid.size == (3 * (224 + 4) + 4, 2 * (224 + 4) + 4)
     # Region borders are drawn in white at the split (x = 64 on the first tile).
     assert grid.getpixel((4 + 64, 4 + 100)) == (255, 255, 255)
+
+
+def test_parse_labels():
+    from pipelines.dali import parse_labels
+
+    raw = [b"0", b"7", b"80", b"1203", b"999999999"]
+    digits = torch.tensor([list(r.ljust(9, b"\0")) for r in raw], dtype=torch.uint8)
+    assert parse_labels(digits).tolist() == [0, 7, 80, 1203, 999999999]

@@ -12,12 +12,11 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from jigsawdata.coco import resolve_coco_root
 from jigsawdata.errors import InputError
@@ -26,7 +25,8 @@ from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
 from .detection import build_detector
 from .evaluate import coco_eval, format_table
-from .pretrain import _gather, _init_distributed, _rng_state, _set_rng_state
+from .runtime import (claim_run_dir, config_from, dump_config, gather, init_distributed, rng_state, set_rng_state,
+                      wrap_ddp)
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,6 @@ class FinetuneConfig:
             raise InputError("--batch and --lr must be positive")
 
 
-def config_from(values: dict) -> FinetuneConfig:
-    known = {f.name for f in fields(FinetuneConfig)}
-    return FinetuneConfig(**{k: v for k, v in values.items() if k in known})
-
-
 def lr_factor(iteration: int, epoch: int, warmup: int, milestones: tuple[int, ...]) -> float:
     """Linear warm-up from 1/1000 (torchvision's references), then x0.1 per milestone passed."""
     warm = 1.0 if iteration >= warmup else 0.001 + (1 - 0.001) * iteration / warmup
@@ -97,9 +92,8 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, resume: bool = False, on_log: Callable[[dict], None] | None = None):
         cfg.validate()
         self.cfg, self.on_log = cfg, on_log
-        self.dist, self.device = _init_distributed(cfg.device)
-        self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.dist, self.device = init_distributed(cfg.device)
+        self.out = claim_run_dir(Path(cfg.out), resume)
         self.masks = cfg.detector == "mask"
         self.train_set = _dataset(cfg, cfg.split, True, self.masks)
         torch.manual_seed(cfg.seed)
@@ -114,14 +108,9 @@ class Finetuner:
         self.epoch, self.iteration = 0, 0
         if resume:
             self._restore()
-        elif (self.out / "checkpoint.pt").exists():
-            raise InputError(f"{self.out} holds a run already: pass --resume to continue it, or use another --out")
         if self.dist.main:
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
-        self.net = self.model
-        if self.dist.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            dump_config(self.out, cfg)
+        self.net = wrap_ddp(self.model, self.dist, self.device)
 
     def _restore(self) -> None:
         ckpt = load_run(self.out, self.device)
@@ -129,10 +118,10 @@ class Finetuner:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
-        _set_rng_state(ckpt["rng"][self.dist.rank], self.device)
+        set_rng_state(ckpt["rng"][self.dist.rank], self.device)
 
     def save(self) -> None:
-        rng = _gather(_rng_state(self.device), self.dist)
+        rng = gather(rng_state(self.device), self.dist)
         if self.dist.main:
             ckpt_io.save_atomic({"format": FORMAT, "config": asdict(self.cfg), "epoch": self.epoch,
                                  "iteration": self.iteration, "model": self.model.state_dict(),
@@ -232,7 +221,7 @@ def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.devic
 def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = None, max_images: int | None = None,
                  device: str = "auto") -> dict[str, dict]:
     ckpt = load_run(run_dir)
-    cfg = config_from(ckpt["config"])
+    cfg = config_from(FinetuneConfig, ckpt["config"])
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     root, split = coco or cfg.coco, split or cfg.val_split or cfg.split
     ann, images = resolve_coco_root(Path(root), split)

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,7 @@ from .data import SOURCES
 from .erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
 from .losses import LOSSES, blockwise_loss, erf_dense_loss, global_loss
 from .model import ARCHS, DenseClassifier
+from .runtime import claim_run_dir, dump_config, gather, init_distributed, rng_state, set_rng_state, wrap_ddp
 from .schedule import learning_rate, scaled
 
 log = logging.getLogger(__name__)
@@ -91,52 +92,6 @@ class PretrainConfig:
 _RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device", "cache_dir"}
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device: str) -> tuple[_Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda, but torch sees no CUDA GPU")
-    info = _Dist(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(info.local_rank)
-        return info, torch.device("cuda", info.local_rank)
-    return info, torch.device("cpu")
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _gather(obj, d: _Dist) -> list:
-    if d.world == 1:
-        return [obj]
-    out = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 class Trainer:
     def __init__(self, cfg: PretrainConfig, resume: bool = False,
                  on_log: Callable[[dict], None] | None = None) -> None:
@@ -145,10 +100,9 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", 1))
         if cfg.batch % world:
             raise InputError(f"--batch {cfg.batch} is not divisible by the {world} ranks")
-        self.dist, self.device = _init_distributed(cfg.device)
+        self.dist, self.device = init_distributed(cfg.device)
         self.local_batch = cfg.batch // self.dist.world
-        self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = claim_run_dir(Path(cfg.out), resume)
         self.shards = self._local_shards()
         shards = open_shard_set(self.shards)
         self.class_names = shards.class_names
@@ -170,14 +124,9 @@ class Trainer:
         data_state = None
         if resume:
             data_state = self._restore()
-        elif (self.out / "checkpoint.pt").exists():
-            raise InputError(f"{self.out} holds a run already: pass --resume to continue it, or use another --out")
         if self.dist.main:
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
-        self.net = self.model
-        if self.dist.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            dump_config(self.out, cfg)
+        self.net = wrap_ddp(self.model, self.dist, self.device)
         self.source = SOURCES[cfg.pipeline](self.shards, self.local_batch, self.jigsaw, device=self.device,
                                             workers=cfg.workers, rank=self.dist.rank, world_size=self.dist.world,
                                             state=data_state)
@@ -211,13 +160,13 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.weights = ckpt["erf_weights"].to(self.device) if ckpt["erf_weights"] is not None else None
         self.iteration = int(ckpt["iteration"])
-        _set_rng_state(ckpt["rng"][self.dist.rank], self.device)
+        set_rng_state(ckpt["rng"][self.dist.rank], self.device)
         log.info("resumed %s at iteration %d", self.out, self.iteration)
         return ckpt["data"]["states"][self.dist.rank]
 
     def save(self) -> None:
-        data_states = _gather(self.source.state(), self.dist)
-        rng = _gather(_rng_state(self.device), self.dist)
+        data_states = gather(self.source.state(), self.dist)
+        rng = gather(rng_state(self.device), self.dist)
         if not self.dist.main:
             return
         ckpt_io.save_atomic({
@@ -326,8 +275,3 @@ class Trainer:
             if self.on_log:
                 self.on_log(metrics)
         return metrics
-
-
-def config_from(values: dict) -> PretrainConfig:
-    known = {f.name for f in fields(PretrainConfig)}
-    return PretrainConfig(**{k: v for k, v in values.items() if k in known})

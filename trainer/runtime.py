@@ -1,0 +1,88 @@
+"""What pre-training and fine-tuning share about running: processes (torchrun / DDP), RNG
+state in checkpoints, and run directories."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from jigsawdata.errors import InputError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes (if any) and pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda, but torch sees no CUDA GPU")
+    info = DistInfo(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+        return info, torch.device("cuda", info.local_rank)
+    return info, torch.device("cpu")
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    if info.world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gather(obj, info: DistInfo) -> list:
+    """``obj`` of every rank, in rank order (on every rank)."""
+    if info.world == 1:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def config_from(cls, values: dict):
+    """A config dataclass from saved values, ignoring fields this version does not know."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def claim_run_dir(out: Path, resume: bool) -> Path:
+    """The run directory; a finished or started run is only continued with ``resume``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (out / "checkpoint.pt").exists():
+        raise InputError(f"{out} holds a run already: pass --resume to continue it, or use another --out")
+    return out
+
+
+def dump_config(out: Path, cfg) -> None:
+    """The resolved settings of a run, next to its checkpoints (as timm's args.yaml)."""
+    (Path(out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
