@@ -33,8 +33,8 @@ def settings(quick: bool, cuda: bool) -> dict:
                 "loss": dict(arch="resnet50", batch=128, steps=20, repeats=3, erf_images=64),
                 "cost": dict(arch="resnet50", batch=128, steps=20, repeats=3, threads=8)}
     return {"build": dict(repeats=3), "pipeline": dict(batch=64, batches=20, repeats=3, workers=2),
-            "loss": dict(arch="resnet18", batch=16, steps=5, repeats=3, erf_images=8),
-            "cost": dict(arch="resnet18", batch=16, steps=5, repeats=3)}
+            "loss": dict(arch="resnet18", batch=16, steps=5, repeats=5, erf_images=8),
+            "cost": dict(arch="resnet18", batch=16, steps=5, repeats=5)}
 
 
 def run_all(out: Path, coco: Path = DEFAULT_COCO, split: str = "train2017", only: tuple[str, ...] = BENCHMARKS,
