@@ -52,13 +52,14 @@ def parse_labels(digits: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _read(group: GroupShards, name: str, seed: int, cfg: JigsawConfig, shard_id: int, num_shards: int):
+def _read(group: GroupShards, name: str, seed: int, cfg: JigsawConfig, shard_id: int, num_shards: int,
+          pad_last_batch: bool):
     from nvidia.dali import fn
 
     jpg, cls = fn.readers.webdataset(
         paths=list(group.tars), index_paths=list(group.indexes), ext=["jpg", "cls"],
         missing_component_behavior="error", random_shuffle=cfg.shuffle, initial_fill=cfg.initial_fill,
-        seed=seed, shard_id=shard_id, num_shards=num_shards, name=name)
+        seed=seed, shard_id=shard_id, num_shards=num_shards, pad_last_batch=pad_last_batch, name=name)
     return jpg, _label_bytes(cls)
 
 
@@ -108,11 +109,13 @@ def _fit(image, size, region: tuple[int, int], cfg: JigsawConfig):
 def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: str = "cpu",
                     num_threads: int = 4, device_id: int | None = None, shard_id: int = 0,
                     num_shards: int = 1, fp16: bool = False, prefetch_queue_depth: int = 2,
-                    checkpoint: str | None = None):
+                    checkpoint: str | None = None, pad_last_batch: bool = False):
     """Build (not yet started) the DALI pipeline over the shard set at ``root``.
 
     Outputs ``images`` (N, 3, canvas, canvas) float (fp16 on request) and ``labels``
-    (N, 4) int64 in region order TL, TR, BL, BR.
+    (N, 4) uint8 ASCII digits in region order TL, TR, BL, BR (see :func:`parse_labels`).
+    ``pad_last_batch`` evens out the ranks' shares, so that every rank's epoch has the same
+    number of batches (DistributedDataParallel would otherwise wait for the shortest).
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -133,7 +136,8 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
         decoder = "mixed" if device == "gpu" else "cpu"
         samples = []
         for i, (name, group) in enumerate(READERS):
-            jpg, label = _read(shards.groups[group], name, reader_seed(cfg.seed, i), cfg, shard_id, num_shards)
+            jpg, label = _read(shards.groups[group], name, reader_seed(cfg.seed, i), cfg, shard_id, num_shards,
+                               pad_last_batch)
             samples.append((*_decode(jpg, cfg, decoder), label))
         (a, size_a, la), (b, size_b, lb), tall, wide = samples
         # The smaller S crop goes top-left, the larger bottom-right (ties keep reader order).
@@ -176,7 +180,7 @@ class DaliJigsawLoader:
         self.batch_size = batch_size
         self.pipeline = jigsaw_pipeline(root, batch_size, cfg, device=device, num_threads=num_threads,
                                         device_id=device_id, shard_id=rank, num_shards=world_size, fp16=fp16,
-                                        checkpoint=checkpoint)
+                                        checkpoint=checkpoint, pad_last_batch=epoch)
         self.pipeline.build()
         self._iterator = DALIGenericIterator(
             [self.pipeline], ["images", "labels"], reader_name="S0" if epoch else None,
