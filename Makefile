@@ -1,5 +1,6 @@
 # Two entry points on a fresh machine (Python 3.11 + pip, no GPU needed):
-#   make demo   - install, then build shards from the embedded synthetic COCO set and preview jigsaw images
+#   make demo   - install; build shards from the embedded synthetic COCO set, preview jigsaw images,
+#                 pre-train a small backbone for a few iterations and export it
 #   make test   - install, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,6 +23,10 @@ demo: install
 	$(BIN)/jigsawdata info $(DEMO)/shards
 	$(BIN)/jigsawdata verify $(DEMO)/shards
 	$(BIN)/jigsawdata preview $(DEMO)/shards --out $(DEMO)/preview.png
+	rm -rf $(DEMO)/run
+	$(BIN)/jigsawdata pretrain --shards $(DEMO)/shards --out $(DEMO)/run --arch resnet18 --iterations 10 \
+		--batch 8 --warmup 2 --log-every 2 --erf-images 2 --workers 2
+	$(BIN)/jigsawdata export $(DEMO)/run --format torchvision --out $(DEMO)/resnet18-jigsaw.pth
 
 test: install
 	$(BIN)/python -m pytest
