@@ -63,10 +63,6 @@ class BuildConfig:
             raise ValueError("shard_size, shard_samples and chunk_images must be >= 1")
 
 
-def _params(cfg: BuildConfig) -> dict:
-    return asdict(cfg)
-
-
 def _shard_name(group: str, part: int, parts: int, index: int) -> str:
     stem = f"{group}-{index:06d}" if parts == 1 else f"{group}-p{part:03d}-{index:06d}"
     return f"{group}/{stem}.tar"
@@ -211,7 +207,7 @@ def _fingerprint(source: CocoSource, cfg: BuildConfig, parts: int, license: str 
         "source": {"annotation_file": source.ann_file.name, "sha256": source.ann_sha256,
                    "images": len(source.images), "orphan_annotations": source.orphan_annotations,
                    "license": license_text(source.from_coco, license), "license_given": bool(license)},
-        "params": _params(cfg),
+        "params": asdict(cfg),
         "classes": [asdict(c) for c in source.classes],
         "background": {"label": source.background_label, "category_id": 0, "name": "background"},
         "parts": parts,
@@ -279,7 +275,7 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
             for si, shard_records in enumerate(_split_shards(group_records, cfg)):
                 name = _shard_name(group, part, parts, si)
                 path = out / name
-                if path.is_file() and path.with_suffix(".idx").is_file():
+                if path.is_file() and index_path(path).is_file():
                     n, nbytes, digest = len(shard_records), path.stat().st_size, sha256_file(path)
                 else:
                     n, nbytes, digest = write_shard(path, _shard_samples(shard_records, reader))
