@@ -17,6 +17,21 @@ def stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+def timed(body, cuda: bool) -> float:
+    """Wall seconds of ``body()``, with the GPU's queued work finished on both sides."""
+    import time
+
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    body()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def interleaved(cases: dict, repeats: int) -> dict:
     """Run ``cases`` (name -> callable doing one measured repeat and returning its figures)
     in turn, ``repeats`` times: A B A B ... rather than A A A B B B, so that a machine

@@ -36,7 +36,7 @@ from trainer.erf import effective_receptive_fields, erf_weights
 from trainer.losses import erf_dense_loss
 from trainer.model import DenseClassifier, build_backbone
 
-from .common import DEFAULT_COCO, environment, interleaved, report, stats
+from .common import DEFAULT_COCO, environment, interleaved, report, stats, timed
 from .pipeline_throughput import build_benchmark_shards
 
 JIGSAW_IMAGES = 64_000 * 512
@@ -82,17 +82,17 @@ def _repeat(loader, step, steps: int, cuda: bool):
     """One measured repeat: ``steps`` iterations of (next batch, step). Returns a callable
     giving ``(seconds per step, fraction of the time spent waiting for data)``."""
     def run() -> tuple[float, float]:
-        if cuda:
-            torch.cuda.synchronize()
-        start, wait = time.perf_counter(), 0.0
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            images, labels = next(loader)
-            wait += time.perf_counter() - t0
-            step(images, labels)
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        wait = 0.0
+
+        def body() -> None:
+            nonlocal wait
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                images, labels = next(loader)
+                wait += time.perf_counter() - t0
+                step(images, labels)
+
+        elapsed = timed(body, cuda)
         return elapsed / steps, wait / elapsed
     return run
 
@@ -138,13 +138,10 @@ def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = 
         dense = DenseClassifier(arch, 81).to(device, memory_format=fmt)
         region_map = torch.from_numpy(template.feature_region_map()).to(device)
         images, _ = next(jigsaw)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        weights = erf_weights(effective_receptive_fields(dense, images[:erf_images].to(device)), template)
-        if cuda:
-            torch.cuda.synchronize()
-        erf_s = time.perf_counter() - t0
+        result = {}
+        erf_s = timed(lambda: result.update(weights=erf_weights(
+            effective_receptive_fields(dense, images[:erf_images].to(device)), template)), cuda)
+        weights = result["weights"]
         jig_step = _sgd_step(dense, lambda out, y: erf_dense_loss(out, y.to(device), weights, region_map), cuda)
 
         # 2. ImageNet-style

@@ -11,7 +11,6 @@ only the model and the loss are timed. Usage:
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -22,20 +21,13 @@ from trainer.erf import effective_receptive_fields, erf_weights
 from trainer.losses import erf_dense_loss
 from trainer.model import DenseClassifier, build_backbone
 
-from .common import environment, interleaved, report, stats
+from .common import environment, interleaved, report, stats, timed
 
 
 def _timer(step, steps: int, cuda: bool):
     """One measured repeat of ``steps`` calls: returns a callable giving seconds per call."""
     def run() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / steps
+        return timed(lambda: [step() for _ in range(steps)], cuda) / steps
     return run
 
 

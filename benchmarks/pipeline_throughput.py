@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from pipelines.config import JigsawConfig
 from pipelines.dali import DaliJigsawLoader
 from pipelines.reference import reference_loader
 
-from .common import DEFAULT_COCO, environment, report, stats
+from .common import DEFAULT_COCO, environment, report, stats, timed
 
 
 def build_benchmark_shards(coco: Path, out: Path, split: str = "train2017", shard_samples: int = 100) -> Path:
@@ -37,16 +36,7 @@ def measure(loader, batch: int, batches: int, repeats: int, warmup: int = 3, syn
     it = iter(loader)
     for _ in range(warmup):
         next(it)
-    rates = []
-    for _ in range(repeats):
-        if sync:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(batches):
-            images, _ = next(it)
-        if sync:
-            torch.cuda.synchronize()
-        rates.append(batch * batches / (time.perf_counter() - start))
+    rates = [batch * batches / timed(lambda: [next(it) for _ in range(batches)], sync) for _ in range(repeats)]
     return stats(rates)
 
 
@@ -68,14 +58,7 @@ def rn50_consumption(batch: int, steps: int, repeats: int) -> dict:
 
     for _ in range(5):
         step()
-    rates = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        rates.append(batch * steps / (time.perf_counter() - start))
+    rates = [batch * steps / timed(lambda: [step() for _ in range(steps)], True) for _ in range(repeats)]
     return stats(rates)
 
 
