@@ -27,7 +27,7 @@ from .card import CARD_NAME
 from .coco import sha256_file
 from .errors import InputError
 from .manifest import MANIFEST_NAME, check_version, write_json_atomic
-from .shards import check_member_name
+from .shards import member_problem
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def files_of(manifest: dict) -> list[RemoteFile]:
 def _check_tar_members(path: Path, name: str) -> None:
     with tarfile.open(path, mode="r:") as tar:
         for member in tar:
-            problem = check_member_name(member.name) or (None if member.isreg() else f"{member.name!r} is not a file")
+            problem = member_problem(member)
             if problem:
                 raise FetchError(f"{name}: {problem}")
 

@@ -116,12 +116,18 @@ def check_member_name(name: str) -> str | None:
     return None
 
 
+def member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member does not belong in a shard (unsafe name, foreign file, not a
+    regular file), or ``None``."""
+    return check_member_name(member.name) or (None if member.isreg() else f"{member.name!r} is not a regular file")
+
+
 def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Read a shard sample by sample, refusing unsafe or foreign members."""
     with tarfile.open(path, mode="r:") as tar:
         key, parts = None, {}
         for member in tar:
-            problem = check_member_name(member.name) or (None if member.isreg() else f"{member.name!r} is not a regular file")
+            problem = member_problem(member)
             if problem:
                 raise ValueError(f"{path}: {problem}")
             stem, ext = member.name.split(".", 1)
