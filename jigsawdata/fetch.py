@@ -165,12 +165,19 @@ def fetch(url: str, out: Path, *, workers: int = 8, retries: int = 5, block: int
     return manifest
 
 
-def cached_shards(location: str, cache_dir: Path | None = None, **kwargs) -> Path:
-    """A local directory for ``location``: itself when local, else a verified cached copy."""
+def cache_location(location: str, cache_dir: Path | str | None = None) -> Path:
+    """Where :func:`cached_shards` keeps the copy of ``location`` (nothing is checked)."""
     if not is_url(location):
         return Path(str(location).removeprefix("file://"))
     cache_dir = Path(cache_dir or os.environ.get("JIGSAWDATA_CACHE", Path.home() / ".cache" / "jigsawdata"))
-    target = cache_dir / hashlib.sha256(location.encode()).hexdigest()[:16]
+    return cache_dir / hashlib.sha256(location.encode()).hexdigest()[:16]
+
+
+def cached_shards(location: str, cache_dir: Path | str | None = None, **kwargs) -> Path:
+    """A local directory for ``location``: itself when local, else a verified cached copy."""
+    target = cache_location(location, cache_dir)
+    if not is_url(location):
+        return target
     log.info("fetching %s into the cache %s", location, target)
     fetch(location, target, **kwargs)
     return target

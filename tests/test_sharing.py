@@ -21,7 +21,7 @@ from cli import main
 from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.card import COCO_LICENSE, UNKNOWN_LICENSE
 from jigsawdata.errors import InputError
-from jigsawdata.fetch import FetchError, cached_shards, fetch
+from jigsawdata.fetch import FetchError, cache_location, cached_shards, fetch
 from jigsawdata.manifest import read_manifest
 from jigsawdata.verify import verify_shard_set
 from pipelines.config import fixed
@@ -183,6 +183,7 @@ def test_cached_shards_fetch_once(published, tmp_path):
     _, url, httpd = published
     first = cached_shards(url, tmp_path / "cache")
     assert (first / "manifest.json").is_file() and verify_shard_set(first) == []
+    assert cache_location(url, tmp_path / "cache") == first  # where the other ranks of a node look
     httpd.requests.clear()
     assert cached_shards(url, tmp_path / "cache") == first
     assert not [p for p, _ in httpd.requests if p.endswith(".tar")]

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from jigsawdata.errors import InputError
-from jigsawdata.fetch import cached_shards, is_url
+from jigsawdata.fetch import cache_location, cached_shards, is_url
 from pipelines.config import JigsawConfig
 from pipelines.shardset import open_shard_set
 from pipelines.template import Template
@@ -138,12 +138,10 @@ class Trainer:
         if self.cfg.pipeline != "dali" or not is_url(self.cfg.shards):
             return self.cfg.shards
         if self.dist.local_rank == 0:
-            path = cached_shards(self.cfg.shards, self.cfg.cache_dir)
+            cached_shards(self.cfg.shards, self.cfg.cache_dir)
         if self.dist.world > 1:
             dist.barrier()
-        if self.dist.local_rank != 0:
-            path = cached_shards(self.cfg.shards, self.cfg.cache_dir)  # verifies, downloads nothing
-        return path
+        return cache_location(self.cfg.shards, self.cfg.cache_dir)
 
     # ------------------------------------------------------------------ state
 
