@@ -57,6 +57,11 @@ def _resnet(arch: str, norm: str) -> nn.Module:
     return ResNet(block, layers, groups=groups, width_per_group=width, norm_layer=_norm_layer(norm))
 
 
+def default_norm(init: str) -> str:
+    """Frozen BatchNorm when weights are transferred, trainable BatchNorm from scratch."""
+    return "bn" if init == "scratch" else "frozen_bn"
+
+
 def read_init(init: str, arch: str) -> "OrderedDict[str, torch.Tensor] | None":
     """Backbone weights named as torchvision's ResNet, from ``scratch``, ``imagenet:FILE``
     (a torchvision state dict), a jigsaw run directory / checkpoint, or an exported file."""
@@ -118,7 +123,7 @@ def build_detector(detector: str, arch: str, num_classes: int, *, init: str = "s
     if arch not in ARCHS:
         raise InputError(f"--arch must be one of {ARCHS}")
     weights = read_init(init, arch)
-    norm = norm or ("frozen_bn" if weights is not None else "bn")
+    norm = norm or default_norm(init)
     if norm not in NORMS:
         raise InputError(f"--norm must be one of {NORMS}")
     resnet = _resnet(arch, norm)

@@ -23,7 +23,7 @@ from jigsawdata.errors import InputError
 
 from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
-from .detection import build_detector
+from .detection import build_detector, default_norm
 from .evaluate import coco_eval, format_table
 from .runtime import (claim_run_dir, config_from, dump_config, gather, init_distributed, rng_state, set_rng_state,
                       wrap_ddp)
@@ -82,10 +82,9 @@ def lr_factor(iteration: int, epoch: int, warmup: int, milestones: tuple[int, ..
     return warm * 0.1 ** sum(epoch >= m for m in milestones)
 
 
-def _dataset(cfg: FinetuneConfig, split: str, train: bool, masks: bool) -> CocoDetection:
-    ann, images = resolve_coco_root(Path(cfg.coco), split)
-    return CocoDetection(ann, images, train=train, masks=masks, flip_p=cfg.flip_p if train else 0.0,
-                         max_images=cfg.max_images)
+def _dataset(root: str, split: str, **kwargs) -> CocoDetection:
+    """A split of a COCO root (``annotations/instances_<split>.json`` and ``<split>/``)."""
+    return CocoDetection(*resolve_coco_root(Path(root), split), **kwargs)
 
 
 class Finetuner:
@@ -95,7 +94,8 @@ class Finetuner:
         self.dist, self.device = init_distributed(cfg.device)
         self.out = claim_run_dir(Path(cfg.out), resume)
         self.masks = cfg.detector == "mask"
-        self.train_set = _dataset(cfg, cfg.split, True, self.masks)
+        self.train_set = _dataset(cfg.coco, cfg.split, train=True, masks=self.masks, flip_p=cfg.flip_p,
+                                  max_images=cfg.max_images)
         torch.manual_seed(cfg.seed)
         self.model = build_detector(cfg.detector, cfg.arch, self.train_set.num_classes, init=cfg.init, norm=cfg.norm,
                                     min_size=cfg.min_size, max_size=cfg.max_size,
@@ -224,12 +224,10 @@ def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = Non
     cfg = config_from(FinetuneConfig, ckpt["config"])
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     root, split = coco or cfg.coco, split or cfg.val_split or cfg.split
-    ann, images = resolve_coco_root(Path(root), split)
-    dataset = CocoDetection(ann, images, train=False, masks=cfg.detector == "mask", max_images=max_images)
+    dataset = _dataset(root, split, train=False, masks=cfg.detector == "mask", max_images=max_images)
     if dataset.cat_ids != list(ckpt["cat_ids"]):
-        raise InputError(f"{ann} has other categories than the set {run_dir} was trained on")
-    model = build_detector(cfg.detector, cfg.arch, len(dataset.cat_ids), norm=cfg.norm or
-                           ("frozen_bn" if cfg.init != "scratch" else "bn"),
+        raise InputError(f"split {split} of {root} has other categories than the set {run_dir} was trained on")
+    model = build_detector(cfg.detector, cfg.arch, len(dataset.cat_ids), norm=cfg.norm or default_norm(cfg.init),
                            min_size=cfg.min_size, max_size=cfg.max_size).to(dev)
     model.load_state_dict(ckpt["model"])
     return evaluate(model, dataset, dev, Path(run_dir))
