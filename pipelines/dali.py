@@ -21,10 +21,11 @@ from jigsawdata.fetch import is_url
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from .shardset import GroupShards, check_enough_samples, open_shard_set, rank_and_world
+from .template import READER_GROUPS
 
 log = logging.getLogger(__name__)
 
-READERS: tuple[tuple[str, str], ...] = (("S0", "S"), ("S1", "S"), ("T", "T"), ("W", "W"))
+READERS: tuple[tuple[str, str], ...] = tuple(zip(("S0", "S1", "T", "W"), READER_GROUPS))
 _MAX_LABEL_DIGITS = 9
 
 

@@ -42,16 +42,6 @@ def place(piece: np.ndarray, region_w: int, region_h: int, offset_x: int, offset
     return out
 
 
-def pad_or_crop(image: np.ndarray, region_w: int, region_h: int, pos_x: float, pos_y: float) -> np.ndarray:
-    """Cut a ``region_h x region_w`` window from an HWC image, zero-filling what lies outside.
-
-    Per axis this crops a larger sample and zero-pads a smaller one; nothing is resized.
-    """
-    xs, xe, xo = window(image.shape[1], region_w, pos_x)
-    ys, ye, yo = window(image.shape[0], region_h, pos_y)
-    return place(image[ys:ye, xs:xe], region_w, region_h, xo, yo)
-
-
 def fit_inside(width: int, height: int, region_w: int, region_h: int) -> tuple[int, int]:
     """Largest aspect-keeping size not larger than the region (the ``resize`` fit mode)."""
     scale = min(region_w / width, region_h / height)

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
-from .fit import fit_inside, place, scaled_size, window, window_anchor
 from jigsawdata.shards import check_member_name
 
+from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
+from .fit import fit_inside, place, scaled_size, window, window_anchor
 from .shardset import check_enough_samples, open_shard_set, rank_and_world
+from .template import READER_GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class ReferenceJigsaw(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         part, parts = self.rank * workers + worker, self.world_size * workers
         groups = self.shards.groups
-        streams = [_samples(groups[g].tars, self.cfg, part, parts, i) for i, g in enumerate(("S", "S", "T", "W"))]
+        streams = [_samples(groups[g].tars, self.cfg, part, parts, i) for i, g in enumerate(READER_GROUPS)]
         rng = np.random.default_rng([self.cfg.seed, 3, part])
         for drawn in zip(*streams):
             samples = [(*_decode(jpeg, self.cfg, rng), label) for jpeg, label in drawn]

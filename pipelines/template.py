@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 REGION_NAMES: tuple[str, ...] = ("TL", "TR", "BL", "BR")
-REGION_GROUPS: tuple[str, ...] = ("S", "W", "T", "S")
+READER_GROUPS: tuple[str, ...] = ("S", "S", "T", "W")
+"""The group each of a pipeline's four readers draws from: two S, then T, then W."""
 
 
 @dataclass(frozen=True)

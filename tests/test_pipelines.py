@@ -10,7 +10,7 @@ import torch
 from jigsawdata.errors import InputError
 from pipelines.config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig, fixed
 from pipelines.dali import DaliJigsawLoader
-from pipelines.fit import pad_or_crop, window_anchor
+from pipelines.fit import place, window, window_anchor
 from pipelines.reference import reference_loader
 from pipelines.template import Template
 
@@ -78,9 +78,12 @@ def test_window_anchor(size, region, pos, anchor):
     assert window_anchor(size, region, pos) == anchor
 
 
-def test_pad_or_crop_per_axis():
+def test_window_and_place_pad_or_crop_per_axis():
     img = np.arange(40 * 200).reshape(200, 40, 1).astype(np.int32) + 1  # 40 wide, 200 tall
-    out = pad_or_crop(img, 64, 160, 0.0, 1.0)  # pad x (40 < 64), crop y (200 > 160) from the bottom
+    xs, xe, xo = window(40, 64, 0.0)   # pad x (40 < 64)
+    ys, ye, yo = window(200, 160, 1.0)  # crop y (200 > 160) from the bottom
+    assert (xs, xe, xo, ys, ye, yo) == (0, 40, 0, 40, 200, 0)
+    out = place(img[ys:ye, xs:xe], 64, 160, xo, yo)
     assert out.shape == (160, 64, 1)
     np.testing.assert_array_equal(out[:, :40], img[40:200])
     assert (out[:, 40:] == 0).all()
