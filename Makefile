@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -36,3 +36,10 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
+
+# Everything that needs a CUDA GPU, into one report folder; without a GPU it says so and exits 0.
+# GPU_PYTHON=python3 uses an interpreter that already has the dependencies instead of .venv.
+GPU_PYTHON ?=
+GPU_REPORT ?= gpu-report
+gpu-check: $(if $(GPU_PYTHON),,install)
+	$(or $(GPU_PYTHON),$(BIN)/python) -m benchmarks.gpu_check --out $(GPU_REPORT)

@@ -72,7 +72,8 @@ def _decode(jpg, cfg: JigsawConfig, decoder_device: str):
     from nvidia.dali import fn, types
 
     size = fn.cast(fn.peek_image_shape(jpg), dtype=types.FLOAT)[0:2]
-    image = fn.decoders.image(jpg, device=decoder_device, output_type=types.RGB)
+    # nvJPEG upsamples chroma like libjpeg-turbo only when asked: the shards are 4:2:0.
+    image = fn.decoders.image(jpg, device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
     lo, hi = cfg.scale
     if cfg.fit == "pad_crop" and (lo, hi) != (1.0, 1.0):
         scale = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
@@ -113,7 +114,7 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
                     checkpoint: str | None = None, pad_last_batch: bool = False):
     """Build (not yet started) the DALI pipeline over the shard set at ``root``.
 
-    Outputs ``images`` (N, 3, canvas, canvas) float (fp16 on request) and ``labels``
+    Outputs ``images`` (N, canvas, canvas, 3) float (fp16 on request) and ``labels``
     (N, 4) uint8 ASCII digits in region order TL, TR, BL, BR (see :func:`parse_labels`).
     ``pad_last_batch`` evens out the ranks' shares, so that every rank's epoch has the same
     number of batches (DistributedDataParallel would otherwise wait for the shortest).
@@ -149,8 +150,9 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
         placed = (small, wide, tall, large)  # region order
         tl, tr, bl, br = (_fit(p[0], p[1], region, cfg) for p, region in zip(placed, sizes))
         canvas = fn.cat(fn.cat(tl, tr, axis=1), fn.cat(bl, br, axis=1), axis=0)
+        # HWC out, permuted to NCHW on the torch side: channels_last memory without a copy.
         images = fn.crop_mirror_normalize(
-            canvas, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="CHW",
+            canvas, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC",
             mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
         labels = fn.stack(*(p[2] for p in placed))  # (4, digits) uint8: see parse_labels
         return images, labels
@@ -193,7 +195,7 @@ class DaliJigsawLoader:
 
     def __next__(self):
         batch = next(self._iterator)[0]
-        return batch["images"], parse_labels(batch["labels"])
+        return batch["images"].permute(0, 3, 1, 2), parse_labels(batch["labels"])
 
     def reset(self) -> None:
         self._iterator.reset()

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_thirty_iterations_of_resnet18_lower_the_loss(built_real, tmp_path):
     logs = []
     cfg = PretrainConfig(shards=str(built_real), out=str(tmp_path / "run"), arch="resnet18", iterations=30, batch=8,
-                         warmup=3, log_every=1, checkpoint_every=30, erf_every=100, erf_images=2, workers=2, seed=0)
+                         warmup=3, log_every=1, checkpoint_every=30, erf_every=100, erf_images=2, workers=2, seed=0,
+                         device="cpu")
     Trainer(cfg, on_log=logs.append).train()
     losses = [m["loss"] for m in logs]
     assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
@@ -43,7 +44,8 @@ def test_thirty_iterations_of_resnet18_lower_the_loss(built_real, tmp_path):
 def _args(shards, out, iterations=12):
     return ["pretrain", "--shards", str(shards), "--out", str(out), "--arch", "resnet18", "--iterations",
             str(iterations), "--batch", "4", "--warmup", "2", "--canvas", "128", "--split", "32",
-            "--checkpoint-every", "4", "--erf-every", "6", "--erf-images", "2", "--workers", "2", "--log-every", "2"]
+            "--checkpoint-every", "4", "--erf-every", "6", "--erf-images", "2", "--workers", "2", "--log-every", "2",
+            "--device", "cpu"]  # exact resume is asserted bit for bit: pinned to the CPU's deterministic kernels
 
 
 def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(built_real, tmp_path):
@@ -96,7 +98,7 @@ def test_torchrun_two_processes_on_cpu(built_real, tmp_path):
     args = _args(built_real, out, iterations=4)
     args[args.index("--erf-every") + 1] = "2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "cli.py"), *args, "--device", "cpu", "--workers", "1"]
+           str(ROOT / "cli.py"), *args, "--workers", "1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = load(out)
@@ -116,3 +118,50 @@ def test_short_gpu_run_with_dali_gpu(built_real, tmp_path):
     assert trainer.device.type == "cuda" and len(logs) == 4
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in logs)
     assert logs[-1]["data_wait_fraction"] < 0.5
+
+
+def test_dali_source_hands_batches_to_the_training_device(built_real):
+    """DALI returns labels (always) and CPU-backend images on the CPU; the source moves both
+    to the training device ('meta' stands in for a GPU here: any device but the CPU)."""
+    from pipelines.config import fixed
+    from trainer.data import DaliSource
+
+    source = DaliSource(built_real, 4, fixed(), device=torch.device("meta"), workers=1, rank=0, world_size=1)
+    images, labels = next(source)
+    assert images.device.type == labels.device.type == "meta"
+    assert images.shape == (4, 3, 224, 224) and labels.shape == (4, 4)
+
+
+def test_resume_on_another_kind_of_device_is_refused(tmp_path):
+    from trainer.runtime import check_resume_device
+
+    check_resume_device("cpu", torch.device("cpu"), tmp_path)
+    check_resume_device(None, torch.device("cpu"), tmp_path)  # checkpoints that did not record it
+    with pytest.raises(InputError, match="saved on the CUDA and cannot be resumed on the CPU: resume it with --device cuda"):
+        check_resume_device("cuda", torch.device("cpu"), tmp_path)
+
+
+@pytest.mark.gpu
+def test_gpu_run_interrupted_after_a_checkpoint_resumes_on_the_gpu(built_real, tmp_path, monkeypatch):
+    """fp16 (a grad scaler with state), DALI GPU reader state and CUDA RNG state all make the
+    round trip through a checkpoint and the run continues to its end."""
+    cfg = dict(shards=str(built_real), out=str(tmp_path / "gpu"), arch="resnet18", iterations=6, batch=16, warmup=2,
+               log_every=1, erf_every=3, erf_images=4, checkpoint_every=3, device="cuda", pipeline="dali",
+               workers=2, amp="fp16")
+    real_save = Trainer.save
+
+    def save_then_crash(self):
+        real_save(self)
+        raise KeyboardInterrupt("simulated crash after the first checkpoint")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(PretrainConfig(**cfg)).train()
+    assert load(tmp_path / "gpu")["iteration"] == 3
+    resumed = Trainer(PretrainConfig(**cfg), resume=True)
+    assert resumed.iteration == 3 and resumed.scaler.is_enabled() and resumed.scaler.get_scale() > 0
+    resumed.train()
+    ckpt = load(tmp_path / "gpu")
+    assert ckpt["iteration"] == 6 and ckpt["device_type"] == "cuda"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

@@ -12,7 +12,11 @@ from pipelines.config import JigsawConfig
 
 
 class DaliSource:
-    """DALI jigsaw batches; the data position is DALI's own reader/RNG checkpoint."""
+    """DALI jigsaw batches; the data position is DALI's own reader/RNG checkpoint.
+
+    The labels always leave DALI on the CPU (they are stacked there), and so do the images
+    of the CPU backend: both are moved to the training device here, as the reference
+    source does."""
 
     kind = "dali"
 
@@ -21,12 +25,14 @@ class DaliSource:
         from pipelines.dali import DaliJigsawLoader
 
         gpu = device.type == "cuda"
+        self._device = device
         self._loader = DaliJigsawLoader(shards, batch, cfg, device="gpu" if gpu else "cpu",
                                         device_id=device.index if gpu else None, num_threads=workers,
                                         rank=rank, world_size=world_size, checkpoint=state)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(self._loader)
+        images, labels = next(self._loader)
+        return images.to(self._device, non_blocking=True), labels.to(self._device, non_blocking=True)
 
     def state(self) -> str:
         return self._loader.state()

@@ -25,8 +25,8 @@ from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
 from .detection import build_detector, default_norm
 from .evaluate import coco_eval, format_table
-from .runtime import (claim_run_dir, config_from, dump_config, gather, init_distributed, rng_state, set_rng_state,
-                      wrap_ddp)
+from .runtime import (check_resume_device, claim_run_dir, config_from, dump_config, gather, init_distributed,
+                      rng_state, set_rng_state, wrap_ddp)
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class Finetuner:
         self.net = wrap_ddp(self.model, self.dist, self.device)
 
     def _restore(self) -> None:
-        ckpt = load_run(self.out, self.device)
+        ckpt = load_run(self.out)  # to the CPU: RNG states must stay CPU tensors
+        check_resume_device(ckpt.get("device_type"), self.device, self.out)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -124,6 +125,7 @@ class Finetuner:
         rng = gather(rng_state(self.device), self.dist)
         if self.dist.main:
             ckpt_io.save_atomic({"format": FORMAT, "config": asdict(self.cfg), "epoch": self.epoch,
+                                 "device_type": self.device.type,
                                  "iteration": self.iteration, "model": self.model.state_dict(),
                                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                                  "rng": rng, "cat_ids": self.train_set.cat_ids}, self.out / "checkpoint.pt")
@@ -185,11 +187,11 @@ class Finetuner:
         return {"loss": sum(values.values()), **values}
 
 
-def load_run(run_dir: Path, device="cpu") -> dict:
+def load_run(run_dir: Path) -> dict:
     path = Path(run_dir) / "checkpoint.pt" if Path(run_dir).is_dir() else Path(run_dir)
     if not path.is_file():
         raise InputError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("format") != FORMAT:
         raise InputError(f"{path} is not a jigsawdata fine-tuning checkpoint")
     return ckpt

@@ -30,7 +30,8 @@ from .data import SOURCES
 from .erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
 from .losses import LOSSES, blockwise_loss, erf_dense_loss, global_loss
 from .model import ARCHS, DenseClassifier
-from .runtime import claim_run_dir, dump_config, gather, init_distributed, rng_state, set_rng_state, wrap_ddp
+from .runtime import (check_resume_device, claim_run_dir, dump_config, gather, init_distributed, rng_state,
+                      set_rng_state, wrap_ddp)
 from .schedule import learning_rate, scaled
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,9 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _restore(self):
-        ckpt = ckpt_io.load(self.out / "checkpoint.pt", map_location=self.device)
+        # Loaded to the CPU: the RNG states must stay CPU tensors; load_state_dict places the rest.
+        ckpt = ckpt_io.load(self.out / "checkpoint.pt", map_location="cpu")
+        check_resume_device(ckpt.get("device_type"), self.device, self.out)
         saved = ckpt["config"]
         diff = sorted(k for k in saved if k not in _RESUMABLE and saved[k] != getattr(self.cfg, k, None))
         if diff:
@@ -169,6 +172,7 @@ class Trainer:
             return
         ckpt_io.save_atomic({
             "format": ckpt_io.FORMAT, "iteration": self.iteration, "arch": self.cfg.arch,
+            "device_type": self.device.type,
             "class_names": list(self.class_names), "config": asdict(self.cfg),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "erf_weights": self.weights, "rng": rng,
@@ -228,7 +232,7 @@ class Trainer:
     def train(self) -> dict:
         """Run to ``cfg.iterations``; returns the last logged metrics."""
         cfg, metrics = self.cfg, {}
-        window = {"loss": 0.0, "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+        window = self._new_window()
         metrics_file = open(self.out / "metrics.jsonl", "a") if self.dist.main else None
         try:
             while self.iteration < cfg.iterations:
@@ -239,11 +243,11 @@ class Trainer:
                 window["wait"] += time.perf_counter() - t0
                 loss = self.step(images, labels)
                 self.iteration += 1
-                window["loss"] += float(loss)
+                window["loss"] += loss  # stays on the device: no synchronisation per step
                 window["steps"] += 1
                 if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
                     metrics = self._log(window, metrics_file)
-                    window = {"loss": 0.0, "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+                    window = self._new_window()
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
                     self.save()
         finally:
@@ -251,13 +255,16 @@ class Trainer:
                 metrics_file.close()
         return metrics
 
+    def _new_window(self) -> dict:
+        return {"loss": torch.zeros((), device=self.device), "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+
     def _log(self, window: dict, metrics_file) -> dict:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - window["start"]
         steps = window["steps"]
         metrics = {
-            "iteration": self.iteration, "loss": window["loss"] / steps, "lr": self._lr(self.iteration - 1),
+            "iteration": self.iteration, "loss": float(window["loss"]) / steps, "lr": self._lr(self.iteration - 1),
             "images_per_s": steps * self.cfg.batch / elapsed, "step_s": elapsed / steps,
             "data_wait_s": window["wait"] / steps, "data_wait_fraction": window["wait"] / elapsed,
         }

@@ -62,6 +62,17 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
+def check_resume_device(saved: str | None, device: torch.device, run: Path) -> None:
+    """Refuse to continue a run on another kind of device than the one it was saved on.
+
+    Neither exactness nor state survives the move: a CPU run's grad scaler holds no state
+    that fp16 on a GPU accepts, the GPU's RNG state does not exist on the CPU, and kernels
+    differ. ``saved`` is None for checkpoints that did not record it."""
+    if saved is not None and saved != device.type:
+        raise InputError(f"{run} was saved on the {saved.upper()} and cannot be resumed on the "
+                         f"{device.type.upper()}: resume it with --device {saved}")
+
+
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
