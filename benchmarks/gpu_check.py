@@ -99,7 +99,7 @@ def _finetune(out: Path, coco: Path) -> dict:
 
     def cfg(max_iters: int) -> FinetuneConfig:
         return FinetuneConfig(coco=str(coco), out=str(out / "work" / "finetune"), init=str(out / "work" / "pretrain"),
-                              detector="fpn", arch="resnet50", batch=8, warmup=10, workers=8, device="cuda",
+                              detector="fpn", arch="resnet50", batch=8, warmup=50, workers=8, device="cuda",
                               max_iters=max_iters, log_every=5)
 
     logs: list[dict] = []

@@ -218,3 +218,16 @@ def test_checkpoints_are_never_unpickled(tmp_path):
     torch.save({"format": "something-else"}, path)
     with pytest.raises(InputError, match="not a jigsawdata pre-training checkpoint"):
         ckpt_io.load(path)
+
+
+def test_precision_modes():
+    from trainer.runtime import Precision
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    bf16 = Precision.of("bf16", gpu)
+    assert bf16.enabled and bf16.dtype == torch.bfloat16 and not bf16.scaler().is_enabled()
+    fp16 = Precision.of("fp16", gpu)
+    assert fp16.enabled and fp16.dtype == torch.float16
+    assert not Precision.of("off", gpu).enabled and not Precision.of("bf16", cpu).enabled
+    with pytest.raises(InputError, match="--amp must be one of"):
+        Precision.of("fp8", gpu)

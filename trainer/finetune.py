@@ -25,8 +25,8 @@ from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
 from .detection import build_detector, default_norm
 from .evaluate import coco_eval, format_table
-from .runtime import (check_resume_device, claim_run_dir, config_from, dump_config, gather, init_distributed,
-                      rng_state, set_rng_state, wrap_ddp)
+from .runtime import (AMP_MODES, Precision, check_resume_device, claim_run_dir, config_from, dump_config, gather,
+                      init_distributed, rng_state, set_rng_state, wrap_ddp)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,10 @@ class FinetuneConfig:
     rois_per_image: int = 512
     workers: int = 4
     device: str = "auto"
-    amp: bool = True
+    amp: str = "bf16"
+    """Autocast on GPU: bf16, fp16 (with a grad scaler) or off. fp16 overflows in the
+    forward pass of some transferred backbones (frozen BN keeps their activation scale),
+    which bf16's range avoids."""
     seed: int = 0
     max_iters: int | None = None
     """Stop after this many iterations (short runs, smoke tests)."""
@@ -74,6 +77,8 @@ class FinetuneConfig:
             raise InputError(f"--schedule must be one of {tuple(SCHEDULES)}")
         if self.batch < 1 or self.lr <= 0:
             raise InputError("--batch and --lr must be positive")
+        if self.amp not in AMP_MODES:
+            raise InputError(f"--amp must be one of {AMP_MODES}")
 
 
 def lr_factor(iteration: int, epoch: int, warmup: int, milestones: tuple[int, ...]) -> float:
@@ -103,8 +108,8 @@ class Finetuner:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.base_lr = cfg.lr * cfg.batch / 16
         self.optimizer = torch.optim.SGD(params, lr=self.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.autocast = cfg.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast)
+        self.precision = Precision.of(cfg.amp, self.device)
+        self.scaler = self.precision.scaler()
         self.epoch, self.iteration = 0, 0
         if resume:
             self._restore()
@@ -174,7 +179,7 @@ class Finetuner:
             group["lr"] = self.base_lr * factor
         images = [i.to(self.device, non_blocking=True) for i in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        with torch.autocast(self.device.type, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.enabled):
             losses = self.net(images, targets)
         loss = sum(losses.values())
         values = {k: float(v.detach()) for k, v in losses.items()}

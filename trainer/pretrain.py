@@ -30,8 +30,8 @@ from .data import SOURCES
 from .erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
 from .losses import LOSSES, blockwise_loss, erf_dense_loss, global_loss
 from .model import ARCHS, DenseClassifier
-from .runtime import (check_resume_device, claim_run_dir, dump_config, gather, init_distributed, rng_state,
-                      set_rng_state, wrap_ddp)
+from .runtime import (AMP_MODES, Precision, check_resume_device, claim_run_dir, dump_config, gather, init_distributed,
+                      rng_state, set_rng_state, wrap_ddp)
 from .schedule import learning_rate, scaled
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,8 @@ class PretrainConfig:
             raise InputError(f"--loss must be one of {LOSSES}")
         if self.pipeline not in SOURCES:
             raise InputError(f"--pipeline must be one of {tuple(SOURCES)}")
-        if self.amp not in ("bf16", "fp16", "off"):
-            raise InputError("--amp must be bf16, fp16 or off")
+        if self.amp not in AMP_MODES:
+            raise InputError(f"--amp must be one of {AMP_MODES}")
         if self.iterations < 1 or self.batch < 1 or self.erf_every < 1 or self.checkpoint_every < 1:
             raise InputError("iterations, batch, erf-every and checkpoint-every must be >= 1")
         if not 0.0 <= self.tau <= 1.0:
@@ -118,8 +118,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
-        self.autocast = self.device.type == "cuda" and cfg.amp != "off"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast and cfg.amp == "fp16")
+        self.precision = Precision.of(cfg.amp, self.device)
+        self.scaler = self.precision.scaler()
         self.iteration = 0
         self.weights: torch.Tensor | None = None
         data_state = None
@@ -219,8 +219,7 @@ class Trainer:
             group["lr"] = self._lr(self.iteration)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        dtype = torch.float16 if self.cfg.amp == "fp16" else torch.bfloat16
-        with torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.enabled):
             logits = self.net(images)
         loss = self.loss(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,27 @@ import torch.distributed as dist
 from jigsawdata.errors import InputError
 
 
+AMP_MODES = ("bf16", "fp16", "off")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Mixed precision on a GPU: bf16 by default (fp32's range, no scaler needed), fp16
+    with a grad scaler, or off. The CPU always runs fp32."""
+
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, amp: str, device: torch.device) -> "Precision":
+        if amp not in AMP_MODES:
+            raise InputError(f"--amp must be one of {AMP_MODES}, got {amp!r}")
+        return cls(device.type == "cuda" and amp != "off", torch.float16 if amp == "fp16" else torch.bfloat16)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
