@@ -1,5 +1,7 @@
 """Assembled jigsaw images per second: DALI (CPU backend; GPU too where present) versus the
-reference PyTorch DataLoader with as many worker processes as DALI has threads, in one run.
+reference PyTorch DataLoader with as many worker processes as DALI has threads, and versus
+"decode whole": the same workers reading the same four crops per image and only decoding
+each whole with PIL (the work that decoding just the window avoids), in one run.
 
 Shards are built from the real COCO subset into a temporary directory first (small shards,
 so every reference worker owns some). On a GPU it also measures how many images/s a
@@ -11,18 +13,24 @@ ResNet-50 AMP training step consumes, the rate the pipeline has to keep up with.
 from __future__ import annotations
 
 import argparse
+import gc
+import io
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 
 from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.coco import load_coco, resolve_coco_root
 from pipelines.config import JigsawConfig
 from pipelines.dali import DaliJigsawLoader
-from pipelines.reference import reference_loader
+from pipelines.reference import reader_streams, reference_loader, worker_part
+from pipelines.shardset import open_shard_set
 
-from .common import DEFAULT_COCO, environment, report, stats, timed
+from .common import DEFAULT_COCO, environment, interleaved, report, stats, timed
 
 
 def build_benchmark_shards(coco: Path, out: Path, split: str = "train2017", shard_samples: int = 100) -> Path:
@@ -31,13 +39,41 @@ def build_benchmark_shards(coco: Path, out: Path, split: str = "train2017", shar
     return out
 
 
-def measure(loader, batch: int, batches: int, repeats: int, warmup: int = 3, sync: bool = False) -> dict:
-    """Images/s of pulling ``batches`` batches, ``repeats`` times, after ``warmup`` batches."""
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    rates = [batch * batches / timed(lambda: [next(it) for _ in range(batches)], sync) for _ in range(repeats)]
-    return stats(rates)
+class DecodeWhole(torch.utils.data.IterableDataset):
+    """Per jigsaw image, the four crops it draws (S, S, T, W), each decoded whole with PIL
+    and nothing else: a lower bound on a pipeline that decodes every crop whole."""
+
+    def __init__(self, root: Path, cfg: JigsawConfig) -> None:
+        super().__init__()
+        self.shards, self.cfg = open_shard_set(root), cfg
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        part, parts = worker_part(0, 1)
+        for drawn in zip(*reader_streams(self.shards, self.cfg, part, parts)):
+            for jpeg, _ in drawn:
+                Image.open(io.BytesIO(jpeg)).load()
+            yield np.zeros((), dtype=np.uint8)
+
+
+def decode_whole_loader(root: Path, batch: int, cfg: JigsawConfig, workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(DecodeWhole(root, cfg), batch_size=batch, num_workers=workers,
+                                       persistent_workers=workers > 0)
+
+
+def one_repeat(make_loader, batch: int, batches: int, warmup: int, sync: bool = False):
+    """A callable measuring one repeat: images/s of ``batches`` batches from a fresh loader,
+    after ``warmup`` batches that empty its prefetch queue (so no pipeline starts the clock
+    with work done in advance). The loader is closed afterwards, so that its workers take no
+    CPU from the next pipeline measured."""
+    def run() -> float:
+        it = iter(make_loader())
+        for _ in range(warmup):
+            next(it)
+        rate = batch * batches / timed(lambda: [next(it) for _ in range(batches)], sync)
+        del it
+        gc.collect()
+        return rate
+    return run
 
 
 def rn50_consumption(batch: int, steps: int, repeats: int) -> dict:
@@ -67,20 +103,25 @@ def run(coco: Path = DEFAULT_COCO, workers: int = 2, batch: int = 64, batches: i
     cfg = JigsawConfig()
     with tempfile.TemporaryDirectory() as tmp:
         root = shards or build_benchmark_shards(coco, Path(tmp) / "shards")
-        results = {
-            "dali_cpu": measure(DaliJigsawLoader(root, batch, cfg, num_threads=workers, rank=0, world_size=1),
-                                batch, batches, repeats),
-            "reference": measure(reference_loader(root, batch, cfg, workers=workers, rank=0, world_size=1),
-                                 batch, batches, repeats),
+        # More than any pipeline prefetches: DALI 2 batches, a DataLoader 2 per worker.
+        warmup = 2 * workers + 3
+        cases = {
+            "dali_cpu": lambda: DaliJigsawLoader(root, batch, cfg, num_threads=workers, rank=0, world_size=1),
+            "reference": lambda: reference_loader(root, batch, cfg, workers=workers, rank=0, world_size=1),
+            "decode_whole": lambda: decode_whole_loader(root, batch, cfg, workers),
         }
+        repeats_of = {name: one_repeat(make, batch, batches, warmup) for name, make in cases.items()}
         if torch.cuda.is_available():
-            results["dali_gpu"] = measure(DaliJigsawLoader(root, batch, cfg, device="gpu", device_id=0,
-                                                           num_threads=workers, rank=0, world_size=1),
-                                          batch, batches, repeats, sync=True)
+            repeats_of["dali_gpu"] = one_repeat(lambda: DaliJigsawLoader(root, batch, cfg, device="gpu", device_id=0,
+                                                                         num_threads=workers, rank=0, world_size=1),
+                                                batch, batches, warmup, sync=True)
+        results = {name: stats(runs) for name, runs in interleaved(repeats_of, repeats).items()}
+        if torch.cuda.is_available():
             results["rn50_amp_step"] = rn50_consumption(batch, batches, repeats)
     out = {"benchmark": "pipeline_throughput", "workers": workers, "batch": batch, "batches": batches,
            "repeats": repeats, "images_per_s": results,
            "ratio_dali_cpu_over_reference": results["dali_cpu"]["median"] / results["reference"]["median"],
+           "ratio_dali_cpu_over_decode_whole": results["dali_cpu"]["median"] / results["decode_whole"]["median"],
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "environment": environment()}
     if "dali_gpu" in results:
@@ -94,6 +135,7 @@ def format_table(result: dict) -> str:
     for name, s in result["images_per_s"].items():
         lines.append(f"{name:<16}{s['median']:>10.1f}{s['min']:>10.1f}{s['max']:>10.1f}")
     lines.append(f"DALI-CPU / reference: {result['ratio_dali_cpu_over_reference']:.2f}x")
+    lines.append(f"DALI-CPU / decode whole: {result['ratio_dali_cpu_over_decode_whole']:.2f}x")
     if "ratio_dali_gpu_over_rn50_step" in result:
         lines.append(f"DALI-GPU / RN50 AMP step consumption: {result['ratio_dali_gpu_over_rn50_step']:.2f}x")
     return "\n".join(lines)

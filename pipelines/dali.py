@@ -2,10 +2,12 @@
 
 Four webdataset readers — two over the S shards with different seeds, one over T, one
 over W — feed one graph (all readers of a DALI pipeline share a batch size, which is how two
-S crops per image are drawn). Per sample: decode, random resize keeping the aspect ratio,
-then pad-or-crop to the region and a random horizontal flip; the two S crops are ordered
-by their resized area, the four are concatenated into the canvas and normalised. ``device`` selects where
-this runs; the graph is the same.
+S crops per image are drawn). Per sample, from the JPEG header alone: draw the random resize
+(aspect kept) and the region window, and order the two S crops by resized area; then decode
+only the source pixels that reach the window, resample them into it with a random
+horizontal flip, and zero-pad the axes smaller than the region. The four pieces are
+concatenated into the canvas and normalised. ``device`` selects where this runs; the graph
+is the same.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 
 READERS: tuple[tuple[str, str], ...] = tuple(zip(("S0", "S1", "T", "W"), READER_GROUPS))
 _MAX_LABEL_DIGITS = 9
+_ROI_MARGIN = 4.0
+"""Source pixels decoded around a window's ROI: more than the bilinear filter's support at
+the smallest resize (1 / 0.8 px) plus the reach of 2x chroma upsampling."""
 
 
 def reader_seed(seed: int, reader: int) -> int:
@@ -64,48 +69,89 @@ def _read(group: GroupShards, name: str, seed: int, cfg: JigsawConfig, shard_id:
     return jpg, _label_bytes(cls)
 
 
-def _decode(jpg, cfg: JigsawConfig, decoder_device: str):
-    """Decode, and draw the random resize: returns (image, size) where ``size`` is the
-    float ``[height, width]`` after resizing; the resize itself is fused into :func:`_fit`.
-    Sizes travel as one 2-vector: every graph operator costs per batch, so fewer is faster."""
+def _resized_size(jpg, cfg: JigsawConfig):
+    """``(source, resized)`` float ``[height, width]`` of each sample, from its JPEG header
+    alone: the random resize is drawn before anything is decoded. Sizes travel as one
+    2-vector: every graph operator costs per batch, so fewer is faster."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
-    size = fn.cast(fn.peek_image_shape(jpg), dtype=types.FLOAT)[0:2]
-    # nvJPEG upsamples chroma like libjpeg-turbo only when asked: the shards are 4:2:0.
-    image = fn.decoders.image(jpg, device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
+    source = fn.cast(fn.peek_image_shape(jpg), dtype=types.FLOAT)[0:2]
     lo, hi = cfg.scale
-    if cfg.fit == "pad_crop" and (lo, hi) != (1.0, 1.0):
-        scale = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-        size = dmath.max(dmath.floor(size * scale + 0.5), 1.0)
-    return image, size
+    if cfg.fit != "pad_crop" or (lo, hi) == (1.0, 1.0):
+        return source, source
+    scale = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
+    return source, dmath.max(dmath.floor(source * scale + 0.5), 1.0)
 
 
-def _fit(image, size, region: tuple[int, int], cfg: JigsawConfig):
-    """Resize, pick the region window, flip, zero-pad: one region's pixels.
+def _hw(values: tuple[float, float]):
+    from nvidia.dali import types
 
-    ``resize_crop_mirror`` resamples only the window (the ROI of the resize), which is what
-    makes the CPU backend fast: a 600 px crop bound for a 64 px region is never resized
-    whole. The window is clamped to the resized size; the axes that were smaller than the
-    region are then padded by the second crop, at the same relative position.
+    return types.Constant(np.array(values, dtype=np.float32))
+
+
+def _positions(cfg: JigsawConfig):
+    """Window positions ``[y, x]`` as fractions of the slack (see :func:`pipelines.fit.window_anchor`)."""
+    from nvidia.dali import fn
+
+    if cfg.crop_pos is not None:
+        return _hw((cfg.crop_pos, cfg.crop_pos))
+    return fn.random.uniform(range=[0.0, 1.0], shape=[2])
+
+
+def _pad(piece, region: tuple[int, int], pos):
+    """Zero-pad the axes smaller than the region, placed by ``pos`` (a no-op on the others)."""
+    from nvidia.dali import fn
+
+    rw, rh = region
+    return fn.crop(piece, crop_w=rw, crop_h=rh, crop_pos_x=pos[1], crop_pos_y=pos[0],
+                   out_of_bounds_policy="pad", fill_values=0)
+
+
+def _fit_window(jpg, source, resized, region: tuple[int, int], cfg: JigsawConfig, decoder: str):
+    """pad_crop: decode only the source pixels that can reach the region, then resample them.
+
+    The resized sample's region-sized window ``[anchor, anchor + window)`` (per axis,
+    ``anchor = round(pos * slack)``, the window clamped to the resized size) maps back to
+    ``[anchor, anchor + window) * source / resized`` in the source crop. That ROI, plus a
+    margin of ``_ROI_MARGIN`` pixels for the resampling filter's support and the JPEG
+    decoder's chroma upsampling, is all that is decoded (``decoders.image_slice``: partial
+    JPEG decoding on the CPU and on the GPU); ``resize_crop_mirror`` then resamples exactly
+    the ROI into the window, so the pixels equal those of a whole decode.
     """
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
     rw, rh = region
-    pos = [cfg.crop_pos if cfg.crop_pos is not None else fn.random.uniform(range=[0.0, 1.0]) for _ in range(2)]
+    pos = _positions(cfg)
     mirror = fn.random.coin_flip(probability=cfg.flip_p) if cfg.flip_p > 0 else 0
-    if cfg.fit == "pad_crop":
-        window = dmath.min(size, types.Constant(np.array([rh, rw], dtype=np.float32)))
-        piece = fn.resize_crop_mirror(image, size=size, crop=window, crop_pos_x=pos[0], crop_pos_y=pos[1],
-                                      mirror=mirror, interp_type=types.INTERP_LINEAR, antialias=True)
-    else:
-        mode = "not_larger" if cfg.fit == "resize" else "default"
-        piece = fn.resize(image, resize_x=float(rw), resize_y=float(rh), mode=mode, interp_type=types.INTERP_LINEAR)
-        if cfg.flip_p > 0:
-            piece = fn.flip(piece, horizontal=mirror)
-    return fn.crop(piece, crop_w=rw, crop_h=rh, crop_pos_x=pos[0], crop_pos_y=pos[1],
-                   out_of_bounds_policy="pad", fill_values=0)
+    window = dmath.min(resized, _hw((rh, rw)))
+    anchor = dmath.floor(pos * (resized - window) + 0.5)
+    lo = anchor * source / resized
+    hi = (anchor + window) * source / resized
+    start = dmath.max(dmath.floor(lo) - _ROI_MARGIN, 0.0)
+    end = dmath.min(dmath.ceil(hi) + _ROI_MARGIN, source)
+    image = fn.decoders.image_slice(jpg, start=fn.cast(start, dtype=types.INT32), end=fn.cast(end, dtype=types.INT32),
+                                    axis_names="HW", device=decoder, output_type=types.RGB,
+                                    jpeg_fancy_upsampling=True)
+    piece = fn.resize_crop_mirror(image, size=window, roi_start=lo - start, roi_end=hi - start, mirror=mirror,
+                                  interp_type=types.INTERP_LINEAR, antialias=True)
+    return _pad(piece, region, pos)
+
+
+def _fit_whole(jpg, region: tuple[int, int], cfg: JigsawConfig, decoder: str):
+    """The warp / resize ablations: the whole sample is resized to (or into) the region."""
+    from nvidia.dali import fn, types
+
+    rw, rh = region
+    pos = _positions(cfg)
+    # nvJPEG upsamples chroma like libjpeg-turbo only when asked: the shards are 4:2:0.
+    image = fn.decoders.image(jpg, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
+    mode = "not_larger" if cfg.fit == "resize" else "default"
+    piece = fn.resize(image, resize_x=float(rw), resize_y=float(rh), mode=mode, interp_type=types.INTERP_LINEAR)
+    if cfg.flip_p > 0:
+        piece = fn.flip(piece, horizontal=fn.random.coin_flip(probability=cfg.flip_p))
+    return _pad(piece, region, pos)
 
 
 def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: str = "cpu",
@@ -140,21 +186,25 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
         for i, (name, group) in enumerate(READERS):
             jpg, label = _read(shards.groups[group], name, reader_seed(cfg.seed, i), cfg, shard_id, num_shards,
                                pad_last_batch)
-            samples.append((*_decode(jpg, cfg, decoder), label))
-        (a, size_a, la), (b, size_b, lb), tall, wide = samples
-        # The smaller S crop goes top-left, the larger bottom-right (ties keep reader order).
-        if size_a[0] * size_a[1] > size_b[0] * size_b[1]:
-            small, large = (b, size_b, lb), (a, size_a, la)
+            samples.append((jpg, *_resized_size(jpg, cfg), label))
+        a, b, tall, wide = samples
+        # The smaller S crop goes top-left, the larger bottom-right (ties keep reader order);
+        # decided from the JPEG headers, before anything is decoded.
+        if a[2][0] * a[2][1] > b[2][0] * b[2][1]:
+            small, large = b, a
         else:
-            small, large = (a, size_a, la), (b, size_b, lb)
+            small, large = a, b
         placed = (small, wide, tall, large)  # region order
-        tl, tr, bl, br = (_fit(p[0], p[1], region, cfg) for p, region in zip(placed, sizes))
+        if cfg.fit == "pad_crop":
+            tl, tr, bl, br = (_fit_window(p[0], p[1], p[2], region, cfg, decoder) for p, region in zip(placed, sizes))
+        else:
+            tl, tr, bl, br = (_fit_whole(p[0], region, cfg, decoder) for p, region in zip(placed, sizes))
         canvas = fn.cat(fn.cat(tl, tr, axis=1), fn.cat(bl, br, axis=1), axis=0)
         # HWC out, permuted to NCHW on the torch side: channels_last memory without a copy.
         images = fn.crop_mirror_normalize(
             canvas, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC",
             mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
-        labels = fn.stack(*(p[2] for p in placed))  # (4, digits) uint8: see parse_labels
+        labels = fn.stack(*(p[3] for p in placed))  # (4, digits) uint8: see parse_labels
         return images, labels
 
     return pipe(checkpoint=checkpoint)

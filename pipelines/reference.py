@@ -4,7 +4,8 @@ It implements exactly the sampling and geometry of the DALI pipeline (see
 :mod:`pipelines.fit`), reads the same shards (local paths, or streamed from any fsspec URL) and
 runs wherever PyTorch does. Use it with a ``torch.utils.data.DataLoader``; each worker of
 each rank reads its own shards, or, when a group has too few shards for that, its own
-samples of every shard.
+samples of every shard. PIL cannot decode part of a JPEG, so each crop is decoded whole;
+only the window that reaches the canvas is resampled.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jigsawdata.shards import check_member_name
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from .fit import fit_inside, place, scaled_size, window, window_anchor
-from .shardset import check_enough_samples, open_shard_set, rank_and_world
+from .shardset import ShardSet, check_enough_samples, open_shard_set, rank_and_world
 from .template import READER_GROUPS
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,18 @@ def _samples(tars: Sequence[str], cfg: JigsawConfig, part: int, parts: int, stre
         for i, sample in enumerate(samples):
             if by_shard or i % parts == part:
                 yield sample["jpg"], int(sample["cls"])
+
+
+def worker_part(rank: int, world_size: int) -> tuple[int, int]:
+    """``(part, parts)``: this DataLoader worker's share among every worker of every rank."""
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return rank * workers + worker, world_size * workers
+
+
+def reader_streams(shards: ShardSet, cfg: JigsawConfig, part: int, parts: int) -> list[Iterator[tuple[bytes, int]]]:
+    """One endless ``(jpeg bytes, label)`` stream per reader of the template: S, S, T, W."""
+    return [_samples(shards.groups[g].tars, cfg, part, parts, i) for i, g in enumerate(READER_GROUPS)]
 
 
 def _decode(jpeg: bytes, cfg: JigsawConfig, rng: np.random.Generator) -> tuple[Image.Image, int, int]:
@@ -139,13 +152,9 @@ class ReferenceJigsaw(torch.utils.data.IterableDataset):
         check_enough_samples(self.shards, world_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        part, parts = self.rank * workers + worker, self.world_size * workers
-        groups = self.shards.groups
-        streams = [_samples(groups[g].tars, self.cfg, part, parts, i) for i, g in enumerate(READER_GROUPS)]
+        part, parts = worker_part(self.rank, self.world_size)
         rng = np.random.default_rng([self.cfg.seed, 3, part])
-        for drawn in zip(*streams):
+        for drawn in zip(*reader_streams(self.shards, self.cfg, part, parts)):
             samples = [(*_decode(jpeg, self.cfg, rng), label) for jpeg, label in drawn]
             canvas, labels = assemble(samples, self.cfg, rng)
             yield normalize(canvas), torch.tensor(labels, dtype=torch.int64)

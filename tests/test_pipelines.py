@@ -317,3 +317,16 @@ def test_epoch_mode_gives_every_rank_the_same_number_of_batches(tmp_path):
               for r in range(2)]
     # 7 S samples: shares of 4 and 3; unpadded, DALI gives the ranks different epoch lengths.
     assert counts[0] == counts[1] >= 1
+
+
+@pytest.mark.parametrize("fit, decoders", [("pad_crop", {"decoders__ImageSlice"}), ("warp", {"decoders__Image"})])
+def test_pad_crop_decodes_only_the_window(built_synthetic, fit, decoders):
+    """pad_crop draws the resize and the window from the JPEG header and decodes only that
+    region of each crop (the parity tests above show the pixels are those of a whole decode);
+    the warp ablation needs the whole crop."""
+    import re
+
+    from pipelines.dali import jigsaw_pipeline
+
+    graph = jigsaw_pipeline(built_synthetic, 2, JigsawConfig(fit=fit)).serialize()
+    assert {name.decode() for name in re.findall(rb"decoders__\w+", graph)} == decoders
