@@ -5,9 +5,10 @@ Two phases, each resumable:
 1. *extract* — images are cut into chunks (in image-id order); a worker process decodes a
    chunk's images once, encodes their crops and writes them to a staging blob plus a JSON
    record list, renamed into place when complete. Chunks already staged are skipped.
-2. *write* — the staged records of each aspect-ratio group are sorted, shuffled with a
-   generator seeded from the build seed alone, split into shards by size, and written.
-   Shards already written are kept. The index and the manifest come last.
+2. *write* — the staged records are read back as compact columns (:mod:`.records`: memory
+   does not grow by more than ~130 bytes per crop); each aspect-ratio group is sorted,
+   shuffled with a generator seeded from the build seed alone, split into shards by size,
+   and written. Shards already written are kept. The index and the manifest come last.
 
 Crop bytes depend only on ``(seed, image_id)`` and the shuffle only on the seed, so the output
 is byte-identical whatever the worker count and however often the build was interrupted.
@@ -24,16 +25,18 @@ import shutil
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
+
+import numpy as np
 
 from . import __version__
-from .card import CARD_NAME, license_text, render_card
+from .card import CARD_NAME, label_counts, license_text, render_card
 from .coco import CocoSource, ImageRecord, load_rgb, sha256_file
 from .errors import InputError
-from .grouping import GROUPS
-from .index import write_index
+from .index import SCHEMA, write_index_slices
 from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, group_totals, part_index_path,
                        part_manifest_path, write_json_atomic, write_text_atomic)
+from .records import Records, index_table, load_records, shuffled_groups, split_shards
 from .sampling import SamplingConfig, image_rng, plan_image, shuffle_rng
 from .shards import ShardInfo, index_path, write_shard
 
@@ -163,40 +166,6 @@ class _BlobReader:
         self._open.clear()
 
 
-_META_FIELDS = ("image_id", "ann_id", "category_id", "label", "group", "gt_box", "crop_box",
-                "width", "height", "source")
-
-
-def _sample_json(record: dict) -> bytes:
-    return json.dumps({k: record[k] for k in _META_FIELDS}, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _split_shards(records: Sequence[dict], cfg: BuildConfig) -> list[list[dict]]:
-    shards: list[list[dict]] = []
-    current, size = [], 0
-    for record in records:
-        nbytes = record["size"]
-        if current and (len(current) >= cfg.shard_samples or size + nbytes > cfg.shard_size):
-            shards.append(current)
-            current, size = [], 0
-        current.append(record)
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def _shuffled_groups(records: list[dict], seed: int, part: int) -> dict[str, list[dict]]:
-    by_group: dict[str, list[dict]] = {g: [] for g in GROUPS}
-    for record in records:
-        by_group[record["group"]].append(record)
-    for gi, group in enumerate(GROUPS):
-        ordered = sorted(by_group[group], key=lambda r: r["key"])
-        order = shuffle_rng(seed, part, gi).permutation(len(ordered))
-        by_group[group] = [ordered[i] for i in order]
-    return by_group
-
-
 # ---------------------------------------------------------------- the build
 
 
@@ -254,47 +223,50 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
     _run_extract([_ChunkTask(i, chunks[i], source.images_dir, staging, cfg, source.background_label)
                   for i in pending], workers, progress)
 
-    records, skipped, counts = [], [], Counter({"images": len(mine)})
-    for i in range(len(chunks)):
-        meta = json.loads(_chunk_paths(staging, i)[1].read_text())
-        for record in meta["records"]:
-            record["chunk"] = i
-        records.extend(meta["records"])
+    records, extras = load_records(len(chunks), lambda i: json.loads(_chunk_paths(staging, i)[1].read_text()),
+                                   staging / "samples-json.bin")
+    skipped, counts = [], Counter({"images": len(mine)})
+    for meta in extras:
         skipped.extend(meta["skipped_images"])
         counts.update(meta["counts"])
-    if not records:
+    if not len(records):
         raise InputError(f"no crops could be extracted from {len(mine)} images "
                          f"({dict(counts)}): check the image folder and the annotations")
 
-    groups, index_rows = {}, []
+    groups, shard_names, index_rows, shard_of_row = {}, [], [], []
     reader = _BlobReader(staging)
     try:
-        for group, group_records in _shuffled_groups(records, cfg.seed, part).items():
-            (out / group).mkdir(exist_ok=True)
-            infos = []
-            for si, shard_records in enumerate(_split_shards(group_records, cfg)):
-                name = _shard_name(group, part, parts, si)
-                path = out / name
-                if path.is_file() and index_path(path).is_file():
-                    n, nbytes, digest = len(shard_records), path.stat().st_size, sha256_file(path)
-                else:
-                    n, nbytes, digest = write_shard(path, _shard_samples(shard_records, reader))
-                infos.append(ShardInfo(name, n, nbytes, digest, sha256_file(index_path(path))).to_json())
-                index_rows.extend({**r, "shard": name} for r in shard_records)
-                if progress:
-                    progress("write", 1, n)
-            groups[group] = {"shards": infos}
+        with open(staging / "samples-json.bin", "rb") as metas:
+            for group, rows in shuffled_groups(records, lambda gi: shuffle_rng(cfg.seed, part, gi)).items():
+                (out / group).mkdir(exist_ok=True)
+                infos = []
+                for si, (start, end) in enumerate(split_shards(records.size[rows], cfg.shard_size, cfg.shard_samples)):
+                    name = _shard_name(group, part, parts, si)
+                    path, shard_rows = out / name, rows[start:end]
+                    if path.is_file() and index_path(path).is_file():
+                        n, nbytes, digest = len(shard_rows), path.stat().st_size, sha256_file(path)
+                    else:
+                        n, nbytes, digest = write_shard(path, _shard_samples(records, shard_rows, reader, metas))
+                    infos.append(ShardInfo(name, n, nbytes, digest, sha256_file(index_path(path))).to_json())
+                    index_rows.append(shard_rows)
+                    shard_of_row.append(np.full(len(shard_rows), len(shard_names), dtype=np.int32))
+                    shard_names.append(name)
+                    if progress:
+                        progress("write", 1, n)
+                groups[group] = {"shards": infos}
     finally:
         reader.close()
+    index_rows, shard_of_row = np.concatenate(index_rows), np.concatenate(shard_of_row)
 
     manifest_path.parent.mkdir(exist_ok=True)
-    write_index(index_file, index_rows)
+    write_index_slices(index_file, len(index_rows), lambda start, end: index_table(
+        records, index_rows[start:end], shard_of_row[start:end], shard_names, SCHEMA))
     manifest = {**fingerprint, "part": part if parts > 1 else None, "groups": group_totals(groups),
                 "counts": dict(sorted(counts.items())),
                 "skipped_images": sorted(skipped, key=lambda s: s["image_id"]),
                 "index": os.path.relpath(index_file, out), "index_sha256": sha256_file(index_file)}
     if parts == 1:
-        write_text_atomic(out / CARD_NAME, render_card(manifest, [r["label"] for r in index_rows]))
+        write_text_atomic(out / CARD_NAME, render_card(manifest, label_counts(records.label)))
     write_json_atomic(manifest_path, manifest)
     if not keep_staging:
         shutil.rmtree(staging)
@@ -302,10 +274,13 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
     return manifest
 
 
-def _shard_samples(records: Sequence[dict], reader: _BlobReader) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    for r in records:
-        yield r["key"], [("jpg", reader.read(r["chunk"], r["offset"], r["size"])),
-                         ("cls", str(r["label"]).encode()), ("json", _sample_json(r))]
+def _shard_samples(records: Records, rows: np.ndarray, reader: _BlobReader,
+                   metas) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    for r in rows:
+        yield records.key[r].decode("ascii"), [
+            ("jpg", reader.read(int(records.chunk[r]), int(records.offset[r]), int(records.size[r]))),
+            ("cls", str(records.label[r]).encode()),
+            ("json", os.pread(metas.fileno(), int(records.meta_size[r]), int(records.meta_offset[r])))]
 
 
 def _check_same_build(fingerprint: dict, manifest_path: Path, staged_path: Path, out: Path) -> None:

@@ -7,6 +7,9 @@ Rendered from the manifest alone, so it is deterministic like the shards themsel
 from __future__ import annotations
 
 from collections import Counter
+from typing import Mapping
+
+import numpy as np
 
 CARD_NAME = "README.md"
 
@@ -38,12 +41,18 @@ def rebuild_command(manifest: dict) -> str:
     return " \\\n    ".join(parts)
 
 
-def render_card(manifest: dict, labels: list[int]) -> str:
-    """Markdown card for a finished shard set; ``labels`` are the label of every sample."""
+def label_counts(labels: np.ndarray) -> dict[int, int]:
+    """Samples per label, from the label of every sample."""
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
+
+
+def render_card(manifest: dict, per_class: Mapping[int, int]) -> str:
+    """Markdown card for a finished shard set; ``per_class`` counts its samples per label."""
     src, counts = manifest["source"], manifest["counts"]
     names = {c["label"]: c["name"] for c in manifest["classes"]}
     names[manifest["background"]["label"]] = "background"
-    per_class = Counter(labels)
+    per_class = Counter(per_class)
     lines = [
         "# Jigsaw pre-training shards", "",
         "Object and background crops cut from a detection set, grouped by aspect ratio (S: 0.5 <= w/h <= 1.5, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,6 +32,21 @@ def write_index(path: Path, rows: Sequence[dict]) -> None:
     table = pa.Table.from_pylist([{name: row[name] for name in SCHEMA.names} for row in rows], schema=SCHEMA)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+ROW_GROUP = 1024 * 1024
+"""Rows per row group: pyarrow's default, so writing slices of this size gives the bytes
+:func:`write_index` gives for the whole table."""
+
+
+def write_index_slices(path: Path, rows: int, make_slice: Callable[[int, int], pa.Table]) -> None:
+    """Write the index atomically from ``make_slice(start, end)`` tables of at most
+    :data:`ROW_GROUP` rows: one row group in memory at a time, whatever the set's size."""
+    tmp = path.with_name(path.name + ".tmp")
+    with pq.ParquetWriter(tmp, SCHEMA) as writer:
+        for start in range(0, rows, ROW_GROUP):
+            writer.write_table(make_slice(start, min(start + ROW_GROUP, rows)), row_group_size=ROW_GROUP)
     os.replace(tmp, path)
 
 

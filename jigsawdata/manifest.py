@@ -79,7 +79,7 @@ def group_totals(groups: dict) -> dict:
 
 def merge_parts(root: Path) -> dict:
     """Join the partial manifests under ``root/parts`` into ``root/manifest.json``."""
-    from .card import CARD_NAME, render_card
+    from .card import CARD_NAME, label_counts, render_card
     from .coco import sha256_file
     from .index import merge_index_files, read_index
 
@@ -115,7 +115,7 @@ def merge_parts(root: Path) -> dict:
     merged.update(part=None, groups=group_totals(groups), counts=dict(sorted(counts.items())),
                   skipped_images=sorted(skipped, key=lambda s: s["image_id"]), index=INDEX_NAME,
                   index_sha256=sha256_file(root / INDEX_NAME))
-    labels = read_index(root / INDEX_NAME).column("label").to_pylist()
-    write_text_atomic(root / CARD_NAME, render_card(merged, labels))
+    labels = read_index(root / INDEX_NAME).column("label").to_numpy()
+    write_text_atomic(root / CARD_NAME, render_card(merged, label_counts(labels)))
     write_json_atomic(root / MANIFEST_NAME, merged)
     return merged

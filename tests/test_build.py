@@ -5,6 +5,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -255,3 +256,33 @@ def test_ustar_header_matches_tarfile(name, size):
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
     assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def test_build_content_matches_a_build_made_before_records_became_columns(built_synthetic):
+    """The records' storage changed (dicts -> numpy columns + a spill file); what is written
+    did not: member order, every .cls and .json member and the index rows equal those of the
+    same build made by the earlier code (tests/data, JPEG bytes aside: they depend on the
+    encoder's version, not on this code)."""
+    from .build_digest import content_digest
+
+    golden = json.loads((Path(__file__).parent / "data" / "build_digest_24_synthetic.json").read_text())
+    assert content_digest(built_synthetic) == golden
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_split_shards_matches_the_greedy_rule(seed):
+    from jigsawdata.records import split_shards
+
+    def greedy(sizes, max_bytes, max_samples):
+        bounds, start, total = [], 0, 0
+        for i, n in enumerate(sizes):
+            if i > start and (i - start >= max_samples or total + n > max_bytes):
+                bounds.append((start, i))
+                start, total = i, 0
+            total += n
+        return bounds + ([(start, len(sizes))] if len(sizes) else [])
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 5000, size=int(rng.integers(0, 400)))
+    for max_bytes, max_samples in ((10_000, 7), (3000, 1000), (1, 3), (10**9, 50)):
+        assert split_shards(sizes, max_bytes, max_samples) == greedy(sizes, max_bytes, max_samples)
