@@ -109,15 +109,17 @@ def _pad(piece, region: tuple[int, int], pos):
 
 
 def _fit_window(jpg, source, resized, region: tuple[int, int], cfg: JigsawConfig, decoder: str):
-    """pad_crop: decode only the source pixels that can reach the region, then resample them.
+    """pad_crop: resample only the source pixels that can reach the region.
 
     The resized sample's region-sized window ``[anchor, anchor + window)`` (per axis,
     ``anchor = round(pos * slack)``, the window clamped to the resized size) maps back to
-    ``[anchor, anchor + window) * source / resized`` in the source crop. That ROI, plus a
+    ``[anchor, anchor + window) * source / resized`` in the source crop: the ROI that
+    ``resize_crop_mirror`` resamples into the window. On the CPU only that ROI, plus a
     margin of ``_ROI_MARGIN`` pixels for the resampling filter's support and the JPEG
-    decoder's chroma upsampling, is all that is decoded (``decoders.image_slice``: partial
-    JPEG decoding on the CPU and on the GPU); ``resize_crop_mirror`` then resamples exactly
-    the ROI into the window, so the pixels equal those of a whole decode.
+    decoder's chroma upsampling, is decoded (``decoders.image_slice``: libjpeg-turbo skips
+    the rest), and the pixels equal those of a whole decode. nvJPEG decodes whole crops
+    faster than it decodes regions with fancy upsampling (measured on an H200: 2x the
+    images/s), so the GPU decodes them whole.
     """
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
@@ -129,12 +131,16 @@ def _fit_window(jpg, source, resized, region: tuple[int, int], cfg: JigsawConfig
     anchor = dmath.floor(pos * (resized - window) + 0.5)
     lo = anchor * source / resized
     hi = (anchor + window) * source / resized
-    start = dmath.max(dmath.floor(lo) - _ROI_MARGIN, 0.0)
-    end = dmath.min(dmath.ceil(hi) + _ROI_MARGIN, source)
-    image = fn.decoders.image_slice(jpg, start=fn.cast(start, dtype=types.INT32), end=fn.cast(end, dtype=types.INT32),
-                                    axis_names="HW", device=decoder, output_type=types.RGB,
-                                    jpeg_fancy_upsampling=True)
-    piece = fn.resize_crop_mirror(image, size=window, roi_start=lo - start, roi_end=hi - start, mirror=mirror,
+    if decoder == "mixed":
+        image = fn.decoders.image(jpg, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
+    else:
+        start = dmath.max(dmath.floor(lo) - _ROI_MARGIN, 0.0)
+        end = dmath.min(dmath.ceil(hi) + _ROI_MARGIN, source)
+        image = fn.decoders.image_slice(jpg, start=fn.cast(start, dtype=types.INT32),
+                                        end=fn.cast(end, dtype=types.INT32), axis_names="HW", device=decoder,
+                                        output_type=types.RGB)
+        lo, hi = lo - start, hi - start
+    piece = fn.resize_crop_mirror(image, size=window, roi_start=lo, roi_end=hi, mirror=mirror,
                                   interp_type=types.INTERP_LINEAR, antialias=True)
     return _pad(piece, region, pos)
 
