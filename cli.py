@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from jigsawdata import __version__
+from jigsawdata.coco import DEFAULT_MAX_PIXELS
 from jigsawdata.errors import InputError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -102,12 +103,16 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.option("--shard-size", default="256MB", show_default=True, help="Largest shard payload.")
 @click.option("--shard-samples", default=10_000, show_default=True, help="Most samples per shard.")
 @click.option("--chunk-images", default=64, show_default=True, help="Images per work unit (unit of resumption).")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Largest image (width x height) decoded; larger ones are skipped (decompression bombs).")
+@click.option("--strict/--no-strict", default=False, show_default=True,
+              help="A bad box or a file_name outside --images is an error instead of a counted skip.")
 @click.option("--keep-staging/--no-keep-staging", default=False, show_default=True)
 @click.option("--license", "license_", help="Licence of the source set, for the dataset card "
               "(default: COCO's terms for a COCO-derived set, else 'unknown').")
 def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spec, pos_per_neg,
                      max_enlarge, min_box_size, jpeg_quality, shard_size, shard_samples, chunk_images,
-                     keep_staging, license_) -> None:
+                     max_pixels, strict, keep_staging, license_) -> None:
     """Extract positive and negative crops from a COCO set into grouped WebDataset shards.
 
     Rerunning the same command resumes an interrupted build.
@@ -123,11 +128,11 @@ def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spe
         cfg = BuildConfig(seed=seed, sampling=SamplingConfig(max_enlarge=max_enlarge, pos_per_neg=pos_per_neg,
                                                               min_box_size=min_box_size),
                           jpeg_quality=jpeg_quality, shard_size=parse_size(shard_size),
-                          shard_samples=shard_samples, chunk_images=chunk_images)
+                          shard_samples=shard_samples, chunk_images=chunk_images, max_pixels=max_pixels)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     ann_file, image_dir = _resolve_source(coco_root, split, ann, images)
-    source = load_coco(ann_file, image_dir)
+    source = load_coco(ann_file, image_dir, strict=strict)
     n_images = sum(1 for i in range(len(source.images)) if i % parts == part)
     bars: dict[str, tqdm] = {}
 
