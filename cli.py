@@ -177,7 +177,7 @@ def merge_manifests(root: Path) -> None:
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(root: Path, as_json: bool) -> None:
-    """Summarise a shard set: samples per group and class, sizes, skips."""
+    """Summarise a shard set: samples per group and class, sizes, skips (reads; does not verify)."""
     from jigsawdata.verify import summarize
 
     summary = summarize(root)
@@ -192,6 +192,7 @@ def info(root: Path, as_json: bool) -> None:
     click.echo("samples per class: " + ", ".join(f"{k} {v}" for k, v in summary["classes"].items()))
     click.echo("counts: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()))
     click.echo(f"skipped images: {summary['skipped_images']}")
+    click.echo(f"(read from the manifest and index, not checked: run `jigsawdata verify {root}` for that)")
 
 
 @main.command()
@@ -430,9 +431,11 @@ def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> 
 @main.command()
 @click.argument("url")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--workers", default=8, show_default=True, help="Parallel downloads.")
-@click.option("--retries", default=5, show_default=True, help="Attempts per file (each resumes the last).")
-def fetch(url: str, out: Path, workers: int, retries: int) -> None:
+@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1), help="Parallel downloads.")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Attempts per file (each resumes the last where the server allows it).")
+@click.option("--force", is_flag=True, help="Replace another shard set in --out (only once the new one is complete).")
+def fetch(url: str, out: Path, workers: int, retries: int, force: bool) -> None:
     """Download a published shard set (https://, s3://, gs://, file://...) and verify every file."""
     from tqdm import tqdm
 
@@ -443,7 +446,8 @@ def fetch(url: str, out: Path, workers: int, retries: int) -> None:
             bar.total = total
             bar.refresh()
 
-        manifest = fetch_shards(url, out, workers=workers, retries=retries, progress=bar.update, on_total=on_total)
+        manifest = fetch_shards(url, out, workers=workers, retries=retries, progress=bar.update, on_total=on_total,
+                                force=force)
     n = sum(len(v["shards"]) for v in manifest["groups"].values())
     click.echo(f"{out}: {n} shards fetched and verified")
 

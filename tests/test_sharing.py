@@ -57,7 +57,7 @@ class _Handler(SimpleHTTPRequestHandler):
             return
         body, start = result
         self.server.requests.append((self.path, start))
-        if self.path in self.server.cut_once and start > 0:
+        if self.path in self.server.cut_once:
             self.server.cut_once.discard(self.path)
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
