@@ -271,11 +271,16 @@ def fetch(url: str, out: Path, *, workers: int = 8, retries: int = 5, block: int
     return manifest
 
 
+def default_cache_dir() -> Path:
+    """``$JIGSAWDATA_CACHE``, else ``~/.cache/jigsawdata``."""
+    return Path(os.environ.get("JIGSAWDATA_CACHE", Path.home() / ".cache" / "jigsawdata"))
+
+
 def cache_location(location: str, cache_dir: Path | str | None = None) -> Path:
     """Where :func:`cached_shards` keeps the copy of ``location`` (nothing is checked)."""
     if not is_url(location):
         return Path(str(location).removeprefix("file://"))
-    cache_dir = Path(cache_dir or os.environ.get("JIGSAWDATA_CACHE", Path.home() / ".cache" / "jigsawdata"))
+    cache_dir = Path(cache_dir or default_cache_dir())
     return cache_dir / hashlib.sha256(location.encode()).hexdigest()[:16]
 
 
