@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +35,7 @@ from .card import CARD_NAME
 from .coco import sha256_file
 from .errors import InputError
 from .manifest import MANIFEST_NAME, ListedFile, check_version, listed_files, write_json_atomic
-from .shards import member_problem
+from .shards import header_problem, mapped, walk_members
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +78,17 @@ def files_of(manifest: dict) -> list[ListedFile]:
 
 
 def _check_tar_members(path: Path, name: str) -> None:
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            problem = member_problem(member)
-            if problem:
-                raise FetchError(f"{name}: {problem}")
+    with open(path, "rb") as fh, mapped(fh) as data:
+        try:
+            for member, typeflag, _, _ in walk_members(data):
+                problem = header_problem(member, typeflag)
+                if problem:
+                    raise FetchError(f"{name}: {problem}")
+        except ValueError as exc:
+            raise FetchError(f"{name}: {exc}") from exc
 
 
-def _open_at(fs, remote: str, offset: int):
+def _open_at(fs, remote: str, offset: int, block: int):
     """``(stream, start)``: ``remote`` from ``offset`` when the store honours ranges, else from 0.
 
     HTTP is streamed with one GET (fsspec's random-access HTTP file would send a range
@@ -100,9 +102,46 @@ def _open_at(fs, remote: str, offset: int):
             stream.seek(offset)
         return stream, offset
     headers = {"Range": f"bytes={offset}-"} if offset else {}
-    stream = HTTPStreamFile(fs, remote, session=sync(fs.loop, fs.set_session), loop=fs.loop, headers=headers)
-    honoured = stream.r.status == 206 and stream.r.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
+    stream = _HTTPBlocks(HTTPStreamFile(fs, remote, session=sync(fs.loop, fs.set_session), loop=fs.loop,
+                                        headers=headers), block)
+    honoured = stream.status == 206 and stream.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
     return stream, offset if offset and honoured else 0
+
+
+class _HTTPBlocks:
+    """A streamed HTTP response read in blocks of ``block`` bytes: one hand-over from
+    fsspec's event loop per block rather than one per network packet (twice the throughput)."""
+
+    def __init__(self, stream, block: int) -> None:
+        self._stream, self._block = stream, block
+        self.status, self.headers = stream.r.status, stream.r.headers
+        self._error: Exception | None = None
+
+    async def _gather(self) -> bytes:
+        parts, got = [], 0
+        while got < self._block:
+            try:
+                part = await self._stream.r.content.read(self._block - got)
+            except Exception as exc:  # keep what arrived, so that a resumed transfer need not fetch it again
+                if not parts:
+                    raise
+                self._error = exc
+                break
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+
+    def read(self, _size: int = -1) -> bytes:
+        from fsspec.asyn import sync
+
+        if self._error is not None:
+            raise self._error
+        return sync(self._stream.loop, self._gather)
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 def _prefix_digest(part: Path, length: int):
@@ -120,7 +159,7 @@ def _download(fs, remote: str, part: Path, size: int | None, progress: Callable[
     have = part.stat().st_size if part.exists() else 0
     if size is not None and have > size:
         have = 0
-    stream, start = _open_at(fs, remote, have)
+    stream, start = _open_at(fs, remote, have, block)
     try:
         if start != have and progress:
             progress(start - have)  # starting over: what was counted is counted again

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -22,48 +21,33 @@ from jigsawdata.coco import sha256_file
 from jigsawdata.errors import InputError
 from jigsawdata.fetch import default_cache_dir
 from jigsawdata.manifest import listed_files, read_manifest
-from jigsawdata.shards import member_problem
+from jigsawdata.shards import header_problem, mapped, walk_members
 
 log = logging.getLogger(__name__)
 
 CACHE_NAME = "verified-shards.json"
 
 
-class _HashingReader:
-    """Read-through file wrapper that hashes every byte read, so one pass both parses and hashes."""
-
-    def __init__(self, fh) -> None:
-        self._fh, self.digest = fh, hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._fh.read(size)
-        self.digest.update(data)
-        return data
-
-
 def _scan_shard(path: Path) -> dict:
-    """sha256, sample count and largest label of a shard, read once; raises ValueError on an
-    unsafe member or an unparsable label, tarfile.TarError on a damaged archive."""
-    with open(path, "rb") as fh:
-        reader = _HashingReader(fh)
-        keys, low, high = set(), 0, -1
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for member in tar:
-                problem = member_problem(member)
-                if problem:
-                    raise ValueError(problem)
-                stem, ext = member.name.split(".", 1)
-                keys.add(stem)
-                if ext == "cls":
-                    text = tar.extractfile(member).read()
-                    try:
-                        label = int(text)
-                    except ValueError:
-                        raise ValueError(f"sample {stem} has label {text[:20].decode(errors='replace')!r}") from None
-                    low, high = min(low, label), max(high, label)
-        while reader.read(1 << 20):
-            pass
-    return {"sha256": reader.digest.hexdigest(), "samples": len(keys), "min_label": low, "max_label": high}
+    """sha256, sample count and label range of a shard, read once; raises ValueError on an
+    unsafe member, an unreadable header or an unparsable label."""
+    keys, low, high = set(), 0, -1
+    with open(path, "rb") as fh, mapped(fh) as data:
+        digest = hashlib.sha256(data).hexdigest()
+        for name, typeflag, offset, size in walk_members(data):
+            problem = header_problem(name, typeflag)
+            if problem:
+                raise ValueError(problem)
+            stem, ext = name.split(".", 1)
+            keys.add(stem)
+            if ext == "cls":
+                text = bytes(data[offset:offset + size])
+                try:
+                    label = int(text)
+                except ValueError:
+                    raise ValueError(f"sample {stem} has label {text[:20].decode(errors='replace')!r}") from None
+                low, high = min(low, label), max(high, label)
+    return {"sha256": digest, "samples": len(keys), "min_label": low, "max_label": high}
 
 
 def _load_cache(path: Path) -> dict:
@@ -115,7 +99,7 @@ def check_shard_set(root: Path, cache_dir: Path | str | None = None) -> int:
                 and entry.get("mtime_ns") == stat.st_mtime_ns):
             try:
                 scanned = _scan_shard(path) if item.name.endswith(".tar") else {"sha256": sha256_file(path)}
-            except (ValueError, tarfile.TarError, OSError) as exc:
+            except (ValueError, OSError) as exc:
                 raise InputError(f"{item.name} of {root} is damaged or unsafe ({exc}): {hint}") from exc
             entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **scanned}
             read += 1

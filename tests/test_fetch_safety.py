@@ -261,3 +261,12 @@ def test_verify_refuses_names_outside_the_set(tmp_path, built_synthetic):
 def test_info_says_it_does_not_verify(built_synthetic):
     result = CliRunner().invoke(main, ["info", str(built_synthetic)])
     assert result.exit_code == 0 and "not checked: run `jigsawdata verify" in result.output
+
+
+def test_fetch_benchmark_measures_both_sides_in_one_run():
+    from benchmarks.fetch_throughput import format_table, run
+
+    result = run(megabytes=2, shards=2, workers=2, repeats=1)
+    assert result["bytes"] > 2_000_000 and len(result["fetch_seconds"]["runs"]) == 1
+    assert len(result["urllib_seconds"]["runs"]) == 1 and result["ratio"] > 0
+    assert "fetch / urllib throughput" in format_table(result)

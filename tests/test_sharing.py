@@ -9,6 +9,7 @@ import re
 import shutil
 import tarfile
 import threading
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -61,6 +62,7 @@ class _Handler(SimpleHTTPRequestHandler):
             self.server.cut_once.discard(self.path)
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
+            time.sleep(0.5)  # the first half arrives before the connection drops, as on a real network
             self.close_connection = True
             return
         self.wfile.write(body)
