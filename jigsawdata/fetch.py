@@ -103,14 +103,15 @@ def _open_at(fs, remote: str, offset: int, block: int):
         return stream, offset
     headers = {"Range": f"bytes={offset}-"} if offset else {}
     stream = _HTTPBlocks(HTTPStreamFile(fs, remote, session=sync(fs.loop, fs.set_session), loop=fs.loop,
-                                        headers=headers), block)
+                                        headers=headers, read_bufsize=4 * block), block)
     honoured = stream.status == 206 and stream.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
     return stream, offset if offset and honoured else 0
 
 
 class _HTTPBlocks:
     """A streamed HTTP response read in blocks of ``block`` bytes: one hand-over from
-    fsspec's event loop per block rather than one per network packet (twice the throughput)."""
+    fsspec's event loop per block rather than one per network packet (twice the throughput),
+    with up to four blocks buffered ahead while the last one is hashed and written."""
 
     def __init__(self, stream, block: int) -> None:
         self._stream, self._block = stream, block
