@@ -160,3 +160,9 @@ def test_pretrain_workers_zero_needs_the_reference_pipeline(shards, tmp_path):
                             "--device", "cpu"])
     assert "DALI needs >= 1 thread; 0 (in-process) is for --pipeline reference" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_finetune_seed_is_checked_before_anything_is_created(tmp_path):
+    line = _one_line_error(["finetune", "--coco", str(tmp_path), "--out", str(tmp_path / "ft"), "--seed", "-1",
+                            "--device", "cpu"])
+    assert "--seed must be >= 0, got -1" in line and not (tmp_path / "ft").exists()
