@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from jigsawdata import __version__
+from jigsawdata.coco import DEFAULT_MAX_PIXELS
 from jigsawdata.errors import InputError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -57,8 +58,8 @@ def main(verbose: int) -> None:
 
 @main.command("make-synthetic")
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--images", default=48, show_default=True, help="Number of images.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--images", default=48, show_default=True, type=click.IntRange(min=1), help="Number of images.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--split", default="train", show_default=True)
 def make_synthetic(root: Path, images: int, seed: int, split: str) -> None:
     """Write a small synthetic COCO-format detection set (the embedded demo data)."""
@@ -92,22 +93,29 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.option("--split", help="Split name: reads annotations/instances_<split>.json and <split>/ (default: the only one).")
 @click.option("--ann", type=click.Path(dir_okay=False, path_type=Path), help="Annotation file (with --images).")
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), help="Image folder (with --ann).")
-@click.option("--seed", default=0, show_default=True, help="Seed of all sampling and of the shuffle.")
-@click.option("--workers", default=1, show_default=True, help="Processes that decode and encode.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of all sampling and of the shuffle.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Processes that decode and encode (0 or 1: in this process).")
 @click.option("--part", "part_spec", default="0/1", show_default=True, help="Build only part K of N (K/N), e.g. in a Slurm array.")
 @click.option("--pos-per-neg", default=10.0, show_default=True, help="Positives per negative crop.")
 @click.option("--max-enlarge", default=2.0, show_default=True, help="Largest context growth per axis.")
 @click.option("--min-box-size", default=4, show_default=True, help="Smallest GT box side (px) kept as a positive.")
-@click.option("--jpeg-quality", default=90, show_default=True)
+@click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100))
 @click.option("--shard-size", default="256MB", show_default=True, help="Largest shard payload.")
-@click.option("--shard-samples", default=10_000, show_default=True, help="Most samples per shard.")
-@click.option("--chunk-images", default=64, show_default=True, help="Images per work unit (unit of resumption).")
+@click.option("--shard-samples", default=10_000, show_default=True, type=click.IntRange(min=1),
+              help="Most samples per shard.")
+@click.option("--chunk-images", default=64, show_default=True, type=click.IntRange(min=1), help="Images per work unit (unit of resumption).")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Largest image (width x height) decoded; larger ones are skipped (decompression bombs).")
+@click.option("--strict/--no-strict", default=False, show_default=True,
+              help="A bad box or a file_name outside --images is an error instead of a counted skip.")
 @click.option("--keep-staging/--no-keep-staging", default=False, show_default=True)
 @click.option("--license", "license_", help="Licence of the source set, for the dataset card "
               "(default: COCO's terms for a COCO-derived set, else 'unknown').")
 def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spec, pos_per_neg,
                      max_enlarge, min_box_size, jpeg_quality, shard_size, shard_samples, chunk_images,
-                     keep_staging, license_) -> None:
+                     max_pixels, strict, keep_staging, license_) -> None:
     """Extract positive and negative crops from a COCO set into grouped WebDataset shards.
 
     Rerunning the same command resumes an interrupted build.
@@ -123,11 +131,11 @@ def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spe
         cfg = BuildConfig(seed=seed, sampling=SamplingConfig(max_enlarge=max_enlarge, pos_per_neg=pos_per_neg,
                                                               min_box_size=min_box_size),
                           jpeg_quality=jpeg_quality, shard_size=parse_size(shard_size),
-                          shard_samples=shard_samples, chunk_images=chunk_images)
+                          shard_samples=shard_samples, chunk_images=chunk_images, max_pixels=max_pixels)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     ann_file, image_dir = _resolve_source(coco_root, split, ann, images)
-    source = load_coco(ann_file, image_dir)
+    source = load_coco(ann_file, image_dir, strict=strict)
     n_images = sum(1 for i in range(len(source.images)) if i % parts == part)
     bars: dict[str, tqdm] = {}
 
@@ -172,7 +180,7 @@ def merge_manifests(root: Path) -> None:
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(root: Path, as_json: bool) -> None:
-    """Summarise a shard set: samples per group and class, sizes, skips."""
+    """Summarise a shard set: samples per group and class, sizes, skips (reads; does not verify)."""
     from jigsawdata.verify import summarize
 
     summary = summarize(root)
@@ -187,6 +195,7 @@ def info(root: Path, as_json: bool) -> None:
     click.echo("samples per class: " + ", ".join(f"{k} {v}" for k, v in summary["classes"].items()))
     click.echo("counts: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()))
     click.echo(f"skipped images: {summary['skipped_images']}")
+    click.echo(f"(read from the manifest and index, not checked: run `jigsawdata verify {root}` for that)")
 
 
 @main.command()
@@ -221,21 +230,26 @@ def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
 @main.command()
 @click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
-@click.option("--count", default=8, show_default=True, help="Assembled images to draw.")
-@click.option("--columns", default=4, show_default=True)
+@click.option("--count", default=8, show_default=True, type=click.IntRange(min=1), help="Assembled images to draw.")
+@click.option("--columns", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--pipeline", type=click.Choice(["dali", "reference"]), default="dali", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--fit", type=click.Choice(["pad_crop", "warp", "resize"]), default="pad_crop", show_default=True)
 @click.option("--canvas", default=224, show_default=True)
 @click.option("--split", default=64, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check every shard against the manifest first (cached: free on later runs).")
 def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, device: str, fit: str,
-            canvas: int, split: int, seed: int) -> None:
+            canvas: int, split: int, seed: int, verify: bool) -> None:
     """Draw assembled jigsaw images with region borders and class names."""
+    from pipelines.integrity import check_shard_set
     from pipelines.preview import render_grid
     from pipelines.shardset import open_shard_set
 
     cfg = _jigsaw_config(canvas, split, fit, seed, initial_fill=256)
+    if verify:
+        check_shard_set(shards)
     if pipeline == "dali":
         from pipelines.dali import DaliJigsawLoader
 
@@ -257,25 +271,29 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
 @click.option("--arch", type=click.Choice(["resnet18", "resnet50", "resnet101", "resnext101_32x4d"]),
               default="resnet50", show_default=True)
 @click.option("--loss", type=click.Choice(["erf", "blockwise", "global"]), default="erf", show_default=True)
-@click.option("--tau", default=0.7, show_default=True, help="ERF weight floor of a cell's own region.")
-@click.option("--iterations", default=64_000, show_default=True)
-@click.option("--batch", default=512, show_default=True, help="Global batch of assembled images (all ranks).")
-@click.option("--lr-start", default=0.2, show_default=True, help="Warm-up start lr at batch 512 (scaled linearly).")
-@click.option("--lr-peak", default=0.8, show_default=True, help="Peak lr at batch 512 (scaled linearly).")
-@click.option("--warmup", default=1250, show_default=True, help="Warm-up iterations.")
+@click.option("--tau", default=0.7, show_default=True, type=click.FloatRange(0.0, 1.0), help="ERF weight floor of a cell's own region.")
+@click.option("--iterations", default=64_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Global batch of assembled images (all ranks).")
+@click.option("--lr-start", default=0.2, show_default=True, type=click.FloatRange(min=0.0), help="Warm-up start lr at batch 512 (scaled linearly).")
+@click.option("--lr-peak", default=0.8, show_default=True, type=click.FloatRange(min=0.0, min_open=True), help="Peak lr at batch 512 (scaled linearly).")
+@click.option("--warmup", default=1250, show_default=True, type=click.IntRange(min=0), help="Warm-up iterations.")
 @click.option("--canvas", default=224, show_default=True)
 @click.option("--split", default=64, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--pipeline", type=click.Choice(["dali", "reference"]), default="dali", show_default=True)
-@click.option("--workers", default=4, show_default=True, help="DALI threads or DataLoader workers per rank.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--erf-every", default=5000, show_default=True, help="Iterations between ERF weight refreshes.")
-@click.option("--erf-images", default=64, show_default=True, help="Images the ERF is averaged over.")
-@click.option("--checkpoint-every", default=1000, show_default=True)
-@click.option("--log-every", default=10, show_default=True)
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0),
+              help="DALI threads (>= 1) or DataLoader workers per rank (0: in-process).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--erf-every", default=5000, show_default=True, type=click.IntRange(min=1), help="Iterations between ERF weight refreshes.")
+@click.option("--erf-images", default=64, show_default=True, type=click.IntRange(min=1), help="Images the ERF is averaged over.")
+@click.option("--checkpoint-every", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True)
 @click.option("--cache-dir", help="Where --shards URLs are fetched to (default: $JIGSAWDATA_CACHE or "
               "~/.cache/jigsawdata).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check every shard against the manifest before the first batch (cached: free on later runs).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 def pretrain(resume: bool, **options) -> None:
     """ERF-adaptive dense classification pre-training on jigsaw batches (torchrun for many GPUs)."""
@@ -322,7 +340,7 @@ def export(checkpoint: Path, fmt: str, out: Path) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--region", type=click.Choice(["TL", "TR", "BL", "BR"]), default="TL", show_default=True)
-@click.option("--images", default=16, show_default=True, help="Jigsaw images to average over.")
+@click.option("--images", default=16, show_default=True, type=click.IntRange(min=1), help="Jigsaw images to average over.")
 @click.option("--shards", type=click.Path(exists=True, file_okay=False), help="Shard set (default: the run's).")
 def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) -> None:
     """Draw the effective receptive field of a region's cells for a run's checkpoint."""
@@ -363,19 +381,20 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
 @click.option("--split", default="train2017", show_default=True)
 @click.option("--val-split", help="Split evaluated after training (default: --split).")
 @click.option("--schedule", type=click.Choice(["1x", "2x"]), default="1x", show_default=True)
-@click.option("--batch", default=16, show_default=True, help="Global batch (all ranks).")
-@click.option("--lr", default=0.02, show_default=True, help="At batch 16, scaled linearly.")
-@click.option("--warmup", default=500, show_default=True)
-@click.option("--min-size", default=800, show_default=True)
-@click.option("--max-size", default=1333, show_default=True)
-@click.option("--workers", default=4, show_default=True)
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Global batch (all ranks).")
+@click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+              help="At batch 16, scaled linearly.")
+@click.option("--warmup", default=500, show_default=True, type=click.IntRange(min=0))
+@click.option("--min-size", default=800, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-size", default=1333, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0), help="DataLoader workers (0: in-process).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True,
               help="Mixed precision on a GPU (the CPU runs fp32).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--max-iters", type=int, help="Stop after this many iterations.")
-@click.option("--max-images", type=int, help="Use only the first N images of each split.")
-@click.option("--log-every", default=20, show_default=True)
+@click.option("--max-iters", type=click.IntRange(min=1), help="Stop after this many iterations.")
+@click.option("--max-images", type=click.IntRange(min=1), help="Use only the first N images of each split.")
+@click.option("--log-every", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")
 def finetune(resume: bool, **options) -> None:
     """Fine-tune a torchvision detector from jigsaw (or other) weights, then evaluate it."""
@@ -395,7 +414,7 @@ def finetune(resume: bool, **options) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--coco", type=click.Path(exists=True, file_okay=False), help="COCO root (default: the run's).")
 @click.option("--split", help="Split to evaluate (default: the run's --val-split, else its --split).")
-@click.option("--max-images", type=int, help="Evaluate only the first N images.")
+@click.option("--max-images", type=click.IntRange(min=1), help="Evaluate only the first N images.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def evaluate(run_dir: Path, coco: str | None, split: str | None, max_images: int | None, device: str) -> None:
     """COCO AP of a fine-tuned detector; writes eval.json and predictions_*.json into RUN_DIR."""
@@ -426,9 +445,11 @@ def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> 
 @main.command()
 @click.argument("url")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--workers", default=8, show_default=True, help="Parallel downloads.")
-@click.option("--retries", default=5, show_default=True, help="Attempts per file (each resumes the last).")
-def fetch(url: str, out: Path, workers: int, retries: int) -> None:
+@click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1), help="Parallel downloads.")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Attempts per file (each resumes the last where the server allows it).")
+@click.option("--force", is_flag=True, help="Replace another shard set in --out (only once the new one is complete).")
+def fetch(url: str, out: Path, workers: int, retries: int, force: bool) -> None:
     """Download a published shard set (https://, s3://, gs://, file://...) and verify every file."""
     from tqdm import tqdm
 
@@ -439,7 +460,8 @@ def fetch(url: str, out: Path, workers: int, retries: int) -> None:
             bar.total = total
             bar.refresh()
 
-        manifest = fetch_shards(url, out, workers=workers, retries=retries, progress=bar.update, on_total=on_total)
+        manifest = fetch_shards(url, out, workers=workers, retries=retries, progress=bar.update, on_total=on_total,
+                                force=force)
     n = sum(len(v["shards"]) for v in manifest["groups"].values())
     click.echo(f"{out}: {n} shards fetched and verified")
 

@@ -31,11 +31,13 @@ import numpy as np
 
 from . import __version__
 from .card import CARD_NAME, label_counts, license_text, render_card
-from .coco import CocoSource, ImageRecord, load_rgb, sha256_file
+from .coco import DEFAULT_MAX_PIXELS, CocoSource, ImageRecord, load_image, sha256_file
 from .errors import InputError
 from .index import SCHEMA, write_index_slices
 from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, group_totals, part_index_path,
                        part_manifest_path, write_json_atomic, write_text_atomic)
+from .outdir import (BuildLock, check_out_location, claim_output, lock_path, record_shard,
+                     reusable_shard)
 from .records import Records, index_table, load_records, shuffled_groups, split_shards
 from .sampling import SamplingConfig, image_rng, plan_image, shuffle_rng
 from .shards import ShardInfo, index_path, write_shard
@@ -58,12 +60,14 @@ class BuildConfig:
     """Upper bound on samples per shard."""
     chunk_images: int = 64
     """Images per extraction task: the unit of parallel work and of resumption."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Larger images (width x height) are skipped as ``image_too_large`` (decompression bombs)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
-        if self.shard_size < 1 or self.shard_samples < 1 or self.chunk_images < 1:
-            raise ValueError("shard_size, shard_samples and chunk_images must be >= 1")
+        if self.shard_size < 1 or self.shard_samples < 1 or self.chunk_images < 1 or self.max_pixels < 1:
+            raise ValueError("shard_size, shard_samples, chunk_images and max_pixels must be >= 1")
 
 
 def _shard_name(group: str, part: int, parts: int, index: int) -> str:
@@ -98,10 +102,14 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
     """Decode a chunk's images, encode their crops, stage them. Returns (images, crops)."""
     blob_path, meta_path = _chunk_paths(task.staging, task.index)
     tmp_blob = blob_path.with_name(blob_path.name + ".tmp")
-    records, skipped, counts = [], [], Counter()
+    records, skipped, counts, exif = [], [], Counter(), []
     with open(tmp_blob, "wb") as blob:
         for image in task.images:
-            pixels, reason = load_rgb(task.images_dir / image.file_name, image.width, image.height)
+            decoded = load_image(image, task.images_dir, task.cfg.max_pixels)
+            pixels, reason = decoded.image, decoded.skip
+            if decoded.exif_orientation is not None:
+                exif.append({"image_id": image.image_id, "file_name": image.file_name,
+                             "exif_orientation": decoded.exif_orientation})
             if pixels is None:
                 counts[reason] += 1
                 skipped.append({"image_id": image.image_id, "file_name": image.file_name, "reason": reason})
@@ -121,8 +129,8 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
                 })
                 blob.write(data)
     os.replace(tmp_blob, blob_path)
-    write_text_atomic(meta_path, json.dumps({"records": records, "skipped_images": skipped, "counts": dict(counts)},
-                                            separators=(",", ":")))
+    write_text_atomic(meta_path, json.dumps({"records": records, "skipped_images": skipped, "counts": dict(counts),
+                                             "exif": exif}, separators=(",", ":")))
     return len(task.images), len(records)
 
 
@@ -193,16 +201,30 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
     """Build (or resume, or confirm) the shard set of ``part`` of ``parts`` under ``out``.
 
     Returns the manifest. With ``parts > 1`` this writes a partial manifest under
-    ``out/parts``; :func:`jigsawdata.manifest.merge_parts` joins them.
+    ``out/parts``; :func:`jigsawdata.manifest.merge_parts` joins them. ``out`` must be new,
+    empty or hold a build of jigsawdata (:mod:`jigsawdata.outdir`); one build per part runs
+    there at a time.
     """
     if not 0 <= part < parts:
         raise InputError(f"part must be in [0, {parts}), got {part}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_location(out, source)
+    claim_output(out)
+    with BuildLock(lock_path(out, _staging_dir(out, part, parts))):
+        return _build_locked(source, out, cfg, workers=workers, part=part, parts=parts, keep_staging=keep_staging,
+                             progress=progress, license=license)
+
+
+def _staging_dir(out: Path, part: int, parts: int) -> Path:
+    return out / f".staging-{part:03d}-of-{parts:03d}"
+
+
+def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: int, part: int, parts: int,
+                  keep_staging: bool, progress: Progress | None, license: str | None) -> dict:
     fingerprint = _fingerprint(source, cfg, parts, license)
     manifest_path = out / MANIFEST_NAME if parts == 1 else part_manifest_path(out, part, parts)
     index_file = out / INDEX_NAME if parts == 1 else part_index_path(out, part, parts)
-    staging = out / f".staging-{part:03d}-of-{parts:03d}"
+    staging = _staging_dir(out, part, parts)
     _check_same_build(fingerprint, manifest_path, staging / "build.json", out)
     if manifest_path.is_file():
         log.info("%s is complete already; nothing to do", manifest_path)
@@ -225,10 +247,11 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
 
     records, extras = load_records(len(chunks), lambda i: json.loads(_chunk_paths(staging, i)[1].read_text()),
                                    staging / "samples-json.bin")
-    skipped, counts = [], Counter({"images": len(mine)})
+    skipped, counts, exif = [], Counter({"images": len(mine)}), []
     for meta in extras:
         skipped.extend(meta["skipped_images"])
         counts.update(meta["counts"])
+        exif.extend(meta.get("exif", []))
     if not len(records):
         raise InputError(f"no crops could be extracted from {len(mine)} images "
                          f"({dict(counts)}): check the image folder and the annotations")
@@ -243,10 +266,12 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
                 for si, (start, end) in enumerate(split_shards(records.size[rows], cfg.shard_size, cfg.shard_samples)):
                     name = _shard_name(group, part, parts, si)
                     path, shard_rows = out / name, rows[start:end]
-                    if path.is_file() and index_path(path).is_file():
-                        n, nbytes, digest = len(shard_rows), path.stat().st_size, sha256_file(path)
+                    kept = reusable_shard(staging, name, path, len(shard_rows))
+                    if kept:
+                        n, nbytes, digest = kept
                     else:
                         n, nbytes, digest = write_shard(path, _shard_samples(records, shard_rows, reader, metas))
+                        record_shard(staging, name, n, nbytes, digest)
                     infos.append(ShardInfo(name, n, nbytes, digest, sha256_file(index_path(path))).to_json())
                     index_rows.append(shard_rows)
                     shard_of_row.append(np.full(len(shard_rows), len(shard_names), dtype=np.int32))
@@ -265,6 +290,8 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
                 "counts": dict(sorted(counts.items())),
                 "skipped_images": sorted(skipped, key=lambda s: s["image_id"]),
                 "index": os.path.relpath(index_file, out), "index_sha256": sha256_file(index_file)}
+    if exif:
+        manifest["exif_orientation"] = sorted(exif, key=lambda e: e["image_id"])
     if parts == 1:
         write_text_atomic(out / CARD_NAME, render_card(manifest, label_counts(records.label)))
     write_json_atomic(manifest_path, manifest)

@@ -36,6 +36,8 @@ def rebuild_command(manifest: dict) -> str:
              f"--max-enlarge {sampling['max_enlarge']:g}", f"--min-box-size {sampling['min_box_size']}",
              f"--jpeg-quality {params['jpeg_quality']}", f"--shard-size {params['shard_size']}",
              f"--shard-samples {params['shard_samples']}", f"--chunk-images {params['chunk_images']}"]
+    if "max_pixels" in params:
+        parts.append(f"--max-pixels {params['max_pixels']}")
     if manifest["source"].get("license_given"):
         parts.append(f"--license '{manifest['source']['license']}'")
     return " \\\n    ".join(parts)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from .errors import InputError
 
@@ -19,9 +21,71 @@ FORMAT_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.parquet"
 PARTS_DIR = "parts"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # Fields that must agree between the parts of one build.
 _SHARED_FIELDS = ("format_version", "tool", "source", "params", "classes", "background", "parts")
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """A file of a shard set that the manifest vouches for."""
+
+    name: str
+    """Relative to the shard-set root, checked to stay inside it."""
+    sha256: str
+    size: int | None
+    """Known for shards; ``None`` for their DALI indexes and the sample index."""
+
+
+def _checked_name(name, suffix: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise InputError(f"manifest names a file {name!r}: not a path, refusing the shard set")
+    parts = name.split("/")
+    if (name.startswith("/") or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in parts)
+            or PurePosixPath(name).is_absolute()):
+        raise InputError(f"manifest names an unsafe path {name!r}: refusing the shard set")
+    if not name.endswith(suffix) or parts[-1] == suffix:
+        raise InputError(f"manifest names {name!r} where a {suffix} file belongs: refusing the shard set")
+    return name
+
+
+def _checked_sha(value, name: str) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise InputError(f"manifest gives no valid sha256 for {name!r} (got {value!r}): refusing the shard set")
+    return value
+
+
+def listed_files(manifest: dict) -> list[ListedFile]:
+    """Every file the manifest vouches for, with its sha256, after checking that each name
+    is a safe relative path of the right kind, that none repeats (a shard's ``.idx`` and
+    the index included) and that each has a sha256. Raises :class:`InputError`."""
+    groups = manifest.get("groups")
+    if not isinstance(groups, dict):
+        raise InputError("manifest has no 'groups' object: refusing the shard set")
+    files: list[ListedFile] = []
+    for group, info in sorted(groups.items()):
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            raise InputError(f"manifest group {group!r} has no list of shards: refusing the shard set")
+        for shard in shards:
+            name = _checked_name(shard.get("name"), ".tar")
+            size = shard.get("bytes")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InputError(f"manifest gives no byte count for {name!r} (got {size!r}): refusing the shard set")
+            files.append(ListedFile(name, _checked_sha(shard.get("sha256"), name), size))
+            if "idx_sha256" in shard:
+                idx = name[:-4] + ".idx"
+                files.append(ListedFile(idx, _checked_sha(shard["idx_sha256"], idx), None))
+    if "index_sha256" in manifest:
+        index = _checked_name(manifest.get("index", INDEX_NAME), ".parquet")
+        files.append(ListedFile(index, _checked_sha(manifest["index_sha256"], index), None))
+    seen: set[str] = set()
+    for f in files:
+        if f.name in seen:
+            raise InputError(f"manifest lists {f.name!r} twice: refusing the shard set")
+        seen.add(f.name)
+    return files
 
 
 def major(version: str) -> int:

@@ -10,7 +10,9 @@ to scan a tar to index it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
 import os
 import tarfile
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from typing import Iterable, Iterator
 DALI_INDEX_VERSION = "v1.2"
 ALLOWED_EXTENSIONS = frozenset({"jpg", "cls", "json"})
 _BLOCK = tarfile.BLOCKSIZE
+_ZERO_BLOCK = bytes(_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ def write_shard(path: Path, samples: Iterable[tuple[str, list[tuple[str, bytes]]
 
 def check_member_name(name: str) -> str | None:
     """Why a tar member name is unsafe or foreign to a shard, or ``None`` if it is fine."""
+    if "/" not in name and name not in ("", ".", ".."):  # the common case, without PurePosixPath's cost
+        ext = name.split(".", 1)[1] if "." in name else ""
+        return None if ext in ALLOWED_EXTENSIONS else f"unexpected member {name!r} (shards hold only .jpg, .cls and .json)"
     pure = PurePosixPath(name)
     if name.startswith("/") or pure.is_absolute():
         return f"absolute path {name!r}"
@@ -114,6 +120,54 @@ def check_member_name(name: str) -> str | None:
     if ext not in ALLOWED_EXTENSIONS:
         return f"unexpected member {name!r} (shards hold only .jpg, .cls and .json)"
     return None
+
+
+def walk_members(data) -> Iterator[tuple[str, bytes, int, int]]:
+    """``(name, typeflag, data offset, size)`` of every member header of the tar in ``data``
+    (bytes or an mmap), up to the end-of-archive block.
+
+    Walked by hand because :mod:`tarfile` costs about 60 µs a member, which made checking a
+    shard on download ten times slower than downloading it. Names are read as tarfile reads
+    them (the USTAR prefix included); every header is reported, extended ones included, so a
+    caller that accepts only regular files is stricter than tarfile, never looser. Checksums
+    are left to the readers, which refuse bad ones. Raises ValueError on an unreadable header.
+    """
+    pos, end = 0, len(data)
+    while pos + _BLOCK <= end:
+        header = data[pos:pos + _BLOCK]
+        if header == _ZERO_BLOCK:
+            return
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:265] == tarfile.POSIX_MAGIC:
+            prefix = header[345:500].split(b"\0", 1)[0]
+            name = prefix + b"/" + name if prefix else name
+        field = header[124:136]
+        try:
+            if field[0] & 0x80:
+                raise ValueError
+            size = int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            raise ValueError(f"unreadable tar header at byte {pos}") from None
+        if pos + _BLOCK + size > end:
+            raise ValueError(f"member {name!r} at byte {pos} runs past the end of the file")
+        yield name.decode("utf-8", "surrogateescape"), header[156:157], pos + _BLOCK, size
+        pos += _BLOCK + -(-size // _BLOCK) * _BLOCK
+
+
+@contextlib.contextmanager
+def mapped(fh) -> Iterator:
+    """The whole of an open file as a read-only buffer (an mmap; ``b""`` when it is empty)."""
+    if os.fstat(fh.fileno()).st_size == 0:
+        yield b""
+        return
+    with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        yield data
+
+
+def header_problem(name: str, typeflag: bytes) -> str | None:
+    """:func:`member_problem` for a header found by :func:`walk_members`."""
+    return check_member_name(name) or (None if typeflag in (tarfile.REGTYPE, tarfile.AREGTYPE)
+                                       else f"{name!r} is not a regular file")
 
 
 def member_problem(member: tarfile.TarInfo) -> str | None:

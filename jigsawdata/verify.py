@@ -1,8 +1,10 @@
 """Check a shard set against its manifest and index, and summarise it.
 
-``verify`` trusts nothing it can recompute: every shard is re-hashed, its members are read
-(and their names checked: shards from strangers are data, never paths or code), and its
-sample count is compared with the manifest, its DALI index and ``index.parquet``.
+``verify`` trusts nothing it can recompute: every name in the manifest must stay inside the
+set, every shard is re-hashed, its members are read (and their names checked: shards from
+strangers are data, never paths or code), every label must name a class or the background,
+each sample count is compared with the manifest, its DALI index and ``index.parquet``, and
+the manifest's totals with its shards. ``summarize`` (``info``) only reads, it checks nothing.
 """
 
 from __future__ import annotations
@@ -15,23 +17,71 @@ from typing import Callable
 from .coco import sha256_file
 from .errors import InputError
 from .index import read_index
-from .manifest import read_manifest
+from .manifest import listed_files, read_manifest
 from .shards import index_path, iter_samples, read_dali_index
+
+
+def _label_range(manifest: dict) -> range:
+    """Valid labels: one per class, then the background."""
+    return range(len(manifest.get("classes", [])) + 1)
+
+
+def _totals_problems(manifest: dict, total: int) -> list[str]:
+    """The manifest's own sums: per group, and positives + negatives against the samples."""
+    problems = []
+    for group, info in manifest["groups"].items():
+        for key in ("samples", "bytes"):
+            listed = sum(s.get(key, 0) for s in info["shards"])
+            if key in info and info[key] != listed:
+                problems.append(f"group {group}: manifest says {info[key]} {key}, its shards add up to {listed}")
+    counts = manifest.get("counts") or {}
+    if "positives" in counts and counts["positives"] + counts.get("negatives", 0) != total:
+        problems.append(f"counts: {counts['positives']} positives + {counts.get('negatives', 0)} negatives, "
+                        f"but the shards hold {total} samples")
+    return problems
+
+
+def _sample_problems(name: str, samples, labels: range) -> tuple[int, list[str]]:
+    """Count a shard's samples and check each has its three parts and a label in range."""
+    count, problems = 0, []
+    for key, parts in samples:
+        count += 1
+        if set(parts) != {"jpg", "cls", "json"}:
+            problems.append(f"{name}: sample {key} has parts {sorted(parts)}, not jpg, cls and json")
+            continue
+        try:
+            label = int(parts["cls"])
+        except ValueError:
+            label = None
+        if label not in labels:
+            problems.append(f"{name}: sample {key} has label {parts['cls'][:20].decode(errors='replace')!r}, outside 0..{labels[-1]} "
+                            f"({len(labels) - 1} classes + background)")
+    return count, problems
 
 
 def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) -> list[str]:
     """Problems found under ``root``, one sentence each naming the shard; empty when sound."""
     root = Path(root)
     manifest = read_manifest(root)
+    try:
+        listed_files(manifest)
+    except InputError as exc:  # names that leave the set are not opened at all
+        return [str(exc)]
     problems: list[str] = []
+    labels = _label_range(manifest)
     index_counts: Counter = Counter()
     index_file = root / manifest.get("index", "index.parquet")
     if index_file.is_file():
-        index_counts = Counter(read_index(index_file).column("shard").to_pylist())
+        table = read_index(index_file)
+        index_counts = Counter(table.column("shard").to_pylist())
+        bad = sorted({v for v in table.column("label").to_pylist() if v not in labels})
+        if bad:
+            problems.append(f"index {index_file.name}: labels {bad[:10]} outside 0..{labels[-1]}")
         if manifest.get("index_sha256") and sha256_file(index_file) != manifest["index_sha256"]:
             problems.append(f"index {index_file.name}: sha256 differs from the manifest")
     else:
         problems.append(f"index {index_file.name} is missing")
+    problems += _totals_problems(manifest, sum(s["samples"] for g in manifest["groups"].values() for s in g["shards"]))
     for group, info in manifest["groups"].items():
         for shard in info["shards"]:
             name = shard["name"]
@@ -46,10 +96,11 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
             if sha256_file(path) != shard["sha256"]:
                 problems.append(f"{name}: sha256 differs from the manifest")
             try:
-                samples = sum(1 for _ in iter_samples(path))
+                samples, sample_problems = _sample_problems(name, iter_samples(path), labels)
             except (ValueError, tarfile.TarError, OSError) as exc:
                 problems.append(f"{name}: unreadable: {exc}")
                 continue
+            problems += sample_problems
             if samples != shard["samples"]:
                 problems.append(f"{name}: {samples} samples, manifest says {shard['samples']}")
             idx = index_path(path)

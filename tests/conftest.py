@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Caches (fetched shards, verified shards) go to a temporary folder, never the user's home."""
+    previous = os.environ.get("JIGSAWDATA_CACHE")
+    os.environ["JIGSAWDATA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("JIGSAWDATA_CACHE", None)
+    else:
+        os.environ["JIGSAWDATA_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")

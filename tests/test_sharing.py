@@ -9,6 +9,7 @@ import re
 import shutil
 import tarfile
 import threading
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,10 +58,11 @@ class _Handler(SimpleHTTPRequestHandler):
             return
         body, start = result
         self.server.requests.append((self.path, start))
-        if self.path in self.server.cut_once and start > 0:
+        if self.path in self.server.cut_once:
             self.server.cut_once.discard(self.path)
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
+            time.sleep(0.5)  # the first half arrives before the connection drops, as on a real network
             self.close_connection = True
             return
         self.wfile.write(body)

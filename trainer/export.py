@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from jigsawdata import __version__
+from jigsawdata.errors import InputError
 
 from .checkpoint import load, save_atomic
 
@@ -44,6 +45,9 @@ def export(checkpoint: Path, fmt: str, out: Path) -> dict:
     """Write the backbone of a pre-training checkpoint in ``fmt``; returns what was saved."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    source = Path(checkpoint) / "checkpoint.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
+    if Path(out).resolve() == source.resolve():
+        raise InputError(f"--out {out} would overwrite its input {source}: choose another file")
     ckpt = load(checkpoint)
     state = backbone_state(ckpt)
     meta = {"arch": ckpt["arch"], "iteration": ckpt["iteration"], "source": "jigsawdata " + __version__}

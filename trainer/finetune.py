@@ -73,6 +73,8 @@ class FinetuneConfig:
     log_every: int = 20
 
     def validate(self) -> None:
+        if self.seed < 0:
+            raise InputError(f"--seed must be >= 0, got {self.seed}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"--schedule must be one of {tuple(SCHEDULES)}")
         if self.batch < 1 or self.lr <= 0:

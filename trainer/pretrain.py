@@ -22,6 +22,7 @@ import torch.distributed as dist
 from jigsawdata.errors import InputError
 from jigsawdata.fetch import cache_location, cached_shards, is_url
 from pipelines.config import JigsawConfig
+from pipelines.integrity import check_shard_set
 from pipelines.shardset import open_shard_set
 from pipelines.template import Template
 
@@ -69,6 +70,9 @@ class PretrainConfig:
     cache_dir: str | None = None
     """Where shards given as a URL are fetched to for DALI (default: $JIGSAWDATA_CACHE or
     ~/.cache/jigsawdata); the reference pipeline streams them instead."""
+    verify: bool = True
+    """Check local shards against the manifest before the first batch (cached by size and
+    mtime in the cache folder, so only the first run pays for it)."""
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -83,6 +87,9 @@ class PretrainConfig:
             raise InputError("iterations, batch, erf-every and checkpoint-every must be >= 1")
         if not 0.0 <= self.tau <= 1.0:
             raise InputError("--tau must be in [0, 1]")
+        if self.workers < 0 or (self.pipeline == "dali" and self.workers < 1):
+            raise InputError(f"--workers {self.workers}: DALI needs >= 1 thread; 0 (in-process) is for "
+                             "--pipeline reference")
 
     @property
     def template(self) -> Template:
@@ -90,7 +97,7 @@ class PretrainConfig:
 
 
 # Settings that may differ between a run and its resumption.
-_RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device", "cache_dir"}
+_RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device", "cache_dir", "verify"}
 
 
 class Trainer:
@@ -106,6 +113,8 @@ class Trainer:
         self.out = claim_run_dir(Path(cfg.out), resume)
         self.shards = self._local_shards()
         shards = open_shard_set(self.shards)
+        if cfg.verify and not is_url(str(self.shards)):
+            check_shard_set(self.shards, cfg.cache_dir)
         self.class_names = shards.class_names
         self.template = cfg.template
         self.jigsaw = JigsawConfig(template=self.template, seed=cfg.seed + 1000 * self.dist.rank)

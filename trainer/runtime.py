@@ -107,9 +107,12 @@ def config_from(cls, values: dict):
 
 
 def claim_run_dir(out: Path, resume: bool) -> Path:
-    """The run directory; a finished or started run is only continued with ``resume``."""
+    """The run directory; a finished or started run is only continued with ``resume``.
+    Nothing is created here: :func:`dump_config` does, once the run has passed its checks,
+    so that a refused run leaves no empty directory behind."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a run directory")
     if not resume and (out / "checkpoint.pt").exists():
         raise InputError(f"{out} holds a run already: pass --resume to continue it, or use another --out")
     return out
@@ -117,4 +120,5 @@ def claim_run_dir(out: Path, resume: bool) -> Path:
 
 def dump_config(out: Path, cfg) -> None:
     """The resolved settings of a run, next to its checkpoints (as timm's args.yaml)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,272 @@
+"""fetch against any static HTTP server (127.0.0.1 only), checked names, no mixing of sets;
+verify's new checks."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import socket
+import tarfile
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import fsspec
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from jigsawdata.fetch import FetchError, fetch, fetch_file
+from jigsawdata.manifest import ListedFile, write_json_atomic
+from jigsawdata.shards import write_shard
+from jigsawdata.verify import verify_shard_set
+
+
+class _PlainHandler(SimpleHTTPRequestHandler):
+    """``python -m http.server``: no range support. Can cut a response short (``cut``: path ->
+    times) or drop every request like a dead server (``dead``)."""
+
+    def do_GET(self):
+        self.server.requests.append((self.path, self.headers.get("Range")))
+        if self.server.dead:
+            self.close_connection = True
+            return
+        cuts = self.server.cut.get(self.path, 0)
+        if cuts:
+            self.server.cut[self.path] = cuts - 1
+            path = Path(self.translate_path(self.path))
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 3])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def plain_server(tmp_path, built_synthetic):
+    root = tmp_path / "www"
+    shutil.copytree(built_synthetic, root / "set")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_PlainHandler, directory=str(root)))
+    httpd.requests, httpd.cut, httpd.dead = [], {}, False
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield root / "set", f"http://127.0.0.1:{httpd.server_address[1]}/set", httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _largest(src: Path) -> str:
+    return str(max(src.glob("*/*.tar"), key=lambda p: p.stat().st_size).relative_to(src))
+
+
+def test_fetch_from_python_http_server_without_range_support(plain_server, tmp_path):
+    src, url, httpd = plain_server
+    result = CliRunner().invoke(main, ["fetch", url, "--out", str(tmp_path / "copy")])
+    assert result.exit_code == 0, result.output
+    assert _tree(tmp_path / "copy") == _tree(src) and verify_shard_set(tmp_path / "copy") == []
+    assert not [r for _, r in httpd.requests if r], "a fresh file streams from byte 0 without a range request"
+
+
+def test_interruption_without_range_support_restarts_the_file(plain_server, tmp_path, caplog):
+    src, url, httpd = plain_server
+    name = _largest(src)
+    httpd.cut[f"/set/{name}"] = 2
+    with caplog.at_level(logging.WARNING, logger="jigsawdata.fetch"):
+        fetch(url, tmp_path / "copy", workers=1, retries=3)
+    assert _tree(tmp_path / "copy") == _tree(src)
+    assert [r for p, r in httpd.requests if p == f"/set/{name}"][0] is None
+    retries = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    assert len(retries) == 2 and "transfer interrupted" in retries[0]
+    assert "attempt 2 of 3" in retries[0] and "attempt 3 of 3" in retries[1]
+
+
+def test_a_dead_server_is_reported_as_interrupted_not_missing(plain_server, tmp_path, caplog):
+    src, url, httpd = plain_server
+    httpd.dead = True
+    fs, root = fsspec.core.url_to_fs(url)
+    item = ListedFile("S/S-000000.tar", "0" * 64, 10)
+    with caplog.at_level(logging.WARNING, logger="jigsawdata.fetch"):
+        with pytest.raises(FetchError, match=r"S/S-000000.tar: transfer interrupted 3 times .*rerun fetch"):
+            fetch_file(fs, root, item, tmp_path, retries=3)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "attempt 3 of 3" in messages and "attempt 4" not in messages and "not found" not in messages
+    with socket.socket() as free:  # nothing listens here at all
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    fs, root = fsspec.core.url_to_fs(f"http://127.0.0.1:{port}/set")
+    with pytest.raises(FetchError, match="transfer interrupted 2 times"):
+        fetch_file(fs, root, item, tmp_path, retries=2)
+
+
+def test_a_missing_file_is_not_found_and_not_retried(plain_server, tmp_path):
+    src, url, httpd = plain_server
+    (src / "T" / sorted(p.name for p in (src / "T").glob("*.tar"))[0]).unlink()
+    with pytest.raises(FetchError, match=r"T/T-000000.tar: not found at"):
+        fetch(url, tmp_path / "copy", retries=4)
+    assert len([p for p, _ in httpd.requests if p == "/set/T/T-000000.tar"]) == 1
+
+
+def _edit_manifest(src: Path, edit) -> None:
+    manifest = json.loads((src / "manifest.json").read_text())
+    edit(manifest)
+    (src / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["groups"]["S"]["shards"][0].update(name="."), r"unsafe path '\.'"),
+    (lambda m: m["groups"]["S"]["shards"][0].update(name=""), r"manifest names a file ''"),
+    (lambda m: m["groups"]["S"]["shards"][0].update(name="S/./x.tar"), r"unsafe path 'S/\./x.tar'"),
+    (lambda m: m["groups"]["S"]["shards"][1].update(name=m["groups"]["S"]["shards"][0]["name"]),
+     r"lists 'S/S-000000.tar' twice"),
+    (lambda m: m["groups"]["T"]["shards"][0].update(name="S/S-000000.idx"),
+     r"names 'S/S-000000.idx' where a .tar file belongs"),
+    (lambda m: m.update(index="S/S-000000.tar"), r"names 'S/S-000000.tar' where a .parquet file belongs"),
+    (lambda m: m["groups"]["W"]["shards"][0].pop("sha256"), r"no valid sha256 for 'W/W-000000.tar' \(got None\)"),
+    (lambda m: m["groups"]["W"]["shards"][0].update(idx_sha256="abc"), r"no valid sha256 for 'W/W-000000.idx'"),
+])
+def test_manifest_names_are_checked_before_anything_is_downloaded(plain_server, tmp_path, edit, message):
+    src, url, httpd = plain_server
+    _edit_manifest(src, edit)
+    (tmp_path / "copy.part").write_text("a user's file")
+    with pytest.raises(FetchError, match=message):
+        fetch(url, tmp_path / "copy")
+    assert [p for p, _ in httpd.requests] == ["/set/manifest.json"]
+    assert not (tmp_path / "copy").exists() and (tmp_path / "copy.part").read_text() == "a user's file"
+    result = CliRunner().invoke(main, ["verify", str(src)])
+    assert result.exit_code == 1 and "refusing the shard set" in result.output
+
+
+def _other_set(tmp_path: Path, synthetic_source) -> Path:
+    from jigsawdata.build import BuildConfig, build_shards
+
+    other = tmp_path / "other"
+    build_shards(synthetic_source, other, BuildConfig(seed=5, chunk_images=8, shard_samples=40))
+    return other
+
+
+def test_fetch_into_another_set_is_refused_and_force_replaces_it_only_when_complete(plain_server, tmp_path,
+                                                                                   synthetic_source):
+    src, url, httpd = plain_server
+    out = _other_set(tmp_path, synthetic_source)
+    before = _tree(out)
+    with pytest.raises(FetchError, match="holds another shard set: refusing to mix the two; use --force"):
+        fetch(url, out)
+    assert _tree(out) == before
+    victim = sorted(src.glob("W/*.tar"))[0]
+    good = victim.read_bytes()
+    victim.write_bytes(good[:-1024] + b"\1" * 1024)  # the published copy is damaged
+    result = CliRunner().invoke(main, ["fetch", url, "--out", str(out), "--force"])
+    assert result.exit_code == 1 and "does not match" in result.output
+    assert _tree(out) == before and verify_shard_set(out) == [], "a failed fetch leaves the old set whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "www"], "and no temporary folder"
+    victim.write_bytes(good)
+    fetch(url, out, force=True)
+    assert _tree(out) == _tree(src) and verify_shard_set(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "www"]
+
+
+def test_fetch_into_a_folder_without_a_set_is_refused_even_with_force(plain_server, tmp_path):
+    _, url, _ = plain_server
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(FetchError, match="is not empty and holds no shard set"):
+            fetch(url, out, force=force)
+    assert _tree(out) == {"notes.txt": b"mine"}
+
+
+def test_a_failed_fetch_resumes_into_the_same_folder(plain_server, tmp_path):
+    src, url, httpd = plain_server
+    name = _largest(src)
+    httpd.cut[f"/set/{name}"] = 5
+    with pytest.raises(FetchError, match="transfer interrupted 2 times"):
+        fetch(url, tmp_path / "copy", retries=2)
+    assert (tmp_path / "copy" / ".fetch.json").is_file() and not (tmp_path / "copy" / "manifest.json").exists()
+    httpd.cut.clear()
+    fetch(url, tmp_path / "copy")
+    assert _tree(tmp_path / "copy") == _tree(src)
+
+
+def test_cli_fetch_options_are_validated(tmp_path):
+    for option in ("--workers", "--retries"):
+        result = CliRunner().invoke(main, ["fetch", "http://127.0.0.1:9/x", "--out", str(tmp_path / "o"), option, "0"])
+        assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output, result.output
+
+
+# ---------------------------------------------------------------- verify and info
+
+
+def _fresh(tmp_path: Path, built_synthetic: Path) -> Path:
+    out = tmp_path / "set"
+    shutil.copytree(built_synthetic, out)
+    return out
+
+
+def test_verify_checks_manifest_totals(tmp_path, built_synthetic):
+    out = _fresh(tmp_path, built_synthetic)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["groups"]["S"]["samples"] += 5
+    manifest["counts"]["negatives"] += 1
+    write_json_atomic(out / "manifest.json", manifest)
+    problems = verify_shard_set(out)
+    assert any(p.startswith("group S: manifest says") and "samples" in p for p in problems), problems
+    assert any(p.startswith("counts:") for p in problems), problems
+
+
+def test_verify_checks_every_label_against_the_class_list(tmp_path, built_synthetic):
+    out = _fresh(tmp_path, built_synthetic)
+    manifest = json.loads((out / "manifest.json").read_text())
+    n_classes = len(manifest["classes"])
+    victim = sorted(out.glob("T/*.tar"))[0]
+    with tarfile.open(victim) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    samples = {}
+    for m, data in members:
+        stem, ext = m.name.split(".", 1)
+        samples.setdefault(stem, []).append((ext, str(n_classes + 3).encode() if ext == "cls" else data))
+    n, nbytes, digest = write_shard(victim, list(samples.items()))
+    for shard in manifest["groups"]["T"]["shards"]:
+        if shard["name"] == f"T/{victim.name}":
+            shard.update(bytes=nbytes, sha256=digest)
+            shard.pop("idx_sha256")
+    write_json_atomic(out / "manifest.json", manifest)
+    problems = verify_shard_set(out)
+    assert problems and all(f"label '{n_classes + 3}'" in p and f"outside 0..{n_classes}" in p for p in problems)
+    assert len(problems) == n
+
+
+def test_verify_refuses_names_outside_the_set(tmp_path, built_synthetic):
+    out = _fresh(tmp_path, built_synthetic)
+    (tmp_path / "outside.tar").write_bytes(b"")
+    _edit_manifest(out, lambda m: m["groups"]["S"]["shards"][0].update(name="../outside.tar"))
+    assert verify_shard_set(out) == ["manifest names an unsafe path '../outside.tar': refusing the shard set"]
+
+
+def test_info_says_it_does_not_verify(built_synthetic):
+    result = CliRunner().invoke(main, ["info", str(built_synthetic)])
+    assert result.exit_code == 0 and "not checked: run `jigsawdata verify" in result.output
+
+
+def test_fetch_benchmark_measures_both_sides_in_one_run():
+    from benchmarks.fetch_throughput import format_table, run
+
+    result = run(megabytes=2, shards=2, workers=2, repeats=1)
+    assert result["bytes"] > 2_000_000 and len(result["fetch_seconds"]["runs"]) == 1
+    assert len(result["urllib_seconds"]["runs"]) == 1 and result["ratio"] > 0
+    assert "fetch / urllib throughput" in format_table(result)

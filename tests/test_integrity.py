@@ -1,0 +1,168 @@
+"""Pipelines refuse damaged or unsafe shards before the first batch, with one line naming
+the shard; the check is cached; numeric options are validated."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from jigsawdata.errors import InputError
+from jigsawdata.manifest import write_json_atomic
+from jigsawdata.shards import write_shard
+from pipelines.integrity import check_shard_set
+
+
+@pytest.fixture
+def shards(tmp_path, built_synthetic) -> Path:
+    out = tmp_path / "set"
+    shutil.copytree(built_synthetic, out)
+    return out
+
+
+def _one_line_error(args: list[str]) -> str:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def _vouch(root: Path, name: str) -> None:
+    """Make the manifest vouch for the shard as it is now (a hostile or buggy publisher)."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    for group in manifest["groups"].values():
+        for shard in group["shards"]:
+            if shard["name"] == name:
+                shard["bytes"] = (root / name).stat().st_size
+                shard["sha256"] = hashlib.sha256((root / name).read_bytes()).hexdigest()
+                shard.pop("idx_sha256", None)
+    write_json_atomic(root / "manifest.json", manifest)
+
+
+def _truncate(root: Path) -> str:
+    victim = sorted(root.glob("S/*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return f"S/{victim.name}"
+
+
+def _damage_a_header(root: Path) -> str:
+    victim = sorted(root.glob("T/*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    with tarfile.open(victim) as tar:
+        offset = tar.getmembers()[6].offset
+    data[offset + 148:offset + 156] = b"garbage!"  # the checksum of the 7th member's header
+    victim.write_bytes(bytes(data))
+    return f"T/{victim.name}"
+
+
+def _unsafe_member(root: Path) -> str:
+    victim = sorted(root.glob("W/*.tar"))[0]
+    with tarfile.open(victim, "a") as tar:
+        info = tarfile.TarInfo("../../evil.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    _vouch(root, f"W/{victim.name}")
+    return f"W/{victim.name}"
+
+
+def _label_out_of_range(root: Path) -> str:
+    victim = sorted(root.glob("S/*.tar"))[1]
+    with tarfile.open(victim) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    samples: dict[str, list] = {}
+    for name, data in members:
+        stem, ext = name.split(".", 1)
+        samples.setdefault(stem, []).append((ext, b"77" if ext == "cls" else data))
+    write_shard(victim, list(samples.items()))
+    _vouch(root, f"S/{victim.name}")
+    return f"S/{victim.name}"
+
+
+DAMAGES = {"truncated": (_truncate, "bytes, the manifest says"), "header": (_damage_a_header, "sha256 differs"),
+           "unsafe": (_unsafe_member, "parent reference"), "label": (_label_out_of_range, "label 77 is outside 0..6")}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+@pytest.mark.parametrize("pipeline", ["dali", "reference"])
+def test_preview_refuses_a_damaged_shard_naming_it(shards, tmp_path, damage, pipeline):
+    make, message = DAMAGES[damage]
+    name = make(shards)
+    line = _one_line_error(["preview", str(shards), "--out", str(tmp_path / "p.png"), "--pipeline", pipeline,
+                            "--count", "2"])
+    assert line.startswith(f"Error: {name} of {shards} is ") and message in line, line
+    assert "--no-verify" in line and not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["dali", "reference"])
+def test_pretrain_refuses_a_damaged_shard_before_the_first_batch(shards, tmp_path, pipeline):
+    name = _damage_a_header(shards)
+    line = _one_line_error(["pretrain", "--shards", str(shards), "--out", str(tmp_path / "run"), "--arch", "resnet18",
+                            "--iterations", "1", "--batch", "4", "--pipeline", pipeline, "--device", "cpu",
+                            "--workers", "1", "--erf-images", "2"])
+    assert line.startswith(f"Error: {name} of {shards} is damaged") and not (tmp_path / "run").exists()
+
+
+def test_the_check_is_cached_by_size_and_mtime(shards, tmp_path):
+    cache = tmp_path / "cache"
+    files = len(list(shards.glob("*/*.tar"))) + len(list(shards.glob("*/*.idx")))
+    assert check_shard_set(shards, cache) == files
+    assert check_shard_set(shards, cache) == 0, "a second run reads nothing"
+    victim = sorted(shards.glob("W/*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] = 1  # in the end-of-archive padding: only the sha256 can tell
+    victim.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=rf"W/{victim.name} of .* is damaged: its sha256 differs"):
+        check_shard_set(shards, cache)
+    data[-1] = 0
+    victim.write_bytes(bytes(data))
+    assert check_shard_set(shards, cache) == 1
+
+
+def test_no_verify_skips_the_check(shards, tmp_path):
+    victim = sorted(shards.glob("W/*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] = 1  # harmless to a reader, fatal to the sha256
+    victim.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["preview", str(shards), "--out", str(tmp_path / "p.png"), "--pipeline",
+                                       "reference", "--count", "2", "--no-verify"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["make-synthetic", "X", "--images", "-1"], "-1 is not in the range x>=1"),
+    (["make-synthetic", "X", "--images", "0"], "0 is not in the range x>=1"),
+    (["preview", ".", "--out", "p.png", "--count", "0"], "0 is not in the range x>=1"),
+    (["pretrain", "--shards", ".", "--out", "r", "--workers", "-1"], "-1 is not in the range x>=0"),
+    (["pretrain", "--shards", ".", "--out", "r", "--erf-images", "0"], "0 is not in the range x>=1"),
+    (["pretrain", "--shards", ".", "--out", "r", "--tau", "1.5"], "1.5 is not in the range 0.0<=x<=1.0"),
+    (["build-shards", ".", "--out", "o", "--workers", "-2"], "-2 is not in the range x>=0"),
+    (["build-shards", ".", "--out", "o", "--seed", "-1"], "-1 is not in the range x>=0"),
+    (["build-shards", ".", "--out", "o", "--max-pixels", "0"], "0 is not in the range x>=1"),
+    (["finetune", "--coco", ".", "--out", "f", "--max-iters", "0"], "0 is not in the range x>=1"),
+    (["erf", ".", "--out", "e.png", "--images", "0"], "0 is not in the range x>=1"),
+])
+def test_numeric_options_are_validated(tmp_path, args, message):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_pretrain_workers_zero_needs_the_reference_pipeline(shards, tmp_path):
+    line = _one_line_error(["pretrain", "--shards", str(shards), "--out", str(tmp_path / "run"), "--workers", "0",
+                            "--device", "cpu"])
+    assert "DALI needs >= 1 thread; 0 (in-process) is for --pipeline reference" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_seed_is_checked_before_anything_is_created(tmp_path):
+    line = _one_line_error(["finetune", "--coco", str(tmp_path), "--out", str(tmp_path / "ft"), "--seed", "-1",
+                            "--device", "cpu"])
+    assert "--seed must be >= 0, got -1" in line and not (tmp_path / "ft").exists()
