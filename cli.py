@@ -38,13 +38,21 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 class _Group(click.Group):
-    """Turns :class:`InputError` into a one-line error and exit status 2."""
+    """Turns :class:`InputError` into a one-line error (exit status 1), and any other
+    failure into one line naming it, with the traceback in the debug log (``-vv``): no stack
+    trace reaches a user who did not ask for one."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except InputError as exc:
             raise click.ClickException(str(exc)) from exc
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            logging.getLogger("jigsawdata").debug("unexpected failure", exc_info=True)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise click.ClickException(f"{type(exc).__name__}: {first} (rerun with -vv for the traceback)") from exc
 
 
 @click.group(cls=_Group)

@@ -34,7 +34,7 @@ from .card import CARD_NAME, label_counts, license_text, render_card
 from .coco import DEFAULT_MAX_PIXELS, CocoSource, ImageRecord, load_image, sha256_file
 from .errors import InputError
 from .index import SCHEMA, write_index_slices
-from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, group_totals, part_index_path,
+from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, group_totals, part_index_path,
                        part_manifest_path, write_json_atomic, write_text_atomic)
 from .outdir import (BuildLock, check_out_location, claim_output, lock_path, record_shard,
                      reusable_shard)
@@ -271,7 +271,7 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
                         n, nbytes, digest = kept
                     else:
                         n, nbytes, digest = write_shard(path, _shard_samples(records, shard_rows, reader, metas))
-                        record_shard(staging, name, n, nbytes, digest)
+                        record_shard(staging, name, path, n, nbytes, digest)
                     infos.append(ShardInfo(name, n, nbytes, digest, sha256_file(index_path(path))).to_json())
                     index_rows.append(shard_rows)
                     shard_of_row.append(np.full(len(shard_rows), len(shard_names), dtype=np.int32))
@@ -311,8 +311,11 @@ def _shard_samples(records: Records, rows: np.ndarray, reader: _BlobReader,
 
 
 def _check_same_build(fingerprint: dict, manifest_path: Path, staged_path: Path, out: Path) -> None:
-    """Refuse to resume or overwrite a build made from other inputs or settings."""
-    for path in (manifest_path, staged_path):
+    """Refuse to resume, overwrite or join a build made from other inputs or settings: this
+    part's manifest and staging area, and those of every other part already in ``out``
+    (a ``--part 0/3`` build would otherwise rewrite the shards of a finished ``--part 0/2``)."""
+    others = sorted((out / PARTS_DIR).glob("manifest-*-of-*.json")) + sorted(out.glob(".staging-*-of-*/build.json"))
+    for path in (manifest_path, staged_path, out / MANIFEST_NAME, *others):
         if path.is_file():
             previous = json.loads(path.read_text())
             previous = {k: previous.get(k) for k in fingerprint}

@@ -121,11 +121,13 @@ def _record_path(staging: Path, name: str) -> Path:
     return staging / _WRITTEN / (name.replace("/", "__") + ".json")
 
 
-def record_shard(staging: Path, name: str, samples: int, nbytes: int, sha256: str) -> None:
-    """Note in the staging area that this build wrote shard ``name`` with these bytes."""
+def record_shard(staging: Path, name: str, shard: Path, samples: int, nbytes: int, sha256: str) -> None:
+    """Note in the staging area that this build wrote shard ``name`` (at ``shard``, with its
+    index beside it) with these bytes."""
     path = _record_path(staging, name)
     path.parent.mkdir(exist_ok=True)
-    write_json_atomic(path, {"name": name, "samples": samples, "bytes": nbytes, "sha256": sha256})
+    write_json_atomic(path, {"name": name, "samples": samples, "bytes": nbytes, "sha256": sha256,
+                             "idx_sha256": sha256_file(index_path(shard))})
 
 
 def reusable_shard(staging: Path, name: str, path: Path, samples: int) -> tuple[int, int, str] | None:
@@ -140,5 +142,7 @@ def reusable_shard(staging: Path, name: str, path: Path, samples: int) -> tuple[
         return None
     if noted.get("samples") != samples or noted.get("bytes") != path.stat().st_size:
         return None
+    if sha256_file(index_path(path)) != noted.get("idx_sha256"):
+        return None  # the tar is rewritten with it: a shard and its index are written together
     digest = sha256_file(path)
     return (samples, noted["bytes"], digest) if digest == noted.get("sha256") else None

@@ -36,10 +36,10 @@ class SamplingConfig:
     yield background crops (never below ``min_box_size``) [ours]."""
 
     def __post_init__(self) -> None:
-        if self.max_enlarge < 1.0:
-            raise ValueError(f"max_enlarge must be >= 1, got {self.max_enlarge}")
-        if self.pos_per_neg <= 0:
-            raise ValueError(f"pos_per_neg must be > 0, got {self.pos_per_neg}")
+        if not (math.isfinite(self.max_enlarge) and self.max_enlarge >= 1.0):
+            raise ValueError(f"max_enlarge must be a finite number >= 1, got {self.max_enlarge}")
+        if not (math.isfinite(self.pos_per_neg) and self.pos_per_neg > 0):
+            raise ValueError(f"pos_per_neg must be a finite number > 0, got {self.pos_per_neg}")
         if not 0 < self.negative_shrink <= 1:
             raise ValueError(f"negative_shrink must be in (0, 1], got {self.negative_shrink}")
         if self.min_box_size < 1 or self.negative_tries < 1:

@@ -105,7 +105,7 @@ def _categories(raw: dict) -> tuple[Category, ...]:
     seen: dict[int, str] = {}
     for i, cat in enumerate(_records(raw, "categories")):
         where = _where("categories", i, cat)
-        cid = _int(cat.get("id"), where, "id")
+        cid = _int(cat.get("id"), where, "id", minimum=1)  # 0 is the background's category_id in the shards
         name = cat.get("name")
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"{where}: 'name' must be a non-empty string, got {name!r}")

@@ -4,7 +4,7 @@ DALI and the reference pipeline trust their input: a truncated shard, an unsafe 
 label past the class list surfaces as a reader traceback, or worse, as a shard silently read
 short. So before the first batch every shard and DALI index is checked once: its sha256
 against the manifest, and, for a shard, its member names, its sample count and its labels.
-The result is cached per file by (path, size, mtime), so the second run costs a ``stat`` per
+The result is cached per file by (path, size, mtime, ctime, inode): the second run costs a ``stat`` per
 file. Any problem is one :class:`InputError` naming the shard.
 """
 
@@ -96,12 +96,14 @@ def check_shard_set(root: Path, cache_dir: Path | str | None = None) -> int:
         key = str(path.resolve())
         entry = cache.get(key)
         if not (isinstance(entry, dict) and entry.get("size") == stat.st_size
-                and entry.get("mtime_ns") == stat.st_mtime_ns):
+                and entry.get("mtime_ns") == stat.st_mtime_ns and entry.get("ctime_ns") == stat.st_ctime_ns
+                and entry.get("inode") == stat.st_ino):
             try:
                 scanned = _scan_shard(path) if item.name.endswith(".tar") else {"sha256": sha256_file(path)}
             except (ValueError, OSError) as exc:
                 raise InputError(f"{item.name} of {root} is damaged or unsafe ({exc}): {hint}") from exc
-            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, **scanned}
+            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+                     "inode": stat.st_ino, **scanned}
             read += 1
         if entry["sha256"] != item.sha256:
             raise InputError(f"{item.name} of {root} is damaged: its sha256 differs from the manifest's; {hint}")

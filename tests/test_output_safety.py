@@ -152,3 +152,65 @@ def test_export_refuses_to_write_over_its_input(tmp_path):
     assert (run / "checkpoint.pt").read_bytes() == before
     result = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "bb.pth")])
     assert result.exit_code == 0, result.output
+
+
+def test_a_resumed_build_rewrites_a_shard_whose_index_was_damaged(tmp_path, synthetic_source, small_cfg, monkeypatch):
+    """A shard is reused only when both its tar and its .idx are the bytes this build wrote."""
+    import jigsawdata.build as build
+
+    clean = tmp_path / "clean"
+    build_shards(synthetic_source, clean, small_cfg)
+    out, real_write, calls = tmp_path / "out", build.write_shard, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill during the write phase")
+        return real_write(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(build, "write_shard", crash_on_second)
+        with pytest.raises(KeyboardInterrupt):
+            build_shards(synthetic_source, out, small_cfg)
+    idx = next(out.rglob("*.idx"))
+    lines = idx.read_text().splitlines()
+    fields = lines[1].split()
+    fields[2] = str(int(fields[2]) - 1)  # the first .jpg's size off by one: still a well-formed index
+    idx.write_text("\n".join([lines[0], " ".join(fields), *lines[2:]]) + "\n")
+    build_shards(synthetic_source, out, small_cfg)
+    assert _files(out) == _files(clean)
+    assert verify_shard_set(out) == []
+
+
+def test_a_part_of_another_split_or_seed_is_refused_at_build_time(tmp_path, synthetic_source, small_cfg):
+    out = tmp_path / "parts"
+    build_shards(synthetic_source, out, small_cfg, part=0, parts=2)
+    before = _files(out)
+    with pytest.raises(InputError, match="holds a build with different parts"):
+        build_shards(synthetic_source, out, small_cfg, part=0, parts=3)
+    with pytest.raises(InputError, match="holds a build with different params"):
+        build_shards(synthetic_source, out, BuildConfig(seed=12, chunk_images=5, shard_samples=16), part=1, parts=2)
+    assert _files(out) == before
+    build_shards(synthetic_source, out, small_cfg, part=1, parts=2)  # the other part of the same build is fine
+
+
+def test_a_new_run_needs_a_new_or_empty_directory(tmp_path):
+    from trainer.runtime import claim_run_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert claim_run_dir(mine, resume=False) == mine  # empty is fine
+    (mine / "config.json").write_text("{my own}")
+    with pytest.raises(InputError, match=r"is not empty \(config.json\) and holds no checkpoint"):
+        claim_run_dir(mine, resume=False)
+    assert (mine / "config.json").read_text() == "{my own}"
+
+
+def test_finetune_refuses_a_batch_larger_than_the_split(tmp_path, synthetic_root):
+    from trainer.finetune import FinetuneConfig, Finetuner
+
+    cfg = FinetuneConfig(coco=str(synthetic_root), out=str(tmp_path / "ft"), split="train", arch="resnet18",
+                         batch=16, max_images=4, device="cpu", workers=0)
+    with pytest.raises(InputError, match="--batch 16 needs 16 training images per process, but split train has 4"):
+        Finetuner(cfg)
+    assert not (tmp_path / "ft").exists()

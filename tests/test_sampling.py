@@ -91,3 +91,10 @@ def test_bad_sampling_settings_are_refused():
         SamplingConfig(max_enlarge=0.5)
     with pytest.raises(ValueError, match="pos_per_neg"):
         SamplingConfig(pos_per_neg=0)
+
+
+@pytest.mark.parametrize("field, value", [("max_enlarge", float("nan")), ("max_enlarge", float("inf")),
+                                          ("pos_per_neg", float("nan")), ("pos_per_neg", float("inf"))])
+def test_non_finite_sampling_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        SamplingConfig(**{field: value})

@@ -207,3 +207,15 @@ def test_dataset_card(built_synthetic, built_real, synthetic_source, tmp_path):
     build_shards(synthetic_source, tmp_path / "lic", BuildConfig(), license="CC0-1.0 (synthetic)")
     card = (tmp_path / "lic" / "README.md").read_text()
     assert "CC0-1.0 (synthetic)" in card and "--license 'CC0-1.0 (synthetic)'" in card
+
+
+def test_pretrain_from_a_url_trains_on_the_verified_cache_with_either_pipeline(published, tmp_path):
+    """The reference pipeline could stream, but a stream is checked only after it was used:
+    pre-training fetches (and checks) into the cache for both pipelines."""
+    from trainer.pretrain import PretrainConfig, Trainer
+
+    _, url, _ = published
+    trainer = Trainer(PretrainConfig(shards=url, out=str(tmp_path / "run"), arch="resnet18", batch=4, device="cpu",
+                                     pipeline="reference", workers=0, cache_dir=str(tmp_path / "cache")))
+    assert trainer.shards == cache_location(url, tmp_path / "cache")
+    assert verify_shard_set(trainer.shards) == []

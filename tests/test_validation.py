@@ -305,3 +305,11 @@ def test_file_names_with_sub_folders_build_without_flags(coco, tmp_path, layout)
     assert manifest["skipped_images"] == [] and manifest["counts"]["images_used"] == 6
     sources = {m["source"] for m in _samples(tmp_path / "out")}
     assert sources == {im["file_name"] for im in data["images"]}
+
+
+def test_category_id_zero_is_refused_because_it_marks_background(tmp_path):
+    from jigsawdata.validate import check_coco
+
+    raw = {"images": [], "annotations": [], "categories": [{"id": 0, "name": "disc"}]}
+    with pytest.raises(InputError, match=r"categories\[0\].*'id' must be >= 1, got 0"):
+        check_coco(raw, tmp_path)

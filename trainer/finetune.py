@@ -103,6 +103,10 @@ class Finetuner:
         self.masks = cfg.detector == "mask"
         self.train_set = _dataset(cfg.coco, cfg.split, train=True, masks=self.masks, flip_p=cfg.flip_p,
                                   max_images=cfg.max_images)
+        local = max(1, cfg.batch // self.dist.world)
+        if len(self.train_set) // self.dist.world < local:
+            raise InputError(f"--batch {cfg.batch} needs {local} training images per process, but split {cfg.split} "
+                             f"has {len(self.train_set)}: lower --batch (drop_last would train no step)")
         torch.manual_seed(cfg.seed)
         self.model = build_detector(cfg.detector, cfg.arch, self.train_set.num_classes, init=cfg.init, norm=cfg.norm,
                                     min_size=cfg.min_size, max_size=cfg.max_size,

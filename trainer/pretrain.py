@@ -69,7 +69,7 @@ class PretrainConfig:
     """Autocast dtype on GPU: bf16, fp16 (with a grad scaler) or off. The CPU runs fp32."""
     cache_dir: str | None = None
     """Where shards given as a URL are fetched to for DALI (default: $JIGSAWDATA_CACHE or
-    ~/.cache/jigsawdata); the reference pipeline streams them instead."""
+    ~/.cache/jigsawdata), for either pipeline."""
     verify: bool = True
     """Check local shards against the manifest before the first batch (cached by size and
     mtime in the cache folder, so only the first run pays for it)."""
@@ -143,9 +143,10 @@ class Trainer:
         self._tb = self._tensorboard() if self.dist.main else None
 
     def _local_shards(self) -> Path | str:
-        """DALI reads local files: a URL is fetched (and verified) into the cache by one
-        process per node while the others wait; the reference pipeline streams it."""
-        if self.cfg.pipeline != "dali" or not is_url(self.cfg.shards):
+        """A URL is fetched (every file checked against the manifest) into the cache by one
+        process per node while the others wait, for either pipeline: training never reads
+        a byte that was not verified."""
+        if not is_url(self.cfg.shards):
             return self.cfg.shards
         if self.dist.local_rank == 0:
             cached_shards(self.cfg.shards, self.cfg.cache_dir)

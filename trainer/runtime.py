@@ -115,6 +115,10 @@ def claim_run_dir(out: Path, resume: bool) -> Path:
         raise InputError(f"--out {out} is a file, not a run directory")
     if not resume and (out / "checkpoint.pt").exists():
         raise InputError(f"{out} holds a run already: pass --resume to continue it, or use another --out")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        names = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise InputError(f"--out {out} is not empty ({names}) and holds no checkpoint: a new run needs a new or "
+                         "empty directory")
     return out
 
 
