@@ -9,6 +9,8 @@ the manifest's totals with its shards. ``summarize`` (``info``) only reads, it c
 
 from __future__ import annotations
 
+import json
+
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -41,8 +43,10 @@ def _totals_problems(manifest: dict, total: int) -> list[str]:
     return problems
 
 
-def _sample_problems(name: str, samples, labels: range) -> tuple[int, list[str]]:
-    """Count a shard's samples and check each has its three parts and a label in range."""
+def _sample_problems(name: str, samples, labels: range, indexed: dict[str, int]) -> tuple[int, list[str]]:
+    """Count a shard's samples and check each: its three parts, a label in range that its
+    ``.json`` and the index (``indexed``: key -> label, empty without an index) agree on,
+    and a JPEG that is whole (starts with SOI, ends with EOI)."""
     count, problems = 0, []
     for key, parts in samples:
         count += 1
@@ -56,6 +60,17 @@ def _sample_problems(name: str, samples, labels: range) -> tuple[int, list[str]]
         if label not in labels:
             problems.append(f"{name}: sample {key} has label {parts['cls'][:20].decode(errors='replace')!r}, outside 0..{labels[-1]} "
                             f"({len(labels) - 1} classes + background)")
+            continue
+        try:
+            meta = json.loads(parts["json"])
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or meta.get("label") != label:
+            problems.append(f"{name}: sample {key} has a .json that does not give its label {label}")
+        if indexed and indexed.get(key) != label:
+            problems.append(f"{name}: sample {key} has label {label}, the index says {indexed.get(key)}")
+        if not (parts["jpg"].startswith(b"\xff\xd8") and parts["jpg"].rstrip(b"\0").endswith(b"\xff\xd9")):
+            problems.append(f"{name}: sample {key} has a .jpg that is not a whole JPEG")
     return count, problems
 
 
@@ -70,10 +85,14 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
     problems: list[str] = []
     labels = _label_range(manifest)
     index_counts: Counter = Counter()
+    index_labels: dict[str, dict[str, int]] = {}
     index_file = root / manifest.get("index", "index.parquet")
     if index_file.is_file():
         table = read_index(index_file)
         index_counts = Counter(table.column("shard").to_pylist())
+        for shard_name, key, label in zip(table.column("shard").to_pylist(), table.column("key").to_pylist(),
+                                          table.column("label").to_pylist()):
+            index_labels.setdefault(shard_name, {})[key] = label
         bad = sorted({v for v in table.column("label").to_pylist() if v not in labels})
         if bad:
             problems.append(f"index {index_file.name}: labels {bad[:10]} outside 0..{labels[-1]}")
@@ -96,7 +115,8 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
             if sha256_file(path) != shard["sha256"]:
                 problems.append(f"{name}: sha256 differs from the manifest")
             try:
-                samples, sample_problems = _sample_problems(name, iter_samples(path), labels)
+                samples, sample_problems = _sample_problems(name, iter_samples(path), labels,
+                                                            index_labels.get(name, {}))
             except (ValueError, tarfile.TarError, OSError) as exc:
                 problems.append(f"{name}: unreadable: {exc}")
                 continue

@@ -286,3 +286,31 @@ def test_split_shards_matches_the_greedy_rule(seed):
     sizes = rng.integers(1, 5000, size=int(rng.integers(0, 400)))
     for max_bytes, max_samples in ((10_000, 7), (3000, 1000), (1, 3), (10**9, 50)):
         assert split_shards(sizes, max_bytes, max_samples) == greedy(sizes, max_bytes, max_samples)
+
+
+def test_verify_checks_each_sample_against_its_json_the_index_and_the_jpeg_end(built_synthetic, tmp_path):
+    """A set whose sha256s are all consistent (re-written by someone) can still be wrong inside."""
+    import shutil
+
+    from jigsawdata.coco import sha256_file
+    from jigsawdata.shards import index_path, iter_samples, write_shard
+
+    out = tmp_path / "set"
+    shutil.copytree(built_synthetic, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    shard = manifest["groups"]["S"]["shards"][0]
+    samples = [(key, dict(parts)) for key, parts in iter_samples(out / shard["name"])]
+    (k0, p0), (k1, p1) = samples[0], samples[1]
+    p0["jpg"] = p0["jpg"][: len(p0["jpg"]) // 2]  # truncated
+    other = (int(p1["cls"]) + 1) % len(manifest["classes"])
+    meta = json.loads(p1["json"])
+    meta["label"] = other
+    p1["cls"], p1["json"] = str(other).encode(), json.dumps(meta).encode()  # consistent, but not the index's
+    n, nbytes, digest = write_shard(out / shard["name"], [(k, [(e, p[e]) for e in ("jpg", "cls", "json")])
+                                                          for k, p in samples])
+    shard.update(bytes=nbytes, sha256=digest, idx_sha256=sha256_file(index_path(out / shard["name"])))
+    manifest["groups"]["S"]["bytes"] = sum(s["bytes"] for s in manifest["groups"]["S"]["shards"])
+    write_json_atomic(out / "manifest.json", manifest)
+    problems = verify_shard_set(out)
+    assert f"{shard['name']}: sample {k0} has a .jpg that is not a whole JPEG" in problems
+    assert any(p.startswith(f"{shard['name']}: sample {k1} has label {other}, the index says") for p in problems)
