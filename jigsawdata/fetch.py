@@ -67,7 +67,7 @@ def read_remote_manifest(url: str) -> dict:
         raise FetchError(f"no {MANIFEST_NAME} at {url}: not a published shard set") from exc
     except json.JSONDecodeError as exc:
         raise FetchError(f"{url}/{MANIFEST_NAME} is not valid JSON: {exc}") from exc
-    check_version(manifest, Path(f"{url}/{MANIFEST_NAME}"))
+    check_version(manifest, f"{url}/{MANIFEST_NAME}")  # a URL: Path would fold its "//"
     return manifest
 
 

@@ -92,7 +92,7 @@ def major(version: str) -> int:
     return int(str(version).split(".", 1)[0])
 
 
-def check_version(manifest: dict, where: Path) -> None:
+def check_version(manifest: dict, where: Path | str) -> None:
     version = manifest.get("format_version")
     if version is None:
         raise InputError(f"{where} has no format_version: not a jigsawdata manifest")

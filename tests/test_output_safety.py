@@ -150,6 +150,10 @@ def test_export_refuses_to_write_over_its_input(tmp_path):
         result = CliRunner().invoke(main, ["export", str(target), "--out", str(run / "checkpoint.pt")])
         assert result.exit_code == 1 and "would overwrite its input" in result.output, result.output
     assert (run / "checkpoint.pt").read_bytes() == before
+    (run / "config.json").write_text("{}")
+    result = CliRunner().invoke(main, ["export", str(run), "--out", str(run / "config.json")])
+    assert result.exit_code == 1 and "would overwrite a file of the run it exports" in result.output, result.output
+    assert (run / "config.json").read_text() == "{}"
     result = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "bb.pth")])
     assert result.exit_code == 0, result.output
 

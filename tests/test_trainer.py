@@ -231,3 +231,11 @@ def test_precision_modes():
     assert not Precision.of("off", gpu).enabled and not Precision.of("bf16", cpu).enabled
     with pytest.raises(InputError, match="--amp must be one of"):
         Precision.of("fp8", gpu)
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_a_one_line_reason(tmp_path):
+    bad = tmp_path / "g.pt"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(InputError) as err:
+        ckpt_io.load(bad)
+    assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)

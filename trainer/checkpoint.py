@@ -28,7 +28,13 @@ def load(path: Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a foreign pickle, a truncated file, ...
-        raise InputError(f"{path} is not a loadable checkpoint: {exc}") from exc
+        raise InputError(f"{path} is not a loadable checkpoint: {first_line(exc)}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path} is not a jigsawdata pre-training checkpoint")
     return ckpt
+
+
+def first_line(exc: Exception) -> str:
+    """The gist of a loading error: torch's own text goes on to suggest ``weights_only=False``,
+    which would run whatever code the file holds."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -26,6 +26,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from jigsawdata.errors import InputError
 
+from .checkpoint import first_line
 from .model import ARCHS, build_backbone
 
 DETECTORS = ("c4", "fpn", "mask")
@@ -75,7 +76,7 @@ def read_init(init: str, arch: str) -> "OrderedDict[str, torch.Tensor] | None":
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"--init {init}: not a loadable weights file ({exc})") from exc
+        raise InputError(f"--init {init}: not a loadable weights file ({first_line(exc)})") from exc
     if isinstance(obj, dict) and obj.get("format") == "jigsawdata-pretrain-1":
         if obj["arch"] != arch:
             raise InputError(f"--init {init} holds a {obj['arch']} backbone, not {arch} (use --arch {obj['arch']})")

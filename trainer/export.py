@@ -48,6 +48,8 @@ def export(checkpoint: Path, fmt: str, out: Path) -> dict:
     source = Path(checkpoint) / "checkpoint.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
     if Path(out).resolve() == source.resolve():
         raise InputError(f"--out {out} would overwrite its input {source}: choose another file")
+    if Path(out).exists() and Path(out).resolve().parent == source.resolve().parent:
+        raise InputError(f"--out {out} would overwrite a file of the run it exports: choose another file")
     ckpt = load(checkpoint)
     state = backbone_state(ckpt)
     meta = {"arch": ckpt["arch"], "iteration": ckpt["iteration"], "source": "jigsawdata " + __version__}
