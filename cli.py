@@ -98,6 +98,8 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.option("--pos-per-neg", default=10.0, show_default=True, help="Positives per negative crop.")
 @click.option("--max-enlarge", default=2.0, show_default=True, help="Largest context growth per axis.")
 @click.option("--min-box-size", default=4, show_default=True, help="Smallest GT box side (px) kept as a positive.")
+@click.option("--negatives-avoid", type=click.Choice(["crops", "gt"]), default="crops", show_default=True,
+              help="What negatives must not touch: the enlarged positive crops (the paper) or only the GT boxes.")
 @click.option("--jpeg-quality", default=90, show_default=True)
 @click.option("--shard-size", default="256MB", show_default=True, help="Largest shard payload.")
 @click.option("--shard-samples", default=10_000, show_default=True, help="Most samples per shard.")
@@ -106,7 +108,7 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.option("--license", "license_", help="Licence of the source set, for the dataset card "
               "(default: COCO's terms for a COCO-derived set, else 'unknown').")
 def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spec, pos_per_neg,
-                     max_enlarge, min_box_size, jpeg_quality, shard_size, shard_samples, chunk_images,
+                     max_enlarge, min_box_size, negatives_avoid, jpeg_quality, shard_size, shard_samples, chunk_images,
                      keep_staging, license_) -> None:
     """Extract positive and negative crops from a COCO set into grouped WebDataset shards.
 
@@ -121,7 +123,8 @@ def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spe
     part, parts = parse_part(part_spec)
     try:
         cfg = BuildConfig(seed=seed, sampling=SamplingConfig(max_enlarge=max_enlarge, pos_per_neg=pos_per_neg,
-                                                              min_box_size=min_box_size),
+                                                              min_box_size=min_box_size,
+                                                              negatives_avoid=negatives_avoid),
                           jpeg_quality=jpeg_quality, shard_size=parse_size(shard_size),
                           shard_samples=shard_samples, chunk_images=chunk_images)
     except ValueError as exc:
