@@ -230,7 +230,8 @@ def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--fit", type=click.Choice(["pad_crop", "warp", "resize"]), default="pad_crop", show_default=True)
 @click.option("--canvas", default=224, show_default=True)
-@click.option("--split", default=64, show_default=True)
+@click.option("--template-split", "split", default=64, show_default=True,
+              help="Where the template cuts the canvas (px from the top-left), not a data split.")
 @click.option("--seed", default=0, show_default=True)
 def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, device: str, fit: str,
             canvas: int, split: int, seed: int) -> None:
@@ -267,7 +268,13 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
 @click.option("--lr-peak", default=0.8, show_default=True, help="Peak lr at batch 512 (scaled linearly).")
 @click.option("--warmup", default=1250, show_default=True, help="Warm-up iterations.")
 @click.option("--canvas", default=224, show_default=True)
-@click.option("--split", default=64, show_default=True)
+@click.option("--template-split", default=64, show_default=True,
+              help="Where the template cuts the canvas (px from the top-left), not a data split.")
+@click.option("--fit", type=click.Choice(["pad_crop", "warp", "resize"]), default="pad_crop", show_default=True,
+              help="How a crop meets its region (paper Table 1).")
+@click.option("--resize-min", default=0.8, show_default=True, help="Smallest random resize factor of a crop.")
+@click.option("--resize-max", default=1.5, show_default=True, help="Largest random resize factor of a crop.")
+@click.option("--flip-p", default=0.5, show_default=True, help="Horizontal flip probability of a crop.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--pipeline", type=click.Choice(["dali", "reference"]), default="dali", show_default=True)
 @click.option("--workers", default=4, show_default=True, help="DALI threads or DataLoader workers per rank.")
@@ -279,23 +286,30 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True)
 @click.option("--cache-dir", help="Where --shards URLs are fetched to (default: $JIGSAWDATA_CACHE or "
               "~/.cache/jigsawdata).")
+@click.option("--val-shards", help="Shards of a held-out split (e.g. val2017): region accuracy on fixed jigsaw "
+              "images every --val-every iterations and at the end.")
+@click.option("--val-every", default=1000, show_default=True)
+@click.option("--val-images", default=256, show_default=True, help="Fixed jigsaw images validated on.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 def pretrain(resume: bool, **options) -> None:
     """ERF-adaptive dense classification pre-training on jigsaw batches (torchrun for many GPUs)."""
     from tqdm import tqdm
 
     from trainer.pretrain import PretrainConfig, Trainer
+    from trainer.validate import format_validation
 
     cfg = PretrainConfig(**options)
     bar = None
+    shown: dict = {}
 
     def on_log(m: dict) -> None:
         bar.n = m["iteration"]
+        val = {"val": f"{100 * shown['val_accuracy']:.1f}%/{100 * shown['val_majority']:.1f}%"} if shown else {}
         bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.4f}", ips=f"{m['images_per_s']:.0f}",
-                        wait=f"{100 * m['data_wait_fraction']:.1f}%", refresh=False)
+                        wait=f"{100 * m['data_wait_fraction']:.1f}%", **val, refresh=False)
         bar.refresh()
 
-    trainer = Trainer(cfg, resume=resume, on_log=on_log)
+    trainer = Trainer(cfg, resume=resume, on_log=on_log, on_validate=shown.update)
     bar = tqdm(total=cfg.iterations, initial=trainer.iteration, unit="it", desc="pretrain", dynamic_ncols=True,
                disable=not trainer.dist.main)
     try:
@@ -305,6 +319,24 @@ def pretrain(resume: bool, **options) -> None:
     if trainer.dist.main:
         click.echo(f"done: {trainer.iteration} iterations, last loss {metrics.get('loss', float('nan')):.4f}; "
                    f"checkpoint {cfg.out}/checkpoint.pt")
+        if trainer.last_validation:
+            click.echo(f"region accuracy on {cfg.val_shards} (majority-class rate beside it):")
+            click.echo(format_validation(trainer.last_validation))
+
+
+@main.command("evaluate-pretrain")
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option("--shards", required=True, help="Shards of a held-out split, with the run's classes.")
+@click.option("--images", default=256, show_default=True, help="Fixed jigsaw images to measure on.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json: bool) -> None:
+    """Region top-1 accuracy of a pre-training checkpoint on fixed jigsaw images, with the
+    majority-class rate beside it (the same figure pretrain --val-shards logs)."""
+    from trainer.validate import evaluate_checkpoint, format_validation
+
+    metrics = evaluate_checkpoint(run, shards, images, device)
+    click.echo(json.dumps(metrics, indent=2) if as_json else format_validation(metrics))
 
 
 @main.command()
