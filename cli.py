@@ -394,10 +394,14 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
 @click.option("--arch", type=click.Choice(["resnet18", "resnet50", "resnet101", "resnext101_32x4d"]),
               default="resnet50", show_default=True)
 @click.option("--norm", type=click.Choice(["frozen_bn", "bn", "gn"]),
-              help="Backbone normalisation (default: frozen_bn with pretrained weights, bn from scratch).")
+              help="Normalisation (default: frozen_bn with pretrained weights, bn from scratch); gn also puts "
+                   "GroupNorm in the FPN and a 4conv1fc box head (the paper's scratch baseline).")
 @click.option("--split", default="train2017", show_default=True)
 @click.option("--val-split", help="Split evaluated after training (default: --split).")
-@click.option("--schedule", type=click.Choice(["1x", "2x"]), default="1x", show_default=True)
+@click.option("--schedule", default="1x", show_default=True,
+              help="Nx = N times 13 epochs with drops after 9N and 12N: 1x, 2x, 3x, ...")
+@click.option("--epochs", type=int, help="Any length instead (drops at the same relative points), e.g. to match "
+              "a from-scratch run's cost to pre-training + fine-tuning.")
 @click.option("--batch", default=16, show_default=True, help="Global batch (all ranks).")
 @click.option("--lr", default=0.02, show_default=True, help="At batch 16, scaled linearly.")
 @click.option("--warmup", default=500, show_default=True)
