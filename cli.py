@@ -174,11 +174,18 @@ def merge_manifests(root: Path) -> None:
 @main.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(root: Path, as_json: bool) -> None:
+@click.option("--padding", is_flag=True, help="Also the share of jigsaw canvas pixels that are zero padding "
+              "(the paper's setting: pad_crop, resize 0.8-1.5, 224 canvas cut at 64).")
+def info(root: Path, as_json: bool, padding: bool) -> None:
     """Summarise a shard set: samples per group and class, sizes, skips."""
     from jigsawdata.verify import summarize
 
     summary = summarize(root)
+    if padding:
+        from pipelines.config import JigsawConfig
+        from pipelines.utilisation import crop_sizes, padding_share
+
+        summary["padding"] = padding_share(crop_sizes(root), JigsawConfig())
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -190,6 +197,10 @@ def info(root: Path, as_json: bool) -> None:
     click.echo("samples per class: " + ", ".join(f"{k} {v}" for k, v in summary["classes"].items()))
     click.echo("counts: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()))
     click.echo(f"skipped images: {summary['skipped_images']}")
+    if padding:
+        p = summary["padding"]
+        click.echo(f"zero padding: {100 * p['padding_share']:.1f}% of canvas pixels over {p['images']} drawn "
+                   "images (" + ", ".join(f"{k} {100 * v:.1f}%" for k, v in p["per_region"].items()) + ")")
 
 
 @main.command()
