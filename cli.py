@@ -380,11 +380,11 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
     from trainer.erf import effective_receptive_fields, erf_weights
     from trainer.erfviz import render_erf
     from trainer.model import DenseClassifier
-    from trainer.pretrain import PretrainConfig
+    from trainer.pretrain import PretrainConfig, saved_config
     from trainer.runtime import config_from
 
     ckpt = load(run_dir)
-    cfg = config_from(PretrainConfig, ckpt["config"])
+    cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
     model = DenseClassifier(ckpt["arch"], len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
     batch, _ = next(iter(reference_loader(shards or cfg.shards, images, JigsawConfig(template=cfg.template),

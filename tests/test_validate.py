@@ -85,3 +85,11 @@ def test_bad_pretrain_ablation_settings_are_one_line_errors(built_real, tmp_path
     result = CliRunner().invoke(main, ["pretrain", "--shards", str(built_real), "--out", str(tmp_path / "r"),
                                        "--resize-min", "2", "--resize-max", "1"])
     assert result.exit_code == 1 and "scale must be a range" in result.output and "Traceback" not in result.output
+
+
+def test_runs_saved_before_the_rename_keep_their_template_split():
+    from trainer.pretrain import PretrainConfig, saved_config
+    from trainer.runtime import config_from
+
+    cfg = config_from(PretrainConfig, saved_config({"shards": "s", "out": "o", "split": 32, "canvas": 128}))
+    assert cfg.template == Template(canvas=128, split=32)

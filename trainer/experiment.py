@@ -190,7 +190,7 @@ def _finetune(cfg: ExperimentConfig, cell: Cell, data: Data, run: Path, init: st
                           norm="gn" if cell.init == "scratch" else None, split=data.split, val_split=data.val_split,
                           schedule=cfg.schedule, epochs=epochs, batch=cfg.ft_batch, lr=cfg.ft_lr,
                           warmup=cfg.ft_warmup, min_size=cfg.min_size, max_size=cfg.max_size,
-                          rois_per_image=cfg.rois_per_image, workers=min(cfg.workers, 2), device=cfg.device,
+                          rois_per_image=cfg.rois_per_image, workers=cfg.workers, device=cfg.device,
                           seed=cfg.seed, max_iters=cfg.max_iters, max_images=cfg.max_images, log_every=50)
     trainer = Finetuner(fcfg, resume=(run / "checkpoint.pt").is_file())
     seconds = _timed(run.parent / "finetune-time.json", trainer.train)

@@ -112,6 +112,15 @@ class PretrainConfig:
 
 
 # Settings that may differ between a run and its resumption.
+_RENAMED = {"split": "template_split"}
+"""Settings that earlier versions saved under another name."""
+
+
+def saved_config(values: dict) -> dict:
+    """A checkpoint's saved settings under today's names."""
+    return {_RENAMED.get(k, k): v for k, v in values.items()}
+
+
 _RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device", "cache_dir", "val_shards", "val_every",
               "val_images"}
 
@@ -176,7 +185,8 @@ class Trainer:
     def _restore(self):
         ckpt = ckpt_io.load(self.out / "checkpoint.pt", map_location=self.device)
         saved = ckpt["config"]
-        diff = sorted(k for k in saved if k not in _RESUMABLE and saved[k] != getattr(self.cfg, k, None))
+        diff = sorted(k for k, v in saved_config(saved).items()
+                      if k not in _RESUMABLE and v != getattr(self.cfg, k, None))
         if diff:
             raise InputError(f"cannot resume {self.out}: settings differ from the saved run in {', '.join(diff)}")
         if len(ckpt["data"]["states"]) != self.dist.world:

@@ -121,11 +121,11 @@ def evaluate_checkpoint(run: Path | str, shards: Path | str, images: int = 256, 
     """:func:`validate` for a pre-training run directory or checkpoint file."""
     from .checkpoint import load
     from .model import DenseClassifier
-    from .pretrain import PretrainConfig
+    from .pretrain import PretrainConfig, saved_config
     from .runtime import config_from
 
     ckpt = load(Path(run))
-    cfg = config_from(PretrainConfig, ckpt["config"])
+    cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     model = DenseClassifier(ckpt["arch"], len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
