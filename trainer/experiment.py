@@ -88,7 +88,7 @@ def preset(name: str, out: str, **overrides) -> ExperimentConfig:
         base = ExperimentConfig(out=out, arch="resnet18", device="cpu", threads=2, synthetic_images=240,
                                 iterations=160, batch=32, warmup=16, canvas=128, template_split=32, erf_every=40,
                                 erf_images=16, val_every=40, val_images=96, pipeline="reference", workers=1,
-                                detector="fpn", epochs=3, ft_batch=4, ft_lr=0.02, ft_warmup=50, min_size=160,
+                                detector="fpn", epochs=2, ft_batch=4, ft_lr=0.02, ft_warmup=50, min_size=160,
                                 max_size=224, rois_per_image=64)
     elif name == "paper":
         base = ExperimentConfig(out=out)
