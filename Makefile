@@ -1,6 +1,7 @@
 # Two entry points on a fresh machine (Python 3.11 + pip, no GPU needed):
-#   make demo   - install; build shards from the embedded synthetic COCO set, preview jigsaw images,
-#                 pre-train a small backbone for a few iterations and export it
+#   make demo   - install; build shards from the embedded synthetic COCO set (train and a held-out
+#                 val split), preview jigsaw images, pre-train a small backbone for a few iterations
+#                 with region accuracy on the held-out shards, and export it
 #   make test   - install, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,13 +20,16 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(BIN)/jigsawdata make-synthetic $(DEMO)/coco
-	$(BIN)/jigsawdata build-shards $(DEMO)/coco --out $(DEMO)/shards --workers 2
+	$(BIN)/jigsawdata make-synthetic $(DEMO)/coco --split val --images 16 --seed 1
+	$(BIN)/jigsawdata build-shards $(DEMO)/coco --split train --out $(DEMO)/shards --workers 2
+	$(BIN)/jigsawdata build-shards $(DEMO)/coco --split val --out $(DEMO)/val-shards
 	$(BIN)/jigsawdata info $(DEMO)/shards
 	$(BIN)/jigsawdata verify $(DEMO)/shards
 	$(BIN)/jigsawdata preview $(DEMO)/shards --out $(DEMO)/preview.png
 	rm -rf $(DEMO)/run
 	$(BIN)/jigsawdata pretrain --shards $(DEMO)/shards --out $(DEMO)/run --arch resnet18 --iterations 10 \
-		--batch 8 --warmup 2 --log-every 2 --erf-images 2 --workers 2
+		--batch 8 --warmup 2 --log-every 2 --erf-images 2 --workers 2 --val-shards $(DEMO)/val-shards --val-every 5
+	$(BIN)/jigsawdata evaluate-pretrain $(DEMO)/run --shards $(DEMO)/val-shards
 	$(BIN)/jigsawdata export $(DEMO)/run --format torchvision --out $(DEMO)/resnet18-jigsaw.pth
 
 test: install

@@ -109,6 +109,8 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.option("--pos-per-neg", default=10.0, show_default=True, help="Positives per negative crop.")
 @click.option("--max-enlarge", default=2.0, show_default=True, help="Largest context growth per axis.")
 @click.option("--min-box-size", default=4, show_default=True, help="Smallest GT box side (px) kept as a positive.")
+@click.option("--negatives-avoid", type=click.Choice(["crops", "gt"]), default="crops", show_default=True,
+              help="What negatives must not touch: the enlarged positive crops (the paper) or only the GT boxes.")
 @click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100))
 @click.option("--shard-size", default="256MB", show_default=True, help="Largest shard payload.")
 @click.option("--shard-samples", default=10_000, show_default=True, type=click.IntRange(min=1),
@@ -122,8 +124,8 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.option("--license", "license_", help="Licence of the source set, for the dataset card "
               "(default: COCO's terms for a COCO-derived set, else 'unknown').")
 def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spec, pos_per_neg,
-                     max_enlarge, min_box_size, jpeg_quality, shard_size, shard_samples, chunk_images,
-                     max_pixels, strict, keep_staging, license_) -> None:
+                     max_enlarge, min_box_size, negatives_avoid, jpeg_quality, shard_size, shard_samples,
+                     chunk_images, max_pixels, strict, keep_staging, license_) -> None:
     """Extract positive and negative crops from a COCO set into grouped WebDataset shards.
 
     Rerunning the same command resumes an interrupted build.
@@ -137,7 +139,8 @@ def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spe
     part, parts = parse_part(part_spec)
     try:
         cfg = BuildConfig(seed=seed, sampling=SamplingConfig(max_enlarge=max_enlarge, pos_per_neg=pos_per_neg,
-                                                              min_box_size=min_box_size),
+                                                              min_box_size=min_box_size,
+                                                              negatives_avoid=negatives_avoid),
                           jpeg_quality=jpeg_quality, shard_size=parse_size(shard_size),
                           shard_samples=shard_samples, chunk_images=chunk_images, max_pixels=max_pixels)
     except ValueError as exc:
@@ -187,11 +190,18 @@ def merge_manifests(root: Path) -> None:
 @main.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(root: Path, as_json: bool) -> None:
+@click.option("--padding", is_flag=True, help="Also the share of jigsaw canvas pixels that are zero padding "
+              "(the paper's setting: pad_crop, resize 0.8-1.5, 224 canvas cut at 64).")
+def info(root: Path, as_json: bool, padding: bool) -> None:
     """Summarise a shard set: samples per group and class, sizes, skips (reads; does not verify)."""
     from jigsawdata.verify import summarize
 
     summary = summarize(root)
+    if padding:
+        from pipelines.config import JigsawConfig
+        from pipelines.utilisation import crop_sizes, padding_share
+
+        summary["padding"] = padding_share(crop_sizes(root), JigsawConfig())
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -203,6 +213,10 @@ def info(root: Path, as_json: bool) -> None:
     click.echo("samples per class: " + ", ".join(f"{k} {v}" for k, v in summary["classes"].items()))
     click.echo("counts: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()))
     click.echo(f"skipped images: {summary['skipped_images']}")
+    if padding:
+        p = summary["padding"]
+        click.echo(f"zero padding: {100 * p['padding_share']:.1f}% of canvas pixels over {p['images']} drawn "
+                   "images (" + ", ".join(f"{k} {100 * v:.1f}%" for k, v in p["per_region"].items()) + ")")
     click.echo(f"(read from the manifest and index, not checked: run `jigsawdata verify {root}` for that)")
 
 
@@ -244,7 +258,8 @@ def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--fit", type=click.Choice(["pad_crop", "warp", "resize"]), default="pad_crop", show_default=True)
 @click.option("--canvas", default=224, show_default=True)
-@click.option("--split", default=64, show_default=True)
+@click.option("--template-split", "split", default=64, show_default=True,
+              help="Where the template cuts the canvas (px from the top-left), not a data split.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard against the manifest first (cached: free on later runs).")
@@ -287,7 +302,13 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
 @click.option("--lr-peak", default=0.8, show_default=True, type=click.FloatRange(min=0.0, min_open=True), help="Peak lr at batch 512 (scaled linearly).")
 @click.option("--warmup", default=1250, show_default=True, type=click.IntRange(min=0), help="Warm-up iterations.")
 @click.option("--canvas", default=224, show_default=True)
-@click.option("--split", default=64, show_default=True)
+@click.option("--template-split", default=64, show_default=True,
+              help="Where the template cuts the canvas (px from the top-left), not a data split.")
+@click.option("--fit", type=click.Choice(["pad_crop", "warp", "resize"]), default="pad_crop", show_default=True,
+              help="How a crop meets its region (paper Table 1).")
+@click.option("--resize-min", default=0.8, show_default=True, help="Smallest random resize factor of a crop.")
+@click.option("--resize-max", default=1.5, show_default=True, help="Largest random resize factor of a crop.")
+@click.option("--flip-p", default=0.5, show_default=True, help="Horizontal flip probability of a crop.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--pipeline", type=click.Choice(["dali", "reference"]), default="dali", show_default=True)
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0),
@@ -302,23 +323,30 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
               "~/.cache/jigsawdata).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard against the manifest before the first batch (cached: free on later runs).")
+@click.option("--val-shards", help="Shards of a held-out split (e.g. val2017): region accuracy on fixed jigsaw "
+              "images every --val-every iterations and at the end.")
+@click.option("--val-every", default=1000, show_default=True)
+@click.option("--val-images", default=256, show_default=True, help="Fixed jigsaw images validated on.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 def pretrain(resume: bool, **options) -> None:
     """ERF-adaptive dense classification pre-training on jigsaw batches (torchrun for many GPUs)."""
     from tqdm import tqdm
 
     from trainer.pretrain import PretrainConfig, Trainer
+    from trainer.validate import format_validation
 
     cfg = PretrainConfig(**options)
     bar = None
+    shown: dict = {}
 
     def on_log(m: dict) -> None:
         bar.n = m["iteration"]
+        val = {"val": f"{100 * shown['val_accuracy']:.1f}%/{100 * shown['val_majority']:.1f}%"} if shown else {}
         bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.4f}", ips=f"{m['images_per_s']:.0f}",
-                        wait=f"{100 * m['data_wait_fraction']:.1f}%", refresh=False)
+                        wait=f"{100 * m['data_wait_fraction']:.1f}%", **val, refresh=False)
         bar.refresh()
 
-    trainer = Trainer(cfg, resume=resume, on_log=on_log)
+    trainer = Trainer(cfg, resume=resume, on_log=on_log, on_validate=shown.update)
     bar = tqdm(total=cfg.iterations, initial=trainer.iteration, unit="it", desc="pretrain", dynamic_ncols=True,
                disable=not trainer.dist.main)
     try:
@@ -328,6 +356,24 @@ def pretrain(resume: bool, **options) -> None:
     if trainer.dist.main:
         click.echo(f"done: {trainer.iteration} iterations, last loss {metrics.get('loss', float('nan')):.4f}; "
                    f"checkpoint {cfg.out}/checkpoint.pt")
+        if trainer.last_validation:
+            click.echo(f"region accuracy on {cfg.val_shards} (majority-class rate beside it):")
+            click.echo(format_validation(trainer.last_validation))
+
+
+@main.command("evaluate-pretrain")
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option("--shards", required=True, help="Shards of a held-out split, with the run's classes.")
+@click.option("--images", default=256, show_default=True, help="Fixed jigsaw images to measure on.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json: bool) -> None:
+    """Region top-1 accuracy of a pre-training checkpoint on fixed jigsaw images, with the
+    majority-class rate beside it (the same figure pretrain --val-shards logs)."""
+    from trainer.validate import evaluate_checkpoint, format_validation
+
+    metrics = evaluate_checkpoint(run, shards, images, device)
+    click.echo(json.dumps(metrics, indent=2) if as_json else format_validation(metrics))
 
 
 @main.command()
@@ -360,11 +406,11 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
     from trainer.erf import effective_receptive_fields, erf_weights
     from trainer.erfviz import render_erf
     from trainer.model import DenseClassifier
-    from trainer.pretrain import PretrainConfig
+    from trainer.pretrain import PretrainConfig, saved_config
     from trainer.runtime import config_from
 
     ckpt = load(run_dir)
-    cfg = config_from(PretrainConfig, ckpt["config"])
+    cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
     model = DenseClassifier(ckpt["arch"], len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
     batch, _ = next(iter(reference_loader(shards or cfg.shards, images, JigsawConfig(template=cfg.template),
@@ -385,10 +431,14 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
 @click.option("--arch", type=click.Choice(["resnet18", "resnet50", "resnet101", "resnext101_32x4d"]),
               default="resnet50", show_default=True)
 @click.option("--norm", type=click.Choice(["frozen_bn", "bn", "gn"]),
-              help="Backbone normalisation (default: frozen_bn with pretrained weights, bn from scratch).")
+              help="Normalisation (default: frozen_bn with pretrained weights, bn from scratch); gn also puts "
+                   "GroupNorm in the FPN and a 4conv1fc box head (the paper's scratch baseline).")
 @click.option("--split", default="train2017", show_default=True)
 @click.option("--val-split", help="Split evaluated after training (default: --split).")
-@click.option("--schedule", type=click.Choice(["1x", "2x"]), default="1x", show_default=True)
+@click.option("--schedule", default="1x", show_default=True,
+              help="Nx = N times 13 epochs with drops after 9N and 12N: 1x, 2x, 3x, ...")
+@click.option("--epochs", type=click.IntRange(min=1), help="Any length instead (drops at the same relative points), "
+              "e.g. to match a from-scratch run's cost to pre-training + fine-tuning.")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Global batch (all ranks).")
 @click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
               help="At batch 16, scaled linearly.")
@@ -430,6 +480,55 @@ def evaluate(run_dir: Path, coco: str | None, split: str | None, max_images: int
     from trainer.finetune import evaluate_run
 
     click.echo(format_table(evaluate_run(run_dir, coco, split, max_images, device)))
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Experiment directory (resumable).")
+@click.option("--preset", type=click.Choice(["tiny", "paper"]), default="tiny", show_default=True,
+              help="tiny: a cluttered synthetic set, ResNet-18, a 2-core CPU; paper: COCO, ResNet-50, GPUs.")
+@click.option("--coco", type=click.Path(exists=True, file_okay=False), help="COCO root (the paper preset's data).")
+@click.option("--split", help="Training split (paper preset: train2017).")
+@click.option("--val-split", help="Held-out split: pre-training validation and detection evaluation (val2017).")
+@click.option("--losses", default="erf,blockwise,global", show_default=True,
+              help="Pre-training losses, one cell each (Table 2).")
+@click.option("--fits", default="", help="Extra fit modes pre-trained with the ERF loss, e.g. warp,resize (Table 1).")
+@click.option("--imagenet", type=click.Path(exists=True, dir_okay=False),
+              help="A torchvision ResNet state dict: adds an ImageNet-initialised cell.")
+@click.option("--scratch/--no-scratch", default=True, show_default=True,
+              help="The from-scratch GN cell, cost-matched to the erf cell (Table 5).")
+@click.option("--iterations", type=int, help="Pre-training iterations per cell (default: the preset's).")
+@click.option("--epochs", type=int, help="Fine-tuning epochs per cell (default: the preset's schedule).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: the preset's.")
+@click.option("--smoke", is_flag=True, help="A few iterations and images per cell: checks the grid runs.")
+def experiment(out: str, preset: str, coco: str | None, split: str | None, val_split: str | None, losses: str,
+               fits: str,
+               imagenet: str | None, scratch: bool, iterations: int | None, epochs: int | None, device: str | None,
+               smoke: bool) -> None:
+    """The paper's ablation grid end to end: pre-train each loss (and fit mode), a
+    cost-matched scratch baseline, fine-tune and evaluate each; writes table.md,
+    experiment.json and experiment.png. Finished cells are not rerun."""
+    from pipelines.config import FIT_MODES
+    from trainer.experiment import preset as make_preset
+    from trainer.experiment import run_experiment
+    from trainer.losses import LOSSES
+
+    chosen = tuple(name for name in losses.split(",") if name)
+    if any(name not in LOSSES for name in chosen):
+        raise click.BadParameter(f"--losses takes a comma-separated subset of {', '.join(LOSSES)}")
+    extra = tuple(f for f in fits.split(",") if f)
+    if any(f not in FIT_MODES for f in extra):
+        raise click.BadParameter(f"--fits takes a comma-separated subset of {', '.join(FIT_MODES)}")
+    overrides = dict(coco=coco, split=split, val_split=val_split, losses=chosen, fits=extra, imagenet=imagenet,
+                     scratch=scratch, iterations=iterations, epochs=epochs, device=device)
+    if smoke:
+        overrides.update(synthetic_images=12, iterations=iterations or 1, batch=2, warmup=1, erf_every=1,
+                         erf_images=2, val_every=1, val_images=2, max_iters=1, max_images=2, epochs=epochs or 1,
+                         ft_batch=2, min_size=64, max_size=96, rois_per_image=8, pipeline="reference", workers=0)
+    cfg = make_preset(preset, out, **overrides)
+    report = run_experiment(cfg, on_cell=lambda name, cell: click.echo(
+        f"cell {name}: AP {100 * cell['eval']['bbox']['AP']:.1f}"))
+    click.echo((Path(out) / "table.md").read_text().rstrip())
+    click.echo(f"wrote {out}/table.md, experiment.json and experiment.png ({len(report['cells'])} cells)")
 
 
 @main.command()

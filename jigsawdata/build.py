@@ -39,7 +39,7 @@ from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, gro
 from .outdir import (BuildLock, check_out_location, claim_output, lock_path, record_shard,
                      reusable_shard)
 from .records import Records, index_table, load_records, shuffled_groups, split_shards
-from .sampling import SamplingConfig, image_rng, plan_image, shuffle_rng
+from .sampling import SamplingConfig, image_rng, negative_topups, plan_image, shuffle_rng, topup_rng
 from .shards import ShardInfo, index_path, write_shard
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class _ChunkTask:
     staging: Path
     cfg: BuildConfig
     background_label: int
+    topups: tuple[int, ...] = ()
+    """Extra negative placements per image (see :func:`negative_topups`); empty for none."""
 
 
 def _chunk_paths(staging: Path, index: int) -> tuple[Path, Path]:
@@ -104,7 +106,7 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
     tmp_blob = blob_path.with_name(blob_path.name + ".tmp")
     records, skipped, counts, exif = [], [], Counter(), []
     with open(tmp_blob, "wb") as blob:
-        for image in task.images:
+        for i, image in enumerate(task.images):
             decoded = load_image(image, task.images_dir, task.cfg.max_pixels)
             pixels, reason = decoded.image, decoded.skip
             if decoded.exif_orientation is not None:
@@ -116,7 +118,9 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
                 continue
             counts["images_used"] += 1
             crops, image_counts = plan_image(image, task.cfg.sampling, task.background_label,
-                                             image_rng(task.cfg.seed, image.image_id))
+                                             image_rng(task.cfg.seed, image.image_id),
+                                             task.topups[i] if task.topups else 0,
+                                             topup_rng(task.cfg.seed, image.image_id))
             counts.update(image_counts)
             for crop in crops:
                 data = _encode_jpeg(pixels.crop(crop.crop_box), task.cfg.jpeg_quality)
@@ -242,7 +246,9 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
         progress("extract", sum(len(chunks[i]) for i in staged), 0)
     log.info("extracting crops from %d images in %d chunks (%d staged already), %d workers",
              len(mine), len(chunks), len(staged), workers)
-    _run_extract([_ChunkTask(i, chunks[i], source.images_dir, staging, cfg, source.background_label)
+    topups = negative_topups(mine, cfg.sampling, source.background_label, cfg.seed) if pending else {}
+    _run_extract([_ChunkTask(i, chunks[i], source.images_dir, staging, cfg, source.background_label,
+                             tuple(topups.get(im.image_id, 0) for im in chunks[i]) if topups else ())
                   for i in pending], workers, progress)
 
     records, extras = load_records(len(chunks), lambda i: json.loads(_chunk_paths(staging, i)[1].read_text()),

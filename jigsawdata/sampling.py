@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -17,8 +18,10 @@ from . import geometry
 from .coco import ImageRecord
 from .grouping import group_of
 
+NEGATIVES_AVOID = ("crops", "gt")
 _IMAGE_STREAM = 1  # keeps per-image generators apart from the shuffle's (see shuffle_rng)
 _SHUFFLE_STREAM = 2
+_TOPUP_STREAM = 3
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ class SamplingConfig:
     negative_shrink: float = 0.9
     """Each failed size is followed by a size this much smaller, so crowded images still
     yield background crops (never below ``min_box_size``) [ours]."""
+    negatives_avoid: str = "crops"
+    """What a negative must not touch: ``crops``, the enlarged positive crops and every GT
+    box (PAPER.md 1: negatives exclusive with the positive samples), or ``gt``, the GT boxes
+    only, so a negative may share context pixels with a positive crop [ours, the option]."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_enlarge) and self.max_enlarge >= 1.0):
@@ -44,6 +51,8 @@ class SamplingConfig:
             raise ValueError(f"negative_shrink must be in (0, 1], got {self.negative_shrink}")
         if self.min_box_size < 1 or self.negative_tries < 1:
             raise ValueError("min_box_size and negative_tries must be >= 1")
+        if self.negatives_avoid not in NEGATIVES_AVOID:
+            raise ValueError(f"negatives_avoid must be one of {NEGATIVES_AVOID}, got {self.negatives_avoid!r}")
 
 
 @dataclass(frozen=True)
@@ -84,12 +93,15 @@ def sample_key(image_id: int, index: int) -> str:
 
 
 def plan_image(image: ImageRecord, cfg: SamplingConfig, background_label: int,
-               rng: np.random.Generator) -> tuple[list[CropSpec], Counter]:
-    """Crops of one image and the counts of what was left out, by reason."""
+               rng: np.random.Generator, extra_negatives: int = 0,
+               extra_rng: np.random.Generator | None = None) -> tuple[list[CropSpec], Counter]:
+    """Crops of one image and the counts of what was left out, by reason.
+
+    ``extra_negatives`` more placements are tried with ``extra_rng`` after the image's own
+    negatives: the top-up :func:`negative_topups` assigns to images with room.
+    """
     counts: Counter = Counter(image.dropped)
     crops: list[CropSpec] = []
-    objects = np.array([geometry.xywh_to_xyxy(b.bbox) for b in image.boxes], dtype=np.float64).reshape(-1, 4)
-    sizes = []
     for box in image.boxes:
         if box.iscrowd:
             counts["crowd_boxes"] += 1
@@ -101,7 +113,6 @@ def plan_image(image: ImageRecord, cfg: SamplingConfig, background_label: int,
         crop = geometry.clip_box(geometry.enlarge_box(hull, rng, cfg.max_enlarge), image.width, image.height)
         crops.append(CropSpec(sample_key(image.image_id, len(crops)), image.image_id, box.ann_id,
                               box.category_id, box.label, box.bbox, crop))
-        sizes.append(geometry.box_size(hull))
     counts["positives"] += len(crops)
     if not crops:
         counts["images_without_positives"] += 1
@@ -110,15 +121,18 @@ def plan_image(image: ImageRecord, cfg: SamplingConfig, background_label: int,
     # Stochastic rounding keeps the overall ratio at pos_per_neg while every image decides alone.
     wanted = len(crops) / cfg.pos_per_neg
     n_neg = math.floor(wanted) + int(rng.random() < wanted - math.floor(wanted))
-    placed = 0
-    for _ in range(n_neg):
-        box = _place_negative(image, objects, sizes, cfg, rng)
-        if box is None:
-            continue
+    counts["negatives_wanted"] += n_neg
+    obstacles, sizes = _negative_context(image, crops, cfg)
+    negatives = _place_negatives(image, obstacles, sizes, cfg, rng, n_neg)
+    placed = len(negatives)
+    if extra_negatives:
+        extra = _place_negatives(image, obstacles, sizes, cfg, extra_rng, extra_negatives)
+        counts["negatives_topped_up"] += len(extra)
+        negatives += extra
+    for box in negatives:
         crops.append(CropSpec(sample_key(image.image_id, len(crops)), image.image_id, None, 0,
                               background_label, None, box))
-        placed += 1
-    counts["negatives"] += placed
+    counts["negatives"] += len(negatives)
     if placed < n_neg:
         counts["negatives_not_placed"] += n_neg - placed
         if placed == 0:
@@ -126,18 +140,79 @@ def plan_image(image: ImageRecord, cfg: SamplingConfig, background_label: int,
     return crops, counts
 
 
+def negative_topups(images: Sequence[ImageRecord], cfg: SamplingConfig, background_label: int,
+                    seed: int) -> dict[int, int]:
+    """Extra negative placements per image id that keep the overall ratio at ``pos_per_neg``.
+
+    Under ``negatives_avoid="crops"`` an image whose enlarged crops cover it places fewer
+    negatives than it wants; this makes up that deficit, one placement per image per round,
+    from images that still have room, visited in a seeded order. It reads annotations only,
+    and each image's extra placements come from its own generator (:func:`topup_rng`), so
+    the extraction of one image reproduces them alone. ``gt`` is left as it was (no top-up).
+    """
+    if cfg.negatives_avoid == "gt":
+        return {}
+    contexts, deficit = {}, 0
+    for image in images:
+        crops, counts = plan_image(image, cfg, background_label, image_rng(seed, image.image_id))
+        deficit += counts["negatives_not_placed"]
+        positives = [c for c in crops if c.ann_id is not None]
+        if positives:
+            contexts[image.image_id] = (image, *_negative_context(image, positives, cfg))
+    order = [int(i) for i in np.random.default_rng([seed, _TOPUP_STREAM]).permutation(sorted(contexts))]
+    rngs = {i: topup_rng(seed, i) for i in order}
+    tries: Counter = Counter()
+    while deficit > 0 and order:
+        with_room = []
+        for image_id in order:
+            if deficit == 0:
+                break
+            image, obstacles, sizes = contexts[image_id]
+            tries[image_id] += 1
+            if _place_negatives(image, obstacles, sizes, cfg, rngs[image_id], 1):
+                deficit -= 1
+                with_room.append(image_id)
+        order = with_room
+    return dict(tries)
+
+
+def topup_rng(seed: int, image_id: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _TOPUP_STREAM, image_id])
+
+
+def _negative_context(image: ImageRecord, positives: Sequence[CropSpec],
+                      cfg: SamplingConfig) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """What a negative must not touch (every GT box, crowd and tiny ones included, plus the
+    enlarged positive crops unless ``negatives_avoid`` is ``gt``) and the object sizes a
+    negative's size is drawn from (each positive's GT box, as whole pixels)."""
+    boxes = [geometry.xywh_to_xyxy(b.bbox) for b in image.boxes]
+    if cfg.negatives_avoid == "crops":
+        boxes += [c.crop_box for c in positives]
+    obstacles = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    sizes = [geometry.box_size(geometry.clip_box(geometry.pixel_hull(geometry.xywh_to_xyxy(c.gt_box)),
+                                                 image.width, image.height)) for c in positives]
+    return obstacles, sizes
+
+
+def _place_negatives(image: ImageRecord, obstacles: np.ndarray, sizes: list[tuple[int, int]],
+                     cfg: SamplingConfig, rng: np.random.Generator, n: int) -> list[geometry.Box]:
+    boxes = (_place_negative(image, obstacles, sizes, cfg, rng) for _ in range(n))
+    return [box for box in boxes if box is not None]
+
+
 _PLACEMENTS_PER_SIZE = 4
 
 
-def _place_negative(image: ImageRecord, objects: np.ndarray, sizes: list[tuple[int, int]],
+def _place_negative(image: ImageRecord, obstacles: np.ndarray, sizes: list[tuple[int, int]],
                     cfg: SamplingConfig, rng: np.random.Generator) -> geometry.Box | None:
     """A background box sized like a random object of the image (grown like a positive),
-    shrinking after each size that finds no object-free place."""
+    shrinking after each size that finds no free place; ``obstacles`` are what it must not
+    touch (GT boxes, and the positive crops unless ``negatives_avoid`` is ``gt``)."""
     for attempt in range(cfg.negative_tries):
         w, h = sizes[int(rng.integers(len(sizes)))]
         scale = rng.uniform(1.0, cfg.max_enlarge, size=2) * cfg.negative_shrink ** attempt
         size = (max(cfg.min_box_size, math.floor(w * scale[0])), max(cfg.min_box_size, math.floor(h * scale[1])))
-        box = geometry.sample_background_box(size, image.width, image.height, objects, rng, _PLACEMENTS_PER_SIZE)
+        box = geometry.sample_background_box(size, image.width, image.height, obstacles, rng, _PLACEMENTS_PER_SIZE)
         if box is not None:
             return box
     return None

@@ -1,5 +1,6 @@
 """build-shards end to end: format, determinism, resumption, parts, verify."""
 
+import hashlib
 import io
 import json
 import tarfile
@@ -12,9 +13,12 @@ from PIL import Image
 
 from cli import main
 from jigsawdata.build import BuildConfig, build_shards
+from jigsawdata.coco import load_coco
 from jigsawdata.errors import InputError
 from jigsawdata.index import read_index
 from jigsawdata.manifest import merge_parts, read_manifest, write_json_atomic
+from jigsawdata.sampling import SamplingConfig
+from jigsawdata.synthetic import make_synthetic_coco
 from jigsawdata.verify import summarize, verify_shard_set
 
 FIELDS = {"image_id", "ann_id", "category_id", "label", "group", "gt_box", "crop_box", "width", "height", "source"}
@@ -258,15 +262,20 @@ def test_ustar_header_matches_tarfile(name, size):
     assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
-def test_build_content_matches_a_build_made_before_records_became_columns(built_synthetic):
+def test_build_content_matches_a_build_made_before_records_became_columns(synthetic_source, small_cfg, tmp_path):
     """The records' storage changed (dicts -> numpy columns + a spill file); what is written
     did not: member order, every .cls and .json member and the index rows equal those of the
     same build made by the earlier code (tests/data, JPEG bytes aside: they depend on the
-    encoder's version, not on this code)."""
+    encoder's version, not on this code). That build placed negatives by the rule now named
+    ``negatives_avoid="gt"``."""
+    from dataclasses import replace
+
     from .build_digest import content_digest
 
+    cfg = replace(small_cfg, sampling=SamplingConfig(negatives_avoid="gt"))
+    build_shards(synthetic_source, tmp_path / "out", cfg)
     golden = json.loads((Path(__file__).parent / "data" / "build_digest_24_synthetic.json").read_text())
-    assert content_digest(built_synthetic) == golden
+    assert content_digest(tmp_path / "out") == golden
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -314,3 +323,25 @@ def test_verify_checks_each_sample_against_its_json_the_index_and_the_jpeg_end(b
     problems = verify_shard_set(out)
     assert f"{shard['name']}: sample {k0} has a .jpg that is not a whole JPEG" in problems
     assert any(p.startswith(f"{shard['name']}: sample {k1} has label {other}, the index says") for p in problems)
+def _shards_digest(manifest: dict) -> str:
+    digest = hashlib.sha256()
+    for _, info in sorted(manifest["groups"].items()):
+        for shard in info["shards"]:
+            digest.update(shard["name"].encode())
+            digest.update(shard["sha256"].encode())
+    digest.update(manifest["index_sha256"].encode())
+    return digest.hexdigest()
+
+
+def test_negatives_avoid_gt_writes_the_bytes_of_the_previous_release(tmp_path):
+    """The digest of every shard's sha256 and the index's, for this small build, as the code
+    from before negatives avoided the enlarged crops wrote it."""
+    make_synthetic_coco(tmp_path / "coco", images=12, seed=5)
+    source = load_coco(tmp_path / "coco" / "annotations" / "instances_train.json", tmp_path / "coco" / "train")
+    gt = build_shards(source, tmp_path / "gt", BuildConfig(seed=4, shard_samples=16,
+                                                           sampling=SamplingConfig(negatives_avoid="gt")))
+    assert _shards_digest(gt) == "f12af3f9d123fc612e3c5b9b0cfe8a332d036cf340eeb4a5ae1ad556ee2fcb2a"
+    crops = build_shards(source, tmp_path / "crops", BuildConfig(seed=4, shard_samples=16))
+    assert _shards_digest(crops) != _shards_digest(gt)
+    assert crops["params"]["sampling"]["negatives_avoid"] == "crops"
+    assert {"negatives_wanted", "negatives"} <= set(crops["counts"])

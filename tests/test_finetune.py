@@ -17,7 +17,7 @@ from trainer import checkpoint as ckpt_io
 from trainer.coco_data import CocoDetection, collate
 from trainer.detection import build_detector
 from trainer.evaluate import METRICS, coco_eval
-from trainer.finetune import SCHEDULES, evaluate, lr_factor
+from trainer.finetune import evaluate, lr_factor, schedule_epochs
 from trainer.model import DenseClassifier
 
 
@@ -69,10 +69,30 @@ def test_c4_is_stride_16_with_layer4_head(jigsaw_ckpt):
     assert model.roi_heads.box_head.layer4 is not None
 
 
-def test_scratch_with_group_norm():
-    model = build_detector("fpn", "resnet18", 80, norm="gn")
+@pytest.mark.parametrize("detector", ["fpn", "mask"])
+def test_scratch_with_group_norm_everywhere(detector, train_set):
+    """He et al. 2019: GN in the backbone, the FPN and a 4conv1fc box head, all trainable."""
+    model = build_detector(detector, "resnet18", 80, norm="gn", min_size=96, max_size=128, rois_per_image=16)
     assert isinstance(model.backbone.body.layer1[0].bn1, nn.GroupNorm)
-    assert model.backbone.body.conv1.weight.requires_grad
+    fpn_norms = [m for m in model.backbone.fpn.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(fpn_norms) == 8  # a GN after each of the 4 lateral and 4 output convolutions
+    head = model.roi_heads.box_head
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert len(convs) == 4 and len(linears) == 1
+    assert sum(isinstance(m, nn.GroupNorm) for m in head.modules()) == 4
+    if detector == "mask":
+        assert sum(isinstance(m, nn.GroupNorm) for m in model.roi_heads.mask_head.modules()) == 4
+    assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    images, targets = collate([train_set[0], train_set[1]])
+    if detector != "mask":
+        targets = [{k: v for k, v in t.items() if k != "masks"} for t in targets]
+    model.train()
+    losses = model(list(images), list(targets))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.backbone.body.conv1.weight.grad is not None
 
 
 def test_imagenet_weights_from_a_local_file(tmp_path):
@@ -95,8 +115,18 @@ def test_bad_init_is_a_clear_error(tmp_path, jigsaw_ckpt):
         build_detector("c4", "resnet18", 80, init=str(tmp_path / "junk.pth"))
 
 
+def test_schedule_lengths():
+    assert schedule_epochs("2x") == (26, (18, 24))
+    assert schedule_epochs("3x") == (39, (27, 36))
+    assert schedule_epochs("1x", epochs=20) == (20, (14, 18))  # the drops at 9/13 and 12/13
+    with pytest.raises(InputError, match="--schedule"):
+        schedule_epochs("two")
+    with pytest.raises(InputError, match="--epochs"):
+        schedule_epochs("1x", epochs=0)
+
+
 def test_schedule_factors():
-    epochs, milestones = SCHEDULES["1x"]
+    epochs, milestones = schedule_epochs("1x")
     assert (epochs, milestones) == (13, (9, 12))
     assert lr_factor(0, 0, 500, milestones) == pytest.approx(0.001)
     assert lr_factor(500, 0, 500, milestones) == 1.0

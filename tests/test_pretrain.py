@@ -43,7 +43,7 @@ def test_thirty_iterations_of_resnet18_lower_the_loss(built_real, tmp_path):
 
 def _args(shards, out, iterations=12):
     return ["pretrain", "--shards", str(shards), "--out", str(out), "--arch", "resnet18", "--iterations",
-            str(iterations), "--batch", "4", "--warmup", "2", "--canvas", "128", "--split", "32",
+            str(iterations), "--batch", "4", "--warmup", "2", "--canvas", "128", "--template-split", "32",
             "--checkpoint-every", "4", "--erf-every", "6", "--erf-images", "2", "--workers", "2", "--log-every", "2",
             "--device", "cpu"]  # exact resume is asserted bit for bit: pinned to the CPU's deterministic kernels
 

@@ -1,3 +1,4 @@
+import hashlib
 from collections import Counter
 
 import numpy as np
@@ -5,24 +6,28 @@ import pytest
 
 from jigsawdata import geometry
 from jigsawdata.coco import GtBox, ImageRecord
-from jigsawdata.sampling import SamplingConfig, image_rng, plan_image
+from jigsawdata.sampling import SamplingConfig, image_rng, negative_topups, plan_image, topup_rng
 
 CFG = SamplingConfig()
 
 
 def _plan_all(source, cfg=CFG, seed=0):
+    """Plans as the build makes them: each image's own, plus the seeded negative top-up."""
     plans, counts = {}, Counter()
+    topups = negative_topups(source.images, cfg, source.background_label, seed)
     for image in source.images:
-        crops, c = plan_image(image, cfg, source.background_label, image_rng(seed, image.image_id))
+        crops, c = plan_image(image, cfg, source.background_label, image_rng(seed, image.image_id),
+                              topups.get(image.image_id, 0), topup_rng(seed, image.image_id))
         plans[image.image_id] = crops
         counts.update(c)
     return plans, counts
 
 
-def _check_plans(source, plans):
+def _check_plans(source, plans, avoid="crops"):
     for image in source.images:
         objects = np.array([geometry.xywh_to_xyxy(b.bbox) for b in image.boxes]).reshape(-1, 4)
         by_ann = {b.ann_id: b for b in image.boxes}
+        positives = np.array([c.crop_box for c in plans[image.image_id] if c.ann_id is not None]).reshape(-1, 4)
         for crop in plans[image.image_id]:
             x0, y0, x1, y1 = crop.crop_box
             assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
@@ -30,6 +35,8 @@ def _check_plans(source, plans):
                 assert crop.label == source.background_label and crop.category_id == 0
                 # IoU = 0 against every GT box, crowd boxes included, on the float boxes.
                 assert np.all(geometry.iou(crop.crop_box, objects) == 0)
+                if avoid == "crops":  # PAPER.md 1: and against every enlarged positive crop
+                    assert np.all(geometry.intersection_area(crop.crop_box, positives) == 0)
             else:
                 gt = by_ann[crop.ann_id]
                 assert not gt.iscrowd and crop.label == gt.label
@@ -52,6 +59,65 @@ def test_real_plans_obey_geometry_and_ratio(real_source):
     ratio = counts["positives"] / counts["negatives"]
     assert 9.0 <= ratio <= 11.0, counts
     assert counts["crowd_boxes"] == 24
+
+
+def _touching_negatives(plans) -> int:
+    touching = 0
+    for crops in plans.values():
+        positives = np.array([c.crop_box for c in crops if c.ann_id is not None]).reshape(-1, 4)
+        touching += sum(bool(geometry.intersection_area(c.crop_box, positives).any())
+                        for c in crops if c.ann_id is None)
+    return touching
+
+
+def test_gt_rule_keeps_the_old_behaviour_and_shares_pixels_with_crops(real_source):
+    cfg = SamplingConfig(negatives_avoid="gt")
+    plans, counts = _plan_all(real_source, cfg)
+    _check_plans(real_source, plans, avoid="gt")
+    assert counts["negatives_topped_up"] == 0, "the old rule has no top-up"
+    negatives = sum(c.ann_id is None for crops in plans.values() for c in crops)
+    assert _touching_negatives(plans) > 0.3 * negatives  # the reason the paper's rule is the default
+    assert _touching_negatives(_plan_all(real_source)[0]) == 0
+
+
+def test_gt_rule_plans_are_those_of_the_previous_release(synthetic_root):
+    """sha256 of every (key, label, crop box) of the synthetic set, computed with the code
+    from before negatives avoided the enlarged crops: --negatives-avoid gt reproduces it."""
+    from jigsawdata.coco import load_coco
+
+    source = load_coco(synthetic_root / "annotations" / "instances_train.json", synthetic_root / "train")
+    digest = hashlib.sha256()
+    for crops in _plan_all(source, SamplingConfig(negatives_avoid="gt"))[0].values():
+        for c in crops:
+            digest.update(f"{c.key} {c.label} {c.crop_box}\n".encode())
+    assert digest.hexdigest() == "2459c015e71141aaa45c2dc598bbc05e00c52b40975c25425102663695d47497"
+
+
+def test_topup_restores_the_ratio_when_crops_crowd_images_out(real_source):
+    plans, counts = _plan_all(real_source)
+    assert counts["negatives_not_placed"] > 20, counts  # crowded COCO images cannot place theirs
+    assert counts["negatives_topped_up"] == counts["negatives_not_placed"]
+    assert counts["negatives"] == counts["negatives_wanted"]
+    assert 9.5 <= counts["positives"] / counts["negatives"] <= 10.5
+
+
+def test_topup_is_empty_when_no_image_has_room():
+    boxes = [GtBox(i, 5, 0, (0, 0, 200, 100), False) for i in range(1, 11)]
+    assert negative_topups([_image(boxes)], CFG, 1, seed=0) == {1: 1}
+    crops, counts = plan_image(_image(boxes), CFG, 1, image_rng(0, 1), 1, topup_rng(0, 1))
+    assert counts["negatives"] == 0 and counts["negatives_topped_up"] == 0
+
+
+def test_negative_beside_a_box_avoids_its_enlarged_crop():
+    """One 40x40 box in a 200x100 image: under the paper's rule no negative touches its crop."""
+    boxes = [GtBox(1, 5, 0, (80, 30, 40, 40), False)]
+    cfg = SamplingConfig(pos_per_neg=0.1)  # ten negatives for the one positive
+    for seed in range(20):
+        crops, counts = plan_image(_image(boxes), cfg, 1, image_rng(seed, 1))
+        crop = crops[0].crop_box
+        assert counts["negatives"] == 10
+        for neg in crops[1:]:
+            assert geometry.intersection_area(neg.crop_box, np.array([crop], float))[0] == 0
 
 
 def test_ratio_follows_the_setting(real_source):

@@ -77,7 +77,7 @@ def test_erf_batched_equals_one_backward_per_cell():
     naive = torch.zeros_like(fast)
     for img in images:
         x = img[None].clone().requires_grad_(True)
-        out = model(x)
+        out = model.features(x)
         for p in range(small.grid ** 2):
             (g,) = torch.autograd.grad(out[0, :, p // small.grid, p % small.grid].sum(), x, retain_graph=True)
             m = g[0].abs().sum(0)
@@ -85,6 +85,50 @@ def test_erf_batched_equals_one_backward_per_cell():
     naive /= len(images)
     torch.testing.assert_close(fast, naive, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(fast.sum(dim=(1, 2)).numpy(), 1.0, rtol=1e-5)
+
+
+class _Pooling(torch.nn.Module):
+    """A feature map whose cells see exactly a known window: average pooling of the input."""
+
+    def __init__(self, kernel: int, padding: int = 0) -> None:
+        super().__init__()
+        self.pool = torch.nn.AvgPool2d(kernel, stride=32, padding=padding)
+
+    def features(self, x):
+        return self.pool(x)
+
+
+def test_erf_of_a_known_receptive_field_is_that_field():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    erf = effective_receptive_fields(_Pooling(32), images)  # each cell sees its own 32x32 block
+    expected = torch.zeros(G * G, 224, 224)
+    for p in range(G * G):
+        y, x = divmod(p, G)
+        expected[p, 32 * y:32 * y + 32, 32 * x:32 * x + 32] = 1 / 32 ** 2
+    torch.testing.assert_close(erf, expected)
+    np.testing.assert_allclose(erf_weights(erf, T, tau=0.7).numpy(), blockwise_weights(T).numpy())
+    # 64x64 windows centred on each cell, cut by the image border: uniform inside, zero outside.
+    erf = effective_receptive_fields(_Pooling(64, padding=16), images)
+    corner = torch.zeros(224, 224)
+    corner[:48, :48] = 1 / 48 ** 2
+    torch.testing.assert_close(erf[0], corner)
+    middle = torch.zeros(224, 224)
+    middle[80:144, 80:144] = 1 / 64 ** 2
+    torch.testing.assert_close(erf[3 * G + 3], middle)
+
+
+def test_erf_weights_do_not_depend_on_the_head():
+    """The ERF is the feature map's: replacing the classifier changes nothing."""
+    torch.manual_seed(0)
+    small = Template(canvas=64, split=32)
+    model = DenseClassifier("resnet18", 5)
+    images = torch.randn(2, 3, 64, 64)
+    before = erf_weights(effective_receptive_fields(model, images), small, 0.7)
+    model.head = torch.nn.Conv2d(512, 9, 1)
+    after = erf_weights(effective_receptive_fields(model, images), small, 0.7)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    assert not torch.allclose(before, blockwise_weights(small))
 
 
 def test_erf_is_centred_on_its_cell():

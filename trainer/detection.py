@@ -6,8 +6,9 @@
   box head, built from torchvision's ``FasterRCNN``, ``AnchorGenerator``,
   ``MultiScaleRoIAlign`` and ``FastRCNNPredictor``.
 
-Transferred weights go with frozen BatchNorm (``FrozenBatchNorm2d``); training from scratch
-may use GroupNorm instead (the paper's Table 5 baseline).
+Transferred weights go with frozen BatchNorm (``FrozenBatchNorm2d``). ``norm="gn"`` is the
+from-scratch baseline of the paper's Table 5 as He et al. 2019 ran it: GroupNorm in the
+backbone, in the FPN and in a 4conv1fc box head (and the 4conv mask head), all trainable.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from jigsawdata.errors import InputError
@@ -134,6 +136,8 @@ def build_detector(detector: str, arch: str, num_classes: int, *, init: str = "s
     sizes = dict(min_size=min_size, max_size=max_size, box_batch_size_per_image=rois_per_image)
     if detector in ("fpn", "mask"):
         trainable = 3 if weights is not None else 5
+        if norm == "gn":
+            return _gn_fpn_detector(detector, resnet, trainable, num_classes, sizes)
         backbone = _resnet_fpn_extractor(resnet, trainable, norm_layer=None)
         cls = MaskRCNN if detector == "mask" else FasterRCNN
         return cls(backbone, num_classes=num_classes + 1, **sizes)
@@ -147,3 +151,18 @@ def build_detector(detector: str, arch: str, num_classes: int, *, init: str = "s
                       box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
                       box_head=_Res5Head(resnet.layer4),
                       box_predictor=FastRCNNPredictor(head_channels, num_classes + 1), **sizes)
+
+
+def _gn_fpn_detector(detector: str, resnet: nn.Module, trainable: int, num_classes: int, sizes: dict) -> nn.Module:
+    """He et al. 2019's scratch setting: GN in the FPN and a 4conv1fc GN box head (4conv GN
+    mask head for Mask R-CNN), as torchvision's ``fasterrcnn_resnet50_fpn_v2`` builds them."""
+    gn = _norm_layer("gn")
+    backbone = _resnet_fpn_extractor(resnet, trainable, norm_layer=gn)
+    channels = backbone.out_channels
+    heads = {"box_head": FastRCNNConvFCHead((channels, 7, 7), [256] * 4, [1024], norm_layer=gn),
+             "box_predictor": FastRCNNPredictor(1024, num_classes + 1)}
+    if detector == "mask":
+        heads["mask_head"] = MaskRCNNHeads(channels, [256] * 4, 1, norm_layer=gn)
+        heads["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes + 1)
+        return MaskRCNN(backbone, num_classes=None, **heads, **sizes)
+    return FasterRCNN(backbone, num_classes=None, **heads, **sizes)

@@ -15,12 +15,15 @@ from pipelines.template import Template
 
 
 def effective_receptive_fields(model: nn.Module, images: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """``(g * g, H, W)`` ERF of every output cell, averaged over ``images``.
+    """``(g * g, H, W)`` ERF of every cell of the feature map X, averaged over ``images``.
 
-    For each cell, the gradient of that cell's outputs (summed over classes) with respect to
-    the input, its magnitude summed over input channels, normalised to sum 1 per image, then
-    averaged. Computed in eval mode (BatchNorm frozen, so images do not interact), all cells
-    in one batched backward per chunk of images.
+    X is ``model.features(images)``, the backbone's output before the 1x1 head (PAPER.md 4).
+    For each cell, the gradient of X at that cell summed over X's channels with respect to
+    the input, its magnitude summed over input channels, normalised to sum 1 per image,
+    then averaged. Not the logits: under softmax cross-entropy the class-summed logit
+    direction gets no gradient, so an ERF taken through it would measure a random,
+    decaying projection of X. Computed in eval mode (BatchNorm frozen, so images do not
+    interact), all cells in one batched backward per chunk of images.
     """
     was_training = model.training
     model.eval()
@@ -28,13 +31,13 @@ def effective_receptive_fields(model: nn.Module, images: torch.Tensor, chunk: in
     try:
         for start in range(0, len(images), chunk):
             x = images[start:start + chunk].detach().float().requires_grad_(True)
-            out = model(x)  # (n, K, g, g)
-            n, _, gh, gw = out.shape
+            summed = model.features(x).sum(dim=1)  # (n, g, g): X summed over its channels
+            n, gh, gw = summed.shape
             cells = gh * gw
-            # grad_outputs[p] selects cell p of every image and every class.
-            selector = torch.eye(cells, device=x.device, dtype=out.dtype).view(cells, 1, 1, gh, gw)
-            selector = selector.expand(cells, n, out.shape[1], gh, gw)
-            (grads,) = torch.autograd.grad(out, x, grad_outputs=selector, is_grads_batched=True)
+            # grad_outputs[p] selects cell p of every image.
+            selector = torch.eye(cells, device=x.device, dtype=summed.dtype).view(cells, 1, gh, gw)
+            selector = selector.expand(cells, n, gh, gw)
+            (grads,) = torch.autograd.grad(summed, x, grad_outputs=selector, is_grads_batched=True)
             maps = grads.abs().sum(dim=2)  # (cells, n, H, W)
             maps = maps / maps.sum(dim=(2, 3), keepdim=True).clamp_min(1e-12)
             part = maps.sum(dim=1)

@@ -34,6 +34,7 @@ from .model import ARCHS, DenseClassifier
 from .runtime import (AMP_MODES, Precision, check_resume_device, claim_run_dir, dump_config, gather, init_distributed,
                       rng_state, set_rng_state, wrap_ddp)
 from .schedule import learning_rate, scaled
+from .validate import load_validation_set, validate
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,14 @@ class PretrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     canvas: int = 224
-    split: int = 64
+    template_split: int = 64
+    """Where the template cuts both canvas axes (not a data split): PAPER.md 3."""
+    fit: str = "pad_crop"
+    """How a crop meets its region: pad_crop, or the warp / resize ablations (Table 1)."""
+    resize_min: float = 0.8
+    resize_max: float = 1.5
+    """Range of the random per-crop resize factor (PAPER.md 3)."""
+    flip_p: float = 0.5
     device: str = "auto"
     pipeline: str = "dali"
     workers: int = 4
@@ -73,6 +81,11 @@ class PretrainConfig:
     verify: bool = True
     """Check local shards against the manifest before the first batch (cached by size and
     mtime in the cache folder, so only the first run pays for it)."""
+    val_shards: str | None = None
+    """Shards of a held-out split: region accuracy on fixed jigsaw images every ``val_every``
+    iterations and at the end (see :mod:`trainer.validate`)."""
+    val_every: int = 1000
+    val_images: int = 256
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -90,21 +103,42 @@ class PretrainConfig:
         if self.workers < 0 or (self.pipeline == "dali" and self.workers < 1):
             raise InputError(f"--workers {self.workers}: DALI needs >= 1 thread; 0 (in-process) is for "
                              "--pipeline reference")
+        if self.val_every < 1 or self.val_images < 1:
+            raise InputError("--val-every and --val-images must be >= 1")
+        try:
+            self.jigsaw_config(0)
+        except ValueError as exc:
+            raise InputError(f"--resize-min/--resize-max, --flip-p or --fit: {exc}") from exc
 
     @property
     def template(self) -> Template:
-        return Template(canvas=self.canvas, split=self.split)
+        return Template(canvas=self.canvas, split=self.template_split)
+
+    def jigsaw_config(self, seed: int) -> JigsawConfig:
+        return JigsawConfig(template=self.template, scale=(self.resize_min, self.resize_max), flip_p=self.flip_p,
+                            fit=self.fit, seed=seed)
 
 
 # Settings that may differ between a run and its resumption.
-_RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device", "cache_dir", "verify"}
+_RENAMED = {"split": "template_split"}
+"""Settings that earlier versions saved under another name."""
+
+
+def saved_config(values: dict) -> dict:
+    """A checkpoint's saved settings under today's names."""
+    return {_RENAMED.get(k, k): v for k, v in values.items()}
+
+
+_RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device", "cache_dir", "verify", "val_shards",
+              "val_every", "val_images"}
 
 
 class Trainer:
     def __init__(self, cfg: PretrainConfig, resume: bool = False,
-                 on_log: Callable[[dict], None] | None = None) -> None:
+                 on_log: Callable[[dict], None] | None = None,
+                 on_validate: Callable[[dict], None] | None = None) -> None:
         cfg.validate()
-        self.cfg, self.on_log = cfg, on_log
+        self.cfg, self.on_log, self.on_validate = cfg, on_log, on_validate
         world = int(os.environ.get("WORLD_SIZE", 1))
         if cfg.batch % world:
             raise InputError(f"--batch {cfg.batch} is not divisible by the {world} ranks")
@@ -117,7 +151,10 @@ class Trainer:
             check_shard_set(self.shards, cfg.cache_dir)
         self.class_names = shards.class_names
         self.template = cfg.template
-        self.jigsaw = JigsawConfig(template=self.template, seed=cfg.seed + 1000 * self.dist.rank)
+        self.jigsaw = cfg.jigsaw_config(cfg.seed + 1000 * self.dist.rank)
+        self.validation = (load_validation_set(cfg.val_shards, self.template, cfg.val_images, cfg.fit,
+                                               self.class_names) if cfg.val_shards and self.dist.main else None)
+        self.last_validation: dict = {}
         self.region_map = torch.from_numpy(self.template.feature_region_map()).to(self.device)
         self.area = torch.from_numpy(region_fractions(self.template)).to(self.device)
 
@@ -161,7 +198,8 @@ class Trainer:
         ckpt = ckpt_io.load(self.out / "checkpoint.pt", map_location="cpu")
         check_resume_device(ckpt.get("device_type"), self.device, self.out)
         saved = ckpt["config"]
-        diff = sorted(k for k in saved if k not in _RESUMABLE and saved[k] != getattr(self.cfg, k, None))
+        diff = sorted(k for k, v in saved_config(saved).items()
+                      if k not in _RESUMABLE and v != getattr(self.cfg, k, None))
         if diff:
             raise InputError(f"cannot resume {self.out}: settings differ from the saved run in {', '.join(diff)}")
         if len(ckpt["data"]["states"]) != self.dist.world:
@@ -257,6 +295,8 @@ class Trainer:
                 if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
                     metrics = self._log(window, metrics_file)
                     window = self._new_window()
+                if self.validation and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations):
+                    self._validate(metrics_file)
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
                     self.save()
         finally:
@@ -266,6 +306,18 @@ class Trainer:
 
     def _new_window(self) -> dict:
         return {"loss": torch.zeros((), device=self.device), "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+    def _validate(self, metrics_file) -> None:
+        """Region accuracy on the fixed held-out images (main rank only), logged as its own
+        ``metrics.jsonl`` record."""
+        self.last_validation = {"iteration": self.iteration, **validate(self.model, self.validation, self.template)}
+        metrics_file.write(json.dumps(self.last_validation) + "\n")
+        metrics_file.flush()
+        if self._tb:
+            for key, value in self.last_validation.items():
+                if key.startswith("val_accuracy") or key == "val_majority":
+                    self._tb.add_scalar(key, value, self.iteration)
+        if self.on_validate:
+            self.on_validate(self.last_validation)
 
     def _log(self, window: dict, metrics_file) -> dict:
         if self.device.type == "cuda":
