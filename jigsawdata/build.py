@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import __version__
-from .card import CARD_NAME, label_counts, license_text, render_card
+from .card import CARD_NAME, attach_card, label_counts, license_text
 from .coco import DEFAULT_MAX_PIXELS, CocoSource, ImageRecord, load_image, sha256_file
 from .errors import InputError
 from .index import SCHEMA, write_index_slices
@@ -299,7 +299,7 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
     if exif:
         manifest["exif_orientation"] = sorted(exif, key=lambda e: e["image_id"])
     if parts == 1:
-        write_text_atomic(out / CARD_NAME, render_card(manifest, label_counts(records.label)))
+        write_text_atomic(out / CARD_NAME, attach_card(manifest, label_counts(records.label)))
     write_json_atomic(manifest_path, manifest)
     if not keep_staging:
         shutil.rmtree(staging)

