@@ -108,7 +108,8 @@ class PretrainConfig:
         try:
             self.jigsaw_config(0)
         except ValueError as exc:
-            raise InputError(f"--resize-min/--resize-max, --flip-p or --fit: {exc}") from exc
+            raise InputError(f"jigsaw settings (--canvas, --template-split, --resize-min/--resize-max, --flip-p, "
+                             f"--fit): {exc}") from exc
 
     @property
     def template(self) -> Template:
