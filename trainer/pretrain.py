@@ -266,8 +266,10 @@ class Trainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(self.iteration)
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        # channels_last on the GPU (DALI's HWC output already is: no copy); the CPU's kernels
+        # are NCHW ones, so a channels_last view from DALI's CPU backend is made contiguous.
+        cuda = self.device.type == "cuda"
+        images = images.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
         with torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.enabled):
             logits = self.net(images)
         loss = self.loss(logits, labels)
