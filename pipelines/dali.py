@@ -118,7 +118,7 @@ def _fit_window(jpg, source, resized, region: tuple[int, int], cfg: JigsawConfig
     margin of ``_ROI_MARGIN`` pixels for the resampling filter's support and the JPEG
     decoder's chroma upsampling, is decoded (``decoders.image_slice``: libjpeg-turbo skips
     the rest), and the pixels equal those of a whole decode. nvJPEG decodes whole crops
-    faster than it decodes regions with fancy upsampling (measured on an H200: 2x the
+    faster than it decodes regions with fancy upsampling (measured on an H200: 5,273 vs 3,933
     images/s), so the GPU decodes them whole.
     """
     import nvidia.dali.math as dmath
