@@ -12,7 +12,7 @@ import click
 
 from jigsawdata import __version__
 from jigsawdata.coco import DEFAULT_MAX_PIXELS
-from jigsawdata.errors import InputError
+from jigsawdata.errors import InputError, first_line
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -51,8 +51,8 @@ class _Group(click.Group):
             raise
         except Exception as exc:
             logging.getLogger("jigsawdata").debug("unexpected failure", exc_info=True)
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise click.ClickException(f"{type(exc).__name__}: {first} (rerun with -vv for the traceback)") from exc
+            message = f"{type(exc).__name__}: {first_line(exc)} (rerun with -vv for the traceback)"
+            raise click.ClickException(message) from exc
 
 
 @click.group(cls=_Group)

@@ -272,18 +272,17 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
                 for si, (start, end) in enumerate(split_shards(records.size[rows], cfg.shard_size, cfg.shard_samples)):
                     name = _shard_name(group, part, parts, si)
                     path, shard_rows = out / name, rows[start:end]
-                    kept = reusable_shard(staging, name, path, len(shard_rows))
-                    if kept:
-                        n, nbytes, digest = kept
-                    else:
+                    info = reusable_shard(staging, name, path, len(shard_rows))
+                    if info is None:
                         n, nbytes, digest = write_shard(path, _shard_samples(records, shard_rows, reader, metas))
-                        record_shard(staging, name, path, n, nbytes, digest)
-                    infos.append(ShardInfo(name, n, nbytes, digest, sha256_file(index_path(path))).to_json())
+                        info = ShardInfo(name, n, nbytes, digest, sha256_file(index_path(path)))
+                        record_shard(staging, info)
+                    infos.append(info.to_json())
                     index_rows.append(shard_rows)
                     shard_of_row.append(np.full(len(shard_rows), len(shard_names), dtype=np.int32))
                     shard_names.append(name)
                     if progress:
-                        progress("write", 1, n)
+                        progress("write", 1, info.samples)
                 groups[group] = {"shards": infos}
     finally:
         reader.close()

@@ -3,3 +3,10 @@
 
 class InputError(Exception):
     """Bad or missing input: a path, a file, a parameter or a dataset that cannot be used."""
+
+
+def first_line(exc: BaseException, default: str = "") -> str:
+    """The gist of an exception for a one-line message: its first line (libraries' own text
+    goes on with advice of their own, e.g. torch's ``weights_only=False``, which would run
+    whatever code a file holds)."""
+    return (str(exc).strip().splitlines() or [default])[0]

@@ -22,7 +22,7 @@ from pathlib import Path
 from .coco import CocoSource, sha256_file
 from .errors import InputError
 from .manifest import MANIFEST_NAME, PARTS_DIR, write_json_atomic
-from .shards import index_path
+from .shards import ShardInfo, index_path
 
 _WRITTEN = "written"
 _LOCK_SUFFIX = ".lock"
@@ -121,18 +121,16 @@ def _record_path(staging: Path, name: str) -> Path:
     return staging / _WRITTEN / (name.replace("/", "__") + ".json")
 
 
-def record_shard(staging: Path, name: str, shard: Path, samples: int, nbytes: int, sha256: str) -> None:
-    """Note in the staging area that this build wrote shard ``name`` (at ``shard``, with its
-    index beside it) with these bytes."""
-    path = _record_path(staging, name)
+def record_shard(staging: Path, info: ShardInfo) -> None:
+    """Note in the staging area that this build wrote this shard and its index."""
+    path = _record_path(staging, info.name)
     path.parent.mkdir(exist_ok=True)
-    write_json_atomic(path, {"name": name, "samples": samples, "bytes": nbytes, "sha256": sha256,
-                             "idx_sha256": sha256_file(index_path(shard))})
+    write_json_atomic(path, info.to_json())
 
 
-def reusable_shard(staging: Path, name: str, path: Path, samples: int) -> tuple[int, int, str] | None:
-    """``(samples, bytes, sha256)`` of a shard on disk that this build wrote and that is
-    intact, or ``None`` when it must be (re)written."""
+def reusable_shard(staging: Path, name: str, path: Path, samples: int) -> ShardInfo | None:
+    """The shard on disk when this build wrote it, with its index, and both are intact;
+    ``None`` when it must be (re)written."""
     record = _record_path(staging, name)
     if not (record.is_file() and path.is_file() and index_path(path).is_file()):
         return None
@@ -142,7 +140,8 @@ def reusable_shard(staging: Path, name: str, path: Path, samples: int) -> tuple[
         return None
     if noted.get("samples") != samples or noted.get("bytes") != path.stat().st_size:
         return None
-    if sha256_file(index_path(path)) != noted.get("idx_sha256"):
+    idx_digest = sha256_file(index_path(path))
+    if idx_digest != noted.get("idx_sha256"):
         return None  # the tar is rewritten with it: a shard and its index are written together
     digest = sha256_file(path)
-    return (samples, noted["bytes"], digest) if digest == noted.get("sha256") else None
+    return ShardInfo(name, samples, noted["bytes"], digest, idx_digest) if digest == noted.get("sha256") else None

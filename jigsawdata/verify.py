@@ -90,11 +90,11 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
     index_file = root / manifest.get("index", "index.parquet")
     if index_file.is_file():
         table = read_index(index_file)
-        index_counts = Counter(table.column("shard").to_pylist())
-        for shard_name, key, label in zip(table.column("shard").to_pylist(), table.column("key").to_pylist(),
-                                          table.column("label").to_pylist()):
+        shard_col, label_col = table.column("shard").to_pylist(), table.column("label").to_pylist()
+        index_counts = Counter(shard_col)
+        for shard_name, key, label in zip(shard_col, table.column("key").to_pylist(), label_col):
             index_labels.setdefault(shard_name, {})[key] = label
-        bad = sorted({v for v in table.column("label").to_pylist() if v not in labels})
+        bad = sorted({v for v in label_col if v not in labels})
         if bad:
             problems.append(f"index {index_file.name}: labels {bad[:10]} outside 0..{labels[-1]}")
         if manifest.get("index_sha256") and sha256_file(index_file) != manifest["index_sha256"]:

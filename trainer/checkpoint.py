@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from jigsawdata.errors import InputError
+from jigsawdata.errors import InputError, first_line
 
 FORMAT = "jigsawdata-pretrain-1"
 
@@ -28,13 +28,9 @@ def load(path: Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a foreign pickle, a truncated file, ...
-        raise InputError(f"{path} is not a loadable checkpoint: {first_line(exc)}") from exc
+        reason = first_line(exc, type(exc).__name__)
+        raise InputError(f"{path} is not a loadable checkpoint: {reason}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path} is not a jigsawdata pre-training checkpoint")
     return ckpt
 
-
-def first_line(exc: Exception) -> str:
-    """The gist of a loading error: torch's own text goes on to suggest ``weights_only=False``,
-    which would run whatever code the file holds."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

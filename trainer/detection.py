@@ -26,9 +26,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-from jigsawdata.errors import InputError
+from jigsawdata.errors import InputError, first_line
 
-from .checkpoint import first_line
 from .model import ARCHS, build_backbone
 
 DETECTORS = ("c4", "fpn", "mask")
@@ -78,7 +77,8 @@ def read_init(init: str, arch: str) -> "OrderedDict[str, torch.Tensor] | None":
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"--init {init}: not a loadable weights file ({first_line(exc)})") from exc
+        reason = first_line(exc, type(exc).__name__)
+        raise InputError(f"--init {init}: not a loadable weights file ({reason})") from exc
     if isinstance(obj, dict) and obj.get("format") == "jigsawdata-pretrain-1":
         if obj["arch"] != arch:
             raise InputError(f"--init {init} holds a {obj['arch']} backbone, not {arch} (use --arch {obj['arch']})")
