@@ -36,7 +36,7 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python -m benchmarks.build_shards
+	$(BIN)/python -m jigsawdata.benchmarks.build_shards
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
@@ -46,4 +46,4 @@ clean:
 GPU_PYTHON ?=
 GPU_REPORT ?= gpu-report
 gpu-check: $(if $(GPU_PYTHON),,install)
-	$(or $(GPU_PYTHON),$(BIN)/python) -m benchmarks.gpu_check --out $(GPU_REPORT)
+	$(or $(GPU_PYTHON),$(BIN)/python) -m jigsawdata.benchmarks.gpu_check --out $(GPU_REPORT)

@@ -198,8 +198,8 @@ def info(root: Path, as_json: bool, padding: bool) -> None:
 
     summary = summarize(root)
     if padding:
-        from pipelines.config import JigsawConfig
-        from pipelines.utilisation import crop_sizes, padding_share
+        from jigsawdata.pipelines.config import JigsawConfig
+        from jigsawdata.pipelines.utilisation import crop_sizes, padding_share
 
         summary["padding"] = padding_share(crop_sizes(root), JigsawConfig())
     if as_json:
@@ -240,8 +240,8 @@ def verify(root: Path) -> None:
 
 
 def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
-    from pipelines.config import JigsawConfig
-    from pipelines.template import Template
+    from jigsawdata.pipelines.config import JigsawConfig
+    from jigsawdata.pipelines.template import Template
 
     try:
         return JigsawConfig(template=Template(canvas=canvas, split=split), fit=fit, seed=seed, **overrides)
@@ -266,20 +266,20 @@ def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
 def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, device: str, fit: str,
             canvas: int, split: int, seed: int, verify: bool) -> None:
     """Draw assembled jigsaw images with region borders and class names."""
-    from pipelines.integrity import check_shard_set
-    from pipelines.preview import render_grid
-    from pipelines.shardset import open_shard_set
+    from jigsawdata.pipelines.integrity import check_shard_set
+    from jigsawdata.pipelines.preview import render_grid
+    from jigsawdata.pipelines.shardset import open_shard_set
 
     cfg = _jigsaw_config(canvas, split, fit, seed, initial_fill=256)
     if verify:
         check_shard_set(shards)
     if pipeline == "dali":
-        from pipelines.dali import DaliJigsawLoader
+        from jigsawdata.pipelines.dali import DaliJigsawLoader
 
         loader = DaliJigsawLoader(shards, count, cfg, device=device, device_id=0 if device == "gpu" else None,
                                   rank=0, world_size=1)
     else:
-        from pipelines.reference import reference_loader
+        from jigsawdata.pipelines.reference import reference_loader
 
         loader = reference_loader(shards, count, cfg, workers=0, rank=0, world_size=1)
     images, labels = next(iter(loader))
@@ -332,8 +332,8 @@ def pretrain(resume: bool, **options) -> None:
     """ERF-adaptive dense classification pre-training on jigsaw batches (torchrun for many GPUs)."""
     from tqdm import tqdm
 
-    from trainer.pretrain import PretrainConfig, Trainer
-    from trainer.validate import format_validation
+    from jigsawdata.trainer.pretrain import PretrainConfig, Trainer
+    from jigsawdata.trainer.validate import format_validation
 
     cfg = PretrainConfig(**options)
     bar = None
@@ -370,7 +370,7 @@ def pretrain(resume: bool, **options) -> None:
 def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json: bool) -> None:
     """Region top-1 accuracy of a pre-training checkpoint on fixed jigsaw images, with the
     majority-class rate beside it (the same figure pretrain --val-shards logs)."""
-    from trainer.validate import evaluate_checkpoint, format_validation
+    from jigsawdata.trainer.validate import evaluate_checkpoint, format_validation
 
     metrics = evaluate_checkpoint(run, shards, images, device)
     click.echo(json.dumps(metrics, indent=2) if as_json else format_validation(metrics))
@@ -383,7 +383,7 @@ def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def export(checkpoint: Path, fmt: str, out: Path) -> None:
     """Write a pre-trained backbone for torchvision, Detectron2 or MMDetection."""
-    from trainer.export import export as export_backbone
+    from jigsawdata.trainer.export import export as export_backbone
 
     payload = export_backbone(checkpoint, fmt, out)
     n = len(payload.get("model", payload.get("state_dict", payload)))
@@ -399,15 +399,15 @@ def export(checkpoint: Path, fmt: str, out: Path) -> None:
 def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) -> None:
     """Draw the effective receptive field of a region's cells for a run's checkpoint."""
 
-    from pipelines.config import JigsawConfig
-    from pipelines.reference import reference_loader
-    from pipelines.template import REGION_NAMES
-    from trainer.checkpoint import load
-    from trainer.erf import effective_receptive_fields, erf_weights
-    from trainer.erfviz import render_erf
-    from trainer.model import DenseClassifier
-    from trainer.pretrain import PretrainConfig, saved_config
-    from trainer.runtime import config_from
+    from jigsawdata.pipelines.config import JigsawConfig
+    from jigsawdata.pipelines.reference import reference_loader
+    from jigsawdata.pipelines.template import REGION_NAMES
+    from jigsawdata.trainer.checkpoint import load
+    from jigsawdata.trainer.erf import effective_receptive_fields, erf_weights
+    from jigsawdata.trainer.erfviz import render_erf
+    from jigsawdata.trainer.model import DenseClassifier
+    from jigsawdata.trainer.pretrain import PretrainConfig, saved_config
+    from jigsawdata.trainer.runtime import config_from
 
     ckpt = load(run_dir)
     cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
@@ -456,8 +456,8 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")
 def finetune(resume: bool, **options) -> None:
     """Fine-tune a torchvision detector from jigsaw (or other) weights, then evaluate it."""
-    from trainer.evaluate import format_table
-    from trainer.finetune import FinetuneConfig, Finetuner, evaluate_run
+    from jigsawdata.trainer.evaluate import format_table
+    from jigsawdata.trainer.finetune import FinetuneConfig, Finetuner, evaluate_run
 
     cfg = FinetuneConfig(**options)
     trainer = Finetuner(cfg, resume=resume, on_log=lambda m: click.echo(
@@ -476,8 +476,8 @@ def finetune(resume: bool, **options) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def evaluate(run_dir: Path, coco: str | None, split: str | None, max_images: int | None, device: str) -> None:
     """COCO AP of a fine-tuned detector; writes eval.json and predictions_*.json into RUN_DIR."""
-    from trainer.evaluate import format_table
-    from trainer.finetune import evaluate_run
+    from jigsawdata.trainer.evaluate import format_table
+    from jigsawdata.trainer.finetune import evaluate_run
 
     click.echo(format_table(evaluate_run(run_dir, coco, split, max_images, device)))
 
@@ -507,10 +507,10 @@ def experiment(out: str, preset: str, coco: str | None, split: str | None, val_s
     """The paper's ablation grid end to end: pre-train each loss (and fit mode), a
     cost-matched scratch baseline, fine-tune and evaluate each; writes table.md,
     experiment.json and experiment.png. Finished cells are not rerun."""
-    from pipelines.config import FIT_MODES
-    from trainer.experiment import preset as make_preset
-    from trainer.experiment import run_experiment
-    from trainer.losses import LOSSES
+    from jigsawdata.pipelines.config import FIT_MODES
+    from jigsawdata.trainer.experiment import preset as make_preset
+    from jigsawdata.trainer.experiment import run_experiment
+    from jigsawdata.trainer.losses import LOSSES
 
     chosen = tuple(name for name in losses.split(",") if name)
     if any(name not in LOSSES for name in chosen):
@@ -541,8 +541,8 @@ def experiment(out: str, preset: str, coco: str | None, split: str | None, val_s
 @click.option("--quick", is_flag=True, help="A couple of steps each: checks that everything runs.")
 def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> None:
     """Throughput and cost benchmarks; `all` runs every one that fits the machine."""
-    from benchmarks.common import DEFAULT_COCO
-    from benchmarks.report import BENCHMARKS, run_all
+    from jigsawdata.benchmarks.common import DEFAULT_COCO
+    from jigsawdata.benchmarks.report import BENCHMARKS, run_all
 
     only = BENCHMARKS if which == "all" else (which,)
     run_all(out, coco or DEFAULT_COCO, split, only, quick, log=click.echo)

@@ -9,7 +9,7 @@ as the marginal bytes per extra crop between consecutive sizes. The peak is spli
 end of reading the annotation file (``json`` + pycocotools hold the whole parsed file for a
 moment): what the parse needs, and what the build adds beyond it. Usage:
 
-    python -m benchmarks.build_scale [--sizes 1000 10000 100000] [--workers 2] [--json out.json]
+    python -m jigsawdata.benchmarks.build_scale [--sizes 1000 10000 100000] [--workers 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def measure(size: int, pool_root: Path, tmp: Path, workers: int) -> dict:
     ann = tmp / f"instances_{size}.json"
     make_scaled_set(pool_root, size, ann)
     out = tmp / f"shards-{size}"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.build_scale", "--child", str(ann),
+    done = subprocess.run([sys.executable, "-m", "jigsawdata.benchmarks.build_scale", "--child", str(ann),
                            str(pool_root / "train"), str(out), str(workers)],
                           capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     r = json.loads(done.stdout.strip().splitlines()[-1])

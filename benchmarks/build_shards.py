@@ -3,7 +3,7 @@
 Both are measured in the same run, with the same library (PIL) and crop boxes, one worker
 process, medians over repeats. Usage:
 
-    python -m benchmarks.build_shards [--coco ../shared/data/coco-train288] [--repeats 3] [--json out.json]
+    python -m jigsawdata.benchmarks.build_shards [--coco ../shared/data/coco-train288] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations

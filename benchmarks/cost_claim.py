@@ -15,7 +15,7 @@ spent waiting for data. Then it projects full runs -- Jigsaw 64k iterations x 51
 ImageNet 90 epochs x 1,281,167 images -- and compares their ratio with the paper's
 1.73 / 6.80 GPU-days. Usage:
 
-    python -m benchmarks.cost_claim [--arch resnet50] [--batch 64] [--steps 10] [--repeats 3]
+    python -m jigsawdata.benchmarks.cost_claim [--arch resnet50] [--batch 64] [--steps 10] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from jigsawdata.coco import resolve_coco_root
-from pipelines.config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
-from pipelines.dali import DaliJigsawLoader
-from pipelines.template import Template
-from trainer.erf import effective_receptive_fields, erf_weights
-from trainer.losses import erf_dense_loss
-from trainer.model import DenseClassifier, build_backbone
+from jigsawdata.pipelines.config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
+from jigsawdata.pipelines.dali import DaliJigsawLoader
+from jigsawdata.pipelines.template import Template
+from jigsawdata.trainer.erf import effective_receptive_fields, erf_weights
+from jigsawdata.trainer.losses import erf_dense_loss
+from jigsawdata.trainer.model import DenseClassifier, build_backbone
 
 from .common import DEFAULT_COCO, environment, interleaved, report, stats, timed
 from .pipeline_throughput import build_benchmark_shards

@@ -6,7 +6,7 @@ the set is fetched with ``jigsawdata.fetch.fetch`` (verifying every sha256 while
 and downloaded file by file with ``urllib`` into a fresh folder (no checks). Medians over
 repeats, one warm-up of each excluded. Usage:
 
-    python -m benchmarks.fetch_throughput [--megabytes 128] [--shards 8] [--workers 8] [--repeats 5] [--json out.json]
+    python -m jigsawdata.benchmarks.fetch_throughput [--megabytes 128] [--shards 8] [--workers 8] [--repeats 5] [--json out.json]
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Writes ``summary.md`` and ``summary.json`` (every figure, step status and time),
 log and the benchmark report into ``--out``. Without a GPU it says so and exits 0, running
 nothing. Usage::
 
-    python -m benchmarks.gpu_check [--out gpu-report] [--coco ../shared/data/coco-train288]
+    python -m jigsawdata.benchmarks.gpu_check [--out gpu-report] [--coco ../shared/data/coco-train288]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _bench(out: Path, coco: Path) -> dict:
 
 
 def _pretrain_config(shards: Path, out: Path):
-    from trainer.pretrain import PretrainConfig
+    from jigsawdata.trainer.pretrain import PretrainConfig
 
     return PretrainConfig(shards=str(shards), out=str(out), arch="resnet50", iterations=200, batch=256, warmup=20,
                           erf_every=100, erf_images=64, checkpoint_every=100, log_every=20, device="cuda",
@@ -77,7 +77,7 @@ def _pretrain_config(shards: Path, out: Path):
 def _pretrain(out: Path, coco: Path) -> dict:
     from jigsawdata.build import BuildConfig, build_shards
     from jigsawdata.coco import load_coco, resolve_coco_root
-    from trainer.pretrain import Trainer
+    from jigsawdata.trainer.pretrain import Trainer
 
     shards = out / "work" / "shards"
     if not (shards / "manifest.json").is_file():
@@ -95,7 +95,7 @@ def _pretrain(out: Path, coco: Path) -> dict:
 
 
 def _finetune(out: Path, coco: Path) -> dict:
-    from trainer.finetune import FinetuneConfig, Finetuner, evaluate_run
+    from jigsawdata.trainer.finetune import FinetuneConfig, Finetuner, evaluate_run
 
     def cfg(max_iters: int) -> FinetuneConfig:
         return FinetuneConfig(coco=str(coco), out=str(out / "work" / "finetune"), init=str(out / "work" / "pretrain"),

@@ -5,7 +5,7 @@ ResNet with average pooling + FC and cross-entropy, against a step of the dense 
 the ERF loss, plus the ERF refresh amortised over its interval. Inputs are fixed tensors, so
 only the model and the loss are timed. Usage:
 
-    python -m benchmarks.loss_overhead [--arch resnet50] [--batch 32] [--steps 10] [--erf-every 5000]
+    python -m jigsawdata.benchmarks.loss_overhead [--arch resnet50] [--batch 32] [--steps 10] [--erf-every 5000]
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipelines.template import Template
-from trainer.erf import effective_receptive_fields, erf_weights
-from trainer.losses import erf_dense_loss
-from trainer.model import DenseClassifier, build_backbone
+from jigsawdata.pipelines.template import Template
+from jigsawdata.trainer.erf import effective_receptive_fields, erf_weights
+from jigsawdata.trainer.losses import erf_dense_loss
+from jigsawdata.trainer.model import DenseClassifier, build_backbone
 
 from .common import environment, interleaved, report, stats, timed
 

@@ -7,7 +7,7 @@ Shards are built from the real COCO subset into a temporary directory first (sma
 so every reference worker owns some). On a GPU it also measures how many images/s a
 ResNet-50 AMP training step consumes, the rate the pipeline has to keep up with. Usage:
 
-    python -m benchmarks.pipeline_throughput [--workers 2] [--batch 64] [--batches 20] [--repeats 3]
+    python -m jigsawdata.benchmarks.pipeline_throughput [--workers 2] [--batch 64] [--batches 20] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from PIL import Image
 
 from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.coco import load_coco, resolve_coco_root
-from pipelines.config import JigsawConfig
-from pipelines.dali import DaliJigsawLoader
-from pipelines.reference import reader_streams, reference_loader, worker_part
-from pipelines.shardset import open_shard_set
+from jigsawdata.pipelines.config import JigsawConfig
+from jigsawdata.pipelines.dali import DaliJigsawLoader
+from jigsawdata.pipelines.reference import reader_streams, reference_loader, worker_part
+from jigsawdata.pipelines.shardset import open_shard_set
 
 from .common import DEFAULT_COCO, environment, interleaved, report, stats, timed
 

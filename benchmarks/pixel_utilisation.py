@@ -1,6 +1,6 @@
 """Zero-padding share of jigsaw canvases for a shard set, for every fit mode in one run.
 
-    python -m benchmarks.pixel_utilisation SHARDS [--images 20000] [--json out.json]
+    python -m jigsawdata.benchmarks.pixel_utilisation SHARDS [--images 20000] [--json out.json]
 
 Builds nothing and decodes nothing: the crop sizes come from the shard set's index.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.config import FIT_MODES, JigsawConfig
-from pipelines.template import Template
-from pipelines.utilisation import crop_sizes, padding_share
+from jigsawdata.pipelines.config import FIT_MODES, JigsawConfig
+from jigsawdata.pipelines.template import Template
+from jigsawdata.pipelines.utilisation import crop_sizes, padding_share
 
 
 def run(shards: str, images: int = 20_000, canvas: int = 224, split: int = 64, seed: int = 0) -> dict:

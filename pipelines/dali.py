@@ -91,7 +91,7 @@ def _hw(values: tuple[float, float]):
 
 
 def _positions(cfg: JigsawConfig):
-    """Window positions ``[y, x]`` as fractions of the slack (see :func:`pipelines.fit.window_anchor`)."""
+    """Window positions ``[y, x]`` as fractions of the slack (see :func:`jigsawdata.pipelines.fit.window_anchor`)."""
     from nvidia.dali import fn
 
     if cfg.crop_pos is not None:

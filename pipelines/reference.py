@@ -1,7 +1,7 @@
 """The jigsaw pipeline in plain PyTorch + PIL over webdataset: the yardstick and the fallback.
 
 It implements exactly the sampling and geometry of the DALI pipeline (see
-:mod:`pipelines.fit`), reads the same shards (local paths, or streamed from any fsspec URL) and
+:mod:`jigsawdata.pipelines.fit`), reads the same shards (local paths, or streamed from any fsspec URL) and
 runs wherever PyTorch does. Use it with a ``torch.utils.data.DataLoader``; each worker of
 each rank reads its own shards, or, when a group has too few shards for that, its own
 samples of every shard. PIL cannot decode part of a JPEG, so each crop is decoded whole;

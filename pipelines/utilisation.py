@@ -4,7 +4,7 @@ The paper's motivation is fewer uninformative pixels. This measures the padding 
 shard set's real crop sizes under a jigsaw configuration by drawing assembled images the way
 the pipelines do — 2 S + 1 T + 1 W crops at random, the random resize (pad_crop only, as in
 the pipelines), the smaller S (by resized area) top-left — and applying each fit mode's
-geometry from :mod:`pipelines.fit`. Pixels are never decoded: only sizes matter.
+geometry from :mod:`jigsawdata.pipelines.fit`. Pixels are never decoded: only sizes matter.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Smoke tests: every benchmark runs end to end on tiny settings (no timing is asserted)."""
 
-from benchmarks import build_shards as bench_build
-from benchmarks import pipeline_throughput as bench_pipeline
+from jigsawdata.benchmarks import build_shards as bench_build
+from jigsawdata.benchmarks import pipeline_throughput as bench_pipeline
 
 
 def test_build_benchmark_runs(real_coco, tmp_path):
@@ -19,7 +19,7 @@ def test_pipeline_benchmark_runs(built_synthetic):
 
 
 def test_loss_overhead_benchmark_runs():
-    from benchmarks import loss_overhead
+    from jigsawdata.benchmarks import loss_overhead
 
     result = loss_overhead.run(arch="resnet18", batch=2, steps=1, repeats=1, erf_every=10, erf_images=1)
     assert result["plain_step_s"]["median"] > 0 and result["erf_dense_step_s"]["median"] > 0
@@ -28,7 +28,7 @@ def test_loss_overhead_benchmark_runs():
 
 
 def test_cost_claim_runs(built_real, real_coco):
-    from benchmarks import cost_claim
+    from jigsawdata.benchmarks import cost_claim
 
     result = cost_claim.run(real_coco, arch="resnet18", batch=4, steps=1, repeats=1, warmup=1, erf_images=1,
                             shards=built_real)
@@ -45,7 +45,7 @@ def test_bench_all_quick_writes_the_report(real_coco, tmp_path):
     from click.testing import CliRunner
     from PIL import Image
 
-    from cli import main
+    from jigsawdata.cli import main
 
     result = CliRunner().invoke(main, ["bench", "all", "--quick", "--out", str(tmp_path), "--coco", str(real_coco)])
     assert result.exit_code == 0, result.output

@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from jigsawdata.cli import main
 from jigsawdata.errors import InputError
-from trainer.experiment import _scratch_epochs, cells, preset
+from jigsawdata.trainer.experiment import _scratch_epochs, cells, preset
 
 
 def test_cells_of_a_grid():

@@ -18,7 +18,7 @@ import fsspec
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from jigsawdata.cli import main
 from jigsawdata.fetch import FetchError, fetch, fetch_file
 from jigsawdata.manifest import ListedFile, write_json_atomic
 from jigsawdata.shards import write_shard
@@ -264,7 +264,7 @@ def test_info_says_it_does_not_verify(built_synthetic):
 
 
 def test_fetch_benchmark_measures_both_sides_in_one_run():
-    from benchmarks.fetch_throughput import format_table, run
+    from jigsawdata.benchmarks.fetch_throughput import format_table, run
 
     result = run(megabytes=2, shards=2, workers=2, repeats=1)
     assert result["bytes"] > 2_000_000 and len(result["fetch_seconds"]["runs"]) == 1

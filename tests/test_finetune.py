@@ -11,14 +11,14 @@ from click.testing import CliRunner
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from cli import main
+from jigsawdata.cli import main
 from jigsawdata.errors import InputError
-from trainer import checkpoint as ckpt_io
-from trainer.coco_data import CocoDetection, collate
-from trainer.detection import build_detector
-from trainer.evaluate import METRICS, coco_eval
-from trainer.finetune import evaluate, lr_factor, schedule_epochs
-from trainer.model import DenseClassifier
+from jigsawdata.trainer import checkpoint as ckpt_io
+from jigsawdata.trainer.coco_data import CocoDetection, collate
+from jigsawdata.trainer.detection import build_detector
+from jigsawdata.trainer.evaluate import METRICS, coco_eval
+from jigsawdata.trainer.finetune import evaluate, lr_factor, schedule_epochs
+from jigsawdata.trainer.model import DenseClassifier
 
 
 @pytest.fixture(scope="module")

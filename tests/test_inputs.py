@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
+from jigsawdata.cli import main
 from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.coco import load_coco, load_rgb
 from jigsawdata.errors import InputError

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from jigsawdata.cli import main
 from jigsawdata.errors import InputError
 from jigsawdata.manifest import write_json_atomic
 from jigsawdata.shards import write_shard
-from pipelines.integrity import check_shard_set
+from jigsawdata.pipelines.integrity import check_shard_set
 
 
 @pytest.fixture

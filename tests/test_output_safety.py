@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from jigsawdata.cli import main
 from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.errors import InputError
 from jigsawdata.outdir import BuildLock
@@ -138,8 +138,8 @@ def test_refused_runs_leave_no_run_directory(tmp_path):
 def test_export_refuses_to_write_over_its_input(tmp_path):
     import torch
 
-    from trainer.checkpoint import FORMAT
-    from trainer.model import DenseClassifier
+    from jigsawdata.trainer.checkpoint import FORMAT
+    from jigsawdata.trainer.model import DenseClassifier
 
     run = tmp_path / "run"
     run.mkdir()
@@ -199,7 +199,7 @@ def test_a_part_of_another_split_or_seed_is_refused_at_build_time(tmp_path, synt
 
 
 def test_a_new_run_needs_a_new_or_empty_directory(tmp_path):
-    from trainer.runtime import claim_run_dir
+    from jigsawdata.trainer.runtime import claim_run_dir
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -211,7 +211,7 @@ def test_a_new_run_needs_a_new_or_empty_directory(tmp_path):
 
 
 def test_finetune_refuses_a_batch_larger_than_the_split(tmp_path, synthetic_root):
-    from trainer.finetune import FinetuneConfig, Finetuner
+    from jigsawdata.trainer.finetune import FinetuneConfig, Finetuner
 
     cfg = FinetuneConfig(coco=str(synthetic_root), out=str(tmp_path / "ft"), split="train", arch="resnet18",
                          batch=16, max_images=4, device="cpu", workers=0)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from jigsawdata.errors import InputError
-from pipelines.config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig, fixed
-from pipelines.dali import DaliJigsawLoader
-from pipelines.fit import place, window, window_anchor
-from pipelines.reference import reference_loader
-from pipelines.template import Template
+from jigsawdata.pipelines.config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig, fixed
+from jigsawdata.pipelines.dali import DaliJigsawLoader
+from jigsawdata.pipelines.fit import place, window, window_anchor
+from jigsawdata.pipelines.reference import reference_loader
+from jigsawdata.pipelines.template import Template
 
 from .crafted import crop, write_crafted
 
@@ -290,7 +290,7 @@ def test_preview_writes_a_grid(built_synthetic, tmp_path, pipeline):
     from click.testing import CliRunner
     from PIL import Image
 
-    from cli import main
+    from jigsawdata.cli import main
 
     out = tmp_path / "grid.png"
     result = CliRunner().invoke(main, ["preview", str(built_synthetic), "--out", str(out), "--count", "6",
@@ -303,7 +303,7 @@ def test_preview_writes_a_grid(built_synthetic, tmp_path, pipeline):
 
 
 def test_parse_labels():
-    from pipelines.dali import parse_labels
+    from jigsawdata.pipelines.dali import parse_labels
 
     raw = [b"0", b"7", b"80", b"1203", b"999999999"]
     digits = torch.tensor([list(r.ljust(9, b"\0")) for r in raw], dtype=torch.uint8)
@@ -326,7 +326,7 @@ def test_pad_crop_decodes_only_the_window(built_synthetic, fit, decoders):
     the warp ablation needs the whole crop."""
     import re
 
-    from pipelines.dali import jigsaw_pipeline
+    from jigsawdata.pipelines.dali import jigsaw_pipeline
 
     graph = jigsaw_pipeline(built_synthetic, 2, JigsawConfig(fit=fit)).serialize()
     assert {name.decode() for name in re.findall(rb"decoders__\w+", graph)} == decoders

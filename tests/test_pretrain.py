@@ -15,10 +15,10 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from cli import main
+from jigsawdata.cli import main
 from jigsawdata.errors import InputError
-from trainer.checkpoint import load
-from trainer.pretrain import PretrainConfig, Trainer
+from jigsawdata.trainer.checkpoint import load
+from jigsawdata.trainer.pretrain import PretrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(built_real, t
     straight = tmp_path / "straight"
     assert CliRunner().invoke(main, _args(built_real, straight)).exit_code == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *_args(built_real, killed)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "jigsawdata", *_args(built_real, killed)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -102,7 +102,7 @@ def test_torchrun_two_processes_on_cpu(built_real, tmp_path):
     args = _args(built_real, out, iterations=4)
     args[args.index("--erf-every") + 1] = "2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "cli.py"), *args, "--workers", "1"]
+           "-m", "jigsawdata", *args, "--workers", "1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = load(out)
@@ -127,8 +127,8 @@ def test_short_gpu_run_with_dali_gpu(built_real, tmp_path):
 def test_dali_source_hands_batches_to_the_training_device(built_real):
     """DALI returns labels (always) and CPU-backend images on the CPU; the source moves both
     to the training device ('meta' stands in for a GPU here: any device but the CPU)."""
-    from pipelines.config import fixed
-    from trainer.data import DaliSource
+    from jigsawdata.pipelines.config import fixed
+    from jigsawdata.trainer.data import DaliSource
 
     source = DaliSource(built_real, 4, fixed(), device=torch.device("meta"), workers=1, rank=0, world_size=1)
     images, labels = next(source)
@@ -137,7 +137,7 @@ def test_dali_source_hands_batches_to_the_training_device(built_real):
 
 
 def test_resume_on_another_kind_of_device_is_refused(tmp_path):
-    from trainer.runtime import check_resume_device
+    from jigsawdata.trainer.runtime import check_resume_device
 
     check_resume_device("cpu", torch.device("cpu"), tmp_path)
     check_resume_device(None, torch.device("cpu"), tmp_path)  # checkpoints that did not record it

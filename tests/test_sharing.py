@@ -18,15 +18,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
+from jigsawdata.cli import main
 from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.card import COCO_LICENSE, UNKNOWN_LICENSE
 from jigsawdata.errors import InputError
 from jigsawdata.fetch import FetchError, cache_location, cached_shards, fetch
 from jigsawdata.manifest import read_manifest
 from jigsawdata.verify import verify_shard_set
-from pipelines.config import fixed
-from pipelines.reference import reference_loader
+from jigsawdata.pipelines.config import fixed
+from jigsawdata.pipelines.reference import reference_loader
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -213,7 +213,7 @@ def test_dataset_card(built_synthetic, built_real, synthetic_source, tmp_path):
 def test_pretrain_from_a_url_trains_on_the_verified_cache_with_either_pipeline(published, tmp_path):
     """The reference pipeline could stream, but a stream is checked only after it was used:
     pre-training fetches (and checks) into the cache for both pipelines."""
-    from trainer.pretrain import PretrainConfig, Trainer
+    from jigsawdata.trainer.pretrain import PretrainConfig, Trainer
 
     _, url, _ = published
     trainer = Trainer(PretrainConfig(shards=url, out=str(tmp_path / "run"), arch="resnet18", batch=4, device="cpu",

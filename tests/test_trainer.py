@@ -9,13 +9,13 @@ import torch.nn.functional as F
 import torchvision
 
 from jigsawdata.errors import InputError
-from pipelines.template import Template
-from trainer import checkpoint as ckpt_io
-from trainer.erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
-from trainer.export import backbone_state, detectron2_name, export
-from trainer.losses import blockwise_loss, erf_dense_loss, global_loss
-from trainer.model import DenseClassifier
-from trainer.schedule import learning_rate, scaled
+from jigsawdata.pipelines.template import Template
+from jigsawdata.trainer import checkpoint as ckpt_io
+from jigsawdata.trainer.erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
+from jigsawdata.trainer.export import backbone_state, detectron2_name, export
+from jigsawdata.trainer.losses import blockwise_loss, erf_dense_loss, global_loss
+from jigsawdata.trainer.model import DenseClassifier
+from jigsawdata.trainer.schedule import learning_rate, scaled
 
 T = Template()
 G = T.grid
@@ -265,7 +265,7 @@ def test_checkpoints_are_never_unpickled(tmp_path):
 
 
 def test_precision_modes():
-    from trainer.runtime import Precision
+    from jigsawdata.trainer.runtime import Precision
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     bf16 = Precision.of("bf16", gpu)

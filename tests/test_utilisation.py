@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.config import JigsawConfig
-from pipelines.reference import assemble
-from pipelines.template import Template
-from pipelines.utilisation import crop_sizes, padding_share
+from jigsawdata.pipelines.config import JigsawConfig
+from jigsawdata.pipelines.reference import assemble
+from jigsawdata.pipelines.template import Template
+from jigsawdata.pipelines.utilisation import crop_sizes, padding_share
 
 SIZES = {"S": np.array([[32, 32]]), "T": np.array([[16, 100]]), "W": np.array([[200, 20]])}
 
@@ -66,7 +66,7 @@ def test_sizes_come_from_the_index(built_synthetic):
 def test_info_reports_the_padding_share(built_synthetic):
     from click.testing import CliRunner
 
-    from cli import main
+    from jigsawdata.cli import main
 
     result = CliRunner().invoke(main, ["info", str(built_synthetic), "--padding"])
     assert result.exit_code == 0, result.output

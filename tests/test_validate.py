@@ -8,10 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
+from jigsawdata.cli import main
 from jigsawdata.errors import InputError
-from pipelines.template import Template
-from trainer.validate import load_validation_set, region_accuracy, region_predictions
+from jigsawdata.pipelines.template import Template
+from jigsawdata.trainer.validate import load_validation_set, region_accuracy, region_predictions
 
 SMALL = Template(canvas=128, split=32)
 
@@ -88,8 +88,8 @@ def test_bad_pretrain_ablation_settings_are_one_line_errors(built_real, tmp_path
 
 
 def test_runs_saved_before_the_rename_keep_their_template_split():
-    from trainer.pretrain import PretrainConfig, saved_config
-    from trainer.runtime import config_from
+    from jigsawdata.trainer.pretrain import PretrainConfig, saved_config
+    from jigsawdata.trainer.runtime import config_from
 
     cfg = config_from(PretrainConfig, saved_config({"shards": "s", "out": "o", "split": 32, "canvas": 128}))
     assert cfg.template == Template(canvas=128, split=32)

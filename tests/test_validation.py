@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli import main
+from jigsawdata.cli import main
 from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.coco import decode_image, load_coco
 from jigsawdata.errors import InputError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.config import JigsawConfig
+from jigsawdata.pipelines.config import JigsawConfig
 
 
 class DaliSource:
@@ -22,7 +22,7 @@ class DaliSource:
 
     def __init__(self, shards: Path, batch: int, cfg: JigsawConfig, *, device: torch.device, workers: int,
                  rank: int, world_size: int, state: str | None = None) -> None:
-        from pipelines.dali import DaliJigsawLoader
+        from jigsawdata.pipelines.dali import DaliJigsawLoader
 
         gpu = device.type == "cuda"
         self._device = device
@@ -46,7 +46,7 @@ class ReferenceSource:
 
     def __init__(self, shards: Path | str, batch: int, cfg: JigsawConfig, *, device: torch.device, workers: int,
                  rank: int, world_size: int, state: int | None = None) -> None:
-        from pipelines.reference import reference_loader
+        from jigsawdata.pipelines.reference import reference_loader
 
         self._device = device
         self._iterator = iter(reference_loader(shards, batch, cfg, workers=workers, rank=rank, world_size=world_size))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.template import Template
+from jigsawdata.pipelines.template import Template
 
 
 def effective_receptive_fields(model: nn.Module, images: torch.Tensor, chunk: int = 8) -> torch.Tensor:

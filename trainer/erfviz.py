@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.template import REGION_NAMES, Template
+from jigsawdata.pipelines.template import REGION_NAMES, Template
 
 
 def _heat(values: np.ndarray) -> np.ndarray:

@@ -21,10 +21,10 @@ import torch.distributed as dist
 
 from jigsawdata.errors import InputError
 from jigsawdata.fetch import cache_location, cached_shards, is_url
-from pipelines.config import JigsawConfig
-from pipelines.integrity import check_shard_set
-from pipelines.shardset import open_shard_set
-from pipelines.template import Template
+from jigsawdata.pipelines.config import JigsawConfig
+from jigsawdata.pipelines.integrity import check_shard_set
+from jigsawdata.pipelines.shardset import open_shard_set
+from jigsawdata.pipelines.template import Template
 
 from . import checkpoint as ckpt_io
 from .data import SOURCES
@@ -83,7 +83,7 @@ class PretrainConfig:
     mtime in the cache folder, so only the first run pays for it)."""
     val_shards: str | None = None
     """Shards of a held-out split: region accuracy on fixed jigsaw images every ``val_every``
-    iterations and at the end (see :mod:`trainer.validate`)."""
+    iterations and at the end (see :mod:`jigsawdata.trainer.validate`)."""
     val_every: int = 1000
     val_images: int = 256
 

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from jigsawdata.errors import InputError
-from pipelines.config import JigsawConfig
-from pipelines.reference import reference_loader
-from pipelines.shardset import open_shard_set
-from pipelines.template import REGION_NAMES, Template
+from jigsawdata.pipelines.config import JigsawConfig
+from jigsawdata.pipelines.reference import reference_loader
+from jigsawdata.pipelines.shardset import open_shard_set
+from jigsawdata.pipelines.template import REGION_NAMES, Template
 
 from .losses import region_mean
 

@@ -1,0 +1,20 @@
+"""Installs the repository's top-level folders inside the one ``jigsawdata`` package.
+
+``pyproject.toml`` maps ``pipelines/``, ``trainer/`` and ``benchmarks/`` to ``jigsawdata.*``
+sub-packages; setuptools cannot map a single module that way, so ``cli.py`` is added here
+as ``jigsawdata/cli.py``. Everything else is declared in ``pyproject.toml``.
+"""
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPy(build_py):
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "jigsawdata":
+            modules.append((package, "cli", "cli.py"))
+        return modules
+
+
+setup(cmdclass={"build_py": BuildPy})
