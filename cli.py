@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -9,10 +10,16 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from jigsawdata import __version__
 from jigsawdata.coco import DEFAULT_MAX_PIXELS
 from jigsawdata.errors import InputError, first_line
+from jigsawdata.settings import field_types, flag, read_config_file, spec_of
+from jigsawdata.pipelines.config import FIT_MODES
+from jigsawdata.pipelines.template import REGION_NAMES
+from jigsawdata.sampling import NEGATIVES_AVOID
+from jigsawdata.trainer.config import DEVICES, LOSSES, PIPELINES, FinetuneConfig, PretrainConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -55,20 +62,88 @@ class _Group(click.Group):
             raise click.ClickException(message) from exc
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="jigsawdata")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def main(verbose: int) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (they are also off when stderr is not a terminal).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Cheap object-detection pre-training: jigsaw shards from your own detection data."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"quiet": quiet}
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar on stderr, off with ``-q`` or when stderr is not a terminal (logs, CI, pipes)."""
+    from tqdm import tqdm
+
+    ctx = click.get_current_context(silent=True)
+    quiet = bool(ctx and (ctx.find_root().obj or {}).get("quiet"))
+    return tqdm(disable=True if quiet else None, dynamic_ncols=True, **kwargs)
+
+
+def _evaluation_bar():
+    """A progress bar for detector evaluation and the callback that feeds it."""
+    bar = progress_bar(unit="img", desc="evaluate")
+
+    def update(images: int, total: int) -> None:
+        bar.total = total
+        bar.update(images)
+
+    return bar, update
+
+
+def setting_options(cls):
+    """Click options built from a settings dataclass's fields (flag, default, choices, range,
+    help: see :mod:`jigsawdata.settings`), plus ``--config FILE``."""
+    def decorate(fn):
+        types = field_types(cls)
+        for field in reversed(dataclasses.fields(cls)):
+            spec = spec_of(field)
+            base, _ = types[field.name]
+            required = field.default is dataclasses.MISSING
+            default = None if required else field.default
+            shown = default is not None
+            help_text = spec.help + ("  [required]" if required else "")
+            if base is bool:
+                fn = click.option(f"{flag(field.name)}/--no-{flag(field.name)[2:]}", field.name, default=default,
+                                  show_default=shown, help=help_text)(fn)
+                continue
+            if spec.choices is not None:
+                kind = click.Choice(spec.choices)
+            elif base in (int, float) and (spec.min is not None or spec.max is not None):
+                kind = (click.IntRange if base is int else click.FloatRange)(spec.min, spec.max,
+                                                                              min_open=spec.min_open)
+            else:
+                kind = base
+            fn = click.option(flag(field.name), *spec.aliases, field.name, type=kind, default=default,
+                              show_default=shown, help=help_text)(fn)
+        return click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                            help="YAML or JSON file of these settings (a run's config.json works); flags given "
+                                 "here override it.")(fn)
+    return decorate
+
+
+def settings_from(cls, config_file: Path | None, options: dict):
+    """The settings dataclass from its defaults, then ``--config``, then the flags given."""
+    ctx = click.get_current_context()
+    values = read_config_file(config_file, cls) if config_file else {}
+    values.update({k: v for k, v in options.items()
+                   if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)})
+    missing = [flag(f.name) for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and values.get(f.name) is None]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (give the flag, or the setting in --config)")
+    return cls(**values)
 
 
 @main.command("make-synthetic")
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--images", default=48, show_default=True, type=click.IntRange(min=1), help="Number of images.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--split", default="train", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the drawn scenes.")
+@click.option("--split", default="train", show_default=True,
+              help="Split name: writes annotations/instances_<split>.json and <split>/.")
 def make_synthetic(root: Path, images: int, seed: int, split: str) -> None:
     """Write a small synthetic COCO-format detection set (the embedded demo data)."""
     from jigsawdata.synthetic import make_synthetic_coco
@@ -82,10 +157,12 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 
     if ann or images:
         if not (ann and images):
-            raise click.UsageError("--ann and --images go together")
+            raise click.UsageError("--ann and --image-dir go together")
+        if coco_root is not None or split is not None:
+            raise click.UsageError("give COCO_ROOT (with --split), or --ann FILE --image-dir DIR, not both")
         return ann, images
     if coco_root is None:
-        raise click.UsageError("give COCO_ROOT, or --ann FILE --images DIR")
+        raise click.UsageError("give COCO_ROOT, or --ann FILE --image-dir DIR")
     if split is None:
         found = sorted((coco_root / "annotations").glob("instances_*.json"))
         if len(found) != 1:
@@ -99,8 +176,9 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.argument("coco_root", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
 @click.option("--split", help="Split name: reads annotations/instances_<split>.json and <split>/ (default: the only one).")
-@click.option("--ann", type=click.Path(dir_okay=False, path_type=Path), help="Annotation file (with --images).")
-@click.option("--images", type=click.Path(file_okay=False, path_type=Path), help="Image folder (with --ann).")
+@click.option("--ann", type=click.Path(dir_okay=False, path_type=Path), help="Annotation file (with --image-dir).")
+@click.option("--image-dir", "images", type=click.Path(file_okay=False, path_type=Path),
+              help="Image folder (with --ann).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of all sampling and of the shuffle.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=0),
@@ -109,9 +187,10 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.option("--pos-per-neg", default=10.0, show_default=True, help="Positives per negative crop.")
 @click.option("--max-enlarge", default=2.0, show_default=True, help="Largest context growth per axis.")
 @click.option("--min-box-size", default=4, show_default=True, help="Smallest GT box side (px) kept as a positive.")
-@click.option("--negatives-avoid", type=click.Choice(["crops", "gt"]), default="crops", show_default=True,
+@click.option("--negatives-avoid", type=click.Choice(NEGATIVES_AVOID), default="crops", show_default=True,
               help="What negatives must not touch: the enlarged positive crops (the paper) or only the GT boxes.")
-@click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100))
+@click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100),
+              help="JPEG quality of the crops written into the shards.")
 @click.option("--shard-size", default="256MB", show_default=True, help="Largest shard payload.")
 @click.option("--shard-samples", default=10_000, show_default=True, type=click.IntRange(min=1),
               help="Most samples per shard.")
@@ -119,8 +198,9 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
               help="Largest image (width x height) decoded; larger ones are skipped (decompression bombs).")
 @click.option("--strict/--no-strict", default=False, show_default=True,
-              help="A bad box or a file_name outside --images is an error instead of a counted skip.")
-@click.option("--keep-staging/--no-keep-staging", default=False, show_default=True)
+              help="A bad box or a file_name outside --image-dir is an error instead of a counted skip.")
+@click.option("--keep-staging/--no-keep-staging", default=False, show_default=True,
+              help="Keep the per-chunk staging files after a successful build (for inspection).")
 @click.option("--license", "license_", help="Licence of the source set, for the dataset card "
               "(default: COCO's terms for a COCO-derived set, else 'unknown').")
 def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spec, pos_per_neg,
@@ -130,8 +210,6 @@ def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spe
 
     Rerunning the same command resumes an interrupted build.
     """
-    from tqdm import tqdm
-
     from jigsawdata.build import BuildConfig, build_shards
     from jigsawdata.coco import load_coco
     from jigsawdata.sampling import SamplingConfig
@@ -148,13 +226,13 @@ def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spe
     ann_file, image_dir = _resolve_source(coco_root, split, ann, images)
     source = load_coco(ann_file, image_dir, strict=strict)
     n_images = sum(1 for i in range(len(source.images)) if i % parts == part)
-    bars: dict[str, tqdm] = {}
+    bars: dict = {}
 
     def progress(stage: str, items: int, crops: int) -> None:
         if stage not in bars:
             total = n_images if stage == "extract" else None
             unit = "img" if stage == "extract" else "shard"
-            bars[stage] = tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True)
+            bars[stage] = progress_bar(total=total, desc=stage, unit=unit)
             bars[stage].crops = 0
         bar = bars[stage]
         bar.crops += crops
@@ -224,19 +302,23 @@ def info(root: Path, as_json: bool, padding: bool) -> None:
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def verify(root: Path) -> None:
     """Re-hash every shard and check counts against the manifest and the index."""
-    from tqdm import tqdm
-
     from jigsawdata.manifest import read_manifest
     from jigsawdata.verify import verify_shard_set
 
     total = sum(len(v["shards"]) for v in read_manifest(root)["groups"].values())
-    with tqdm(total=total, unit="shard", desc="verify", dynamic_ncols=True) as bar:
+    with progress_bar(total=total, unit="shard", desc="verify") as bar:
         problems = verify_shard_set(root, on_shard=lambda _: bar.update(1))
     if problems:
         for problem in problems:
             click.echo(f"FAIL {problem}", err=True)
         sys.exit(1)
     click.echo(f"OK: {total} shards match the manifest and the index")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
@@ -253,14 +335,18 @@ def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
 @click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
 @click.option("--count", default=8, show_default=True, type=click.IntRange(min=1), help="Assembled images to draw.")
-@click.option("--columns", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--pipeline", type=click.Choice(["dali", "reference"]), default="dali", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-@click.option("--fit", type=click.Choice(["pad_crop", "warp", "resize"]), default="pad_crop", show_default=True)
-@click.option("--canvas", default=224, show_default=True)
-@click.option("--template-split", "split", default=64, show_default=True,
+@click.option("--columns", default=4, show_default=True, type=click.IntRange(min=1), help="Images per row.")
+@click.option("--pipeline", type=click.Choice(PIPELINES), default="dali", show_default=True,
+              help="Input pipeline: NVIDIA DALI, or the plain PyTorch reference.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where DALI assembles (auto: the GPU if torch sees one); the reference pipeline runs on the CPU.")
+@click.option("--fit", type=click.Choice(FIT_MODES), default="pad_crop", show_default=True,
+              help="How a crop meets its region (paper Table 1).")
+@click.option("--canvas", default=224, show_default=True, type=click.IntRange(min=1),
+              help="Side of the assembled image in pixels.")
+@click.option("--template-split", "split", default=64, show_default=True, type=click.IntRange(min=1),
               help="Where the template cuts the canvas (px from the top-left), not a data split.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the augmentation.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard against the manifest first (cached: free on later runs).")
 def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, device: str, fit: str,
@@ -276,7 +362,8 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
     if pipeline == "dali":
         from jigsawdata.pipelines.dali import DaliJigsawLoader
 
-        loader = DaliJigsawLoader(shards, count, cfg, device=device, device_id=0 if device == "gpu" else None,
+        gpu = device == "cuda" or (device == "auto" and _cuda_available())
+        loader = DaliJigsawLoader(shards, count, cfg, device="gpu" if gpu else "cpu", device_id=0 if gpu else None,
                                   rank=0, world_size=1)
     else:
         from jigsawdata.pipelines.reference import reference_loader
@@ -288,54 +375,14 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
 
 
 @main.command()
-@click.option("--shards", required=True, help="Shard set: a directory, or a URL (fetched to a cache for DALI, "
-              "streamed by the reference pipeline).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--arch", type=click.Choice(["resnet18", "resnet50", "resnet101", "resnext101_32x4d"]),
-              default="resnet50", show_default=True)
-@click.option("--loss", type=click.Choice(["erf", "blockwise", "global"]), default="erf", show_default=True)
-@click.option("--tau", default=0.7, show_default=True, type=click.FloatRange(0.0, 1.0), help="ERF weight floor of a cell's own region.")
-@click.option("--iterations", default=64_000, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Global batch of assembled images (all ranks).")
-@click.option("--lr-start", default=0.2, show_default=True, type=click.FloatRange(min=0.0), help="Warm-up start lr at batch 512 (scaled linearly).")
-@click.option("--lr-peak", default=0.8, show_default=True, type=click.FloatRange(min=0.0, min_open=True), help="Peak lr at batch 512 (scaled linearly).")
-@click.option("--warmup", default=1250, show_default=True, type=click.IntRange(min=0), help="Warm-up iterations.")
-@click.option("--canvas", default=224, show_default=True)
-@click.option("--template-split", default=64, show_default=True,
-              help="Where the template cuts the canvas (px from the top-left), not a data split.")
-@click.option("--fit", type=click.Choice(["pad_crop", "warp", "resize"]), default="pad_crop", show_default=True,
-              help="How a crop meets its region (paper Table 1).")
-@click.option("--resize-min", default=0.8, show_default=True, help="Smallest random resize factor of a crop.")
-@click.option("--resize-max", default=1.5, show_default=True, help="Largest random resize factor of a crop.")
-@click.option("--flip-p", default=0.5, show_default=True, help="Horizontal flip probability of a crop.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--pipeline", type=click.Choice(["dali", "reference"]), default="dali", show_default=True)
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0),
-              help="DALI threads (>= 1) or DataLoader workers per rank (0: in-process).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--erf-every", default=5000, show_default=True, type=click.IntRange(min=1), help="Iterations between ERF weight refreshes.")
-@click.option("--erf-images", default=64, show_default=True, type=click.IntRange(min=1), help="Images the ERF is averaged over.")
-@click.option("--checkpoint-every", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True)
-@click.option("--cache-dir", help="Where --shards URLs are fetched to (default: $JIGSAWDATA_CACHE or "
-              "~/.cache/jigsawdata).")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check every shard against the manifest before the first batch (cached: free on later runs).")
-@click.option("--val-shards", help="Shards of a held-out split (e.g. val2017): region accuracy on fixed jigsaw "
-              "images every --val-every iterations and at the end.")
-@click.option("--val-every", default=1000, show_default=True)
-@click.option("--val-images", default=256, show_default=True, help="Fixed jigsaw images validated on.")
+@setting_options(PretrainConfig)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
-def pretrain(resume: bool, **options) -> None:
+def pretrain(resume: bool, config_file: Path | None, **options) -> None:
     """ERF-adaptive dense classification pre-training on jigsaw batches (torchrun for many GPUs)."""
-    from tqdm import tqdm
-
-    from jigsawdata.trainer.pretrain import PretrainConfig, Trainer
+    from jigsawdata.trainer.pretrain import Trainer
     from jigsawdata.trainer.validate import format_validation
 
-    cfg = PretrainConfig(**options)
+    cfg = settings_from(PretrainConfig, config_file, options)
     bar = None
     shown: dict = {}
 
@@ -347,8 +394,9 @@ def pretrain(resume: bool, **options) -> None:
         bar.refresh()
 
     trainer = Trainer(cfg, resume=resume, on_log=on_log, on_validate=shown.update)
-    bar = tqdm(total=cfg.iterations, initial=trainer.iteration, unit="it", desc="pretrain", dynamic_ncols=True,
-               disable=not trainer.dist.main)
+    bar = progress_bar(total=cfg.iterations, initial=trainer.iteration, unit="it", desc="pretrain")
+    if not trainer.dist.main:
+        bar.disable = True
     try:
         metrics = trainer.train()
     finally:
@@ -365,7 +413,8 @@ def pretrain(resume: bool, **options) -> None:
 @click.argument("run", type=click.Path(exists=True, path_type=Path))
 @click.option("--shards", required=True, help="Shards of a held-out split, with the run's classes.")
 @click.option("--images", default=256, show_default=True, help="Fixed jigsaw images to measure on.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where to run (auto: a CUDA GPU if torch sees one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json: bool) -> None:
     """Region top-1 accuracy of a pre-training checkpoint on fixed jigsaw images, with the
@@ -379,8 +428,8 @@ def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json:
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["torchvision", "detectron2", "mmdet"]), default="torchvision",
-              show_default=True)
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+              show_default=True, help="Parameter naming of the library that will load the backbone.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
 def export(checkpoint: Path, fmt: str, out: Path) -> None:
     """Write a pre-trained backbone for torchvision, Detectron2 or MMDetection."""
     from jigsawdata.trainer.export import export as export_backbone
@@ -392,8 +441,9 @@ def export(checkpoint: Path, fmt: str, out: Path) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--region", type=click.Choice(["TL", "TR", "BL", "BR"]), default="TL", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
+@click.option("--region", type=click.Choice(REGION_NAMES), default="TL", show_default=True,
+              help="Template region whose cells' fields are drawn.")
 @click.option("--images", default=16, show_default=True, type=click.IntRange(min=1), help="Jigsaw images to average over.")
 @click.option("--shards", type=click.Path(exists=True, file_okay=False), help="Shard set (default: the run's).")
 def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) -> None:
@@ -401,7 +451,6 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
 
     from jigsawdata.pipelines.config import JigsawConfig
     from jigsawdata.pipelines.reference import reference_loader
-    from jigsawdata.pipelines.template import REGION_NAMES
     from jigsawdata.trainer.checkpoint import load
     from jigsawdata.trainer.erf import effective_receptive_fields, erf_weights
     from jigsawdata.trainer.erfviz import render_erf
@@ -422,49 +471,22 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
 
 
 @main.command()
-@click.option("--coco", required=True, type=click.Path(exists=True, file_okay=False), help="COCO root.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--init", default="scratch", show_default=True,
-              help="A jigsaw run directory or checkpoint, an exported backbone, imagenet:FILE (a torchvision "
-                   "ResNet state dict), or scratch.")
-@click.option("--detector", type=click.Choice(["c4", "fpn", "mask"]), default="c4", show_default=True)
-@click.option("--arch", type=click.Choice(["resnet18", "resnet50", "resnet101", "resnext101_32x4d"]),
-              default="resnet50", show_default=True)
-@click.option("--norm", type=click.Choice(["frozen_bn", "bn", "gn"]),
-              help="Normalisation (default: frozen_bn with pretrained weights, bn from scratch); gn also puts "
-                   "GroupNorm in the FPN and a 4conv1fc box head (the paper's scratch baseline).")
-@click.option("--split", default="train2017", show_default=True)
-@click.option("--val-split", help="Split evaluated after training (default: --split).")
-@click.option("--schedule", default="1x", show_default=True,
-              help="Nx = N times 13 epochs with drops after 9N and 12N: 1x, 2x, 3x, ...")
-@click.option("--epochs", type=click.IntRange(min=1), help="Any length instead (drops at the same relative points), "
-              "e.g. to match a from-scratch run's cost to pre-training + fine-tuning.")
-@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1), help="Global batch (all ranks).")
-@click.option("--lr", default=0.02, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
-              help="At batch 16, scaled linearly.")
-@click.option("--warmup", default=500, show_default=True, type=click.IntRange(min=0))
-@click.option("--min-size", default=800, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-size", default=1333, show_default=True, type=click.IntRange(min=1))
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0), help="DataLoader workers (0: in-process).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True,
-              help="Mixed precision on a GPU (the CPU runs fp32).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--max-iters", type=click.IntRange(min=1), help="Stop after this many iterations.")
-@click.option("--max-images", type=click.IntRange(min=1), help="Use only the first N images of each split.")
-@click.option("--log-every", default=20, show_default=True, type=click.IntRange(min=1))
+@setting_options(FinetuneConfig)
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")
-def finetune(resume: bool, **options) -> None:
+def finetune(resume: bool, config_file: Path | None, **options) -> None:
     """Fine-tune a torchvision detector from jigsaw (or other) weights, then evaluate it."""
     from jigsawdata.trainer.evaluate import format_table
-    from jigsawdata.trainer.finetune import FinetuneConfig, Finetuner, evaluate_run
+    from jigsawdata.trainer.finetune import Finetuner, evaluate_run
 
-    cfg = FinetuneConfig(**options)
+    cfg = settings_from(FinetuneConfig, config_file, options)
     trainer = Finetuner(cfg, resume=resume, on_log=lambda m: click.echo(
         f"epoch {m['epoch']} it {m['iteration']} lr {m['lr']:.5f} loss {m['loss']:.4f}"))
     trainer.train()
     if trainer.dist.main:
-        metrics = evaluate_run(cfg.out, split=cfg.val_split, max_images=cfg.max_images, device=cfg.device)
+        bar, update = _evaluation_bar()
+        with bar:
+            metrics = evaluate_run(cfg.out, split=cfg.val_split, max_images=cfg.max_images, device=cfg.device,
+                                   progress=update)
         click.echo(format_table(metrics))
 
 
@@ -473,13 +495,17 @@ def finetune(resume: bool, **options) -> None:
 @click.option("--coco", type=click.Path(exists=True, file_okay=False), help="COCO root (default: the run's).")
 @click.option("--split", help="Split to evaluate (default: the run's --val-split, else its --split).")
 @click.option("--max-images", type=click.IntRange(min=1), help="Evaluate only the first N images.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where to run (auto: a CUDA GPU if torch sees one).")
 def evaluate(run_dir: Path, coco: str | None, split: str | None, max_images: int | None, device: str) -> None:
     """COCO AP of a fine-tuned detector; writes eval.json and predictions_*.json into RUN_DIR."""
     from jigsawdata.trainer.evaluate import format_table
     from jigsawdata.trainer.finetune import evaluate_run
 
-    click.echo(format_table(evaluate_run(run_dir, coco, split, max_images, device)))
+    bar, update = _evaluation_bar()
+    with bar:
+        metrics = evaluate_run(run_dir, coco, split, max_images, device, progress=update)
+    click.echo(format_table(metrics))
 
 
 @main.command()
@@ -498,7 +524,7 @@ def evaluate(run_dir: Path, coco: str | None, split: str | None, max_images: int
               help="The from-scratch GN cell, cost-matched to the erf cell (Table 5).")
 @click.option("--iterations", type=int, help="Pre-training iterations per cell (default: the preset's).")
 @click.option("--epochs", type=int, help="Fine-tuning epochs per cell (default: the preset's schedule).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: the preset's.")
+@click.option("--device", type=click.Choice(DEVICES), help="Default: the preset's.")
 @click.option("--smoke", is_flag=True, help="A few iterations and images per cell: checks the grid runs.")
 def experiment(out: str, preset: str, coco: str | None, split: str | None, val_split: str | None, losses: str,
                fits: str,
@@ -507,10 +533,8 @@ def experiment(out: str, preset: str, coco: str | None, split: str | None, val_s
     """The paper's ablation grid end to end: pre-train each loss (and fit mode), a
     cost-matched scratch baseline, fine-tune and evaluate each; writes table.md,
     experiment.json and experiment.png. Finished cells are not rerun."""
-    from jigsawdata.pipelines.config import FIT_MODES
     from jigsawdata.trainer.experiment import preset as make_preset
     from jigsawdata.trainer.experiment import run_experiment
-    from jigsawdata.trainer.losses import LOSSES
 
     chosen = tuple(name for name in losses.split(",") if name)
     if any(name not in LOSSES for name in chosen):
@@ -518,13 +542,16 @@ def experiment(out: str, preset: str, coco: str | None, split: str | None, val_s
     extra = tuple(f for f in fits.split(",") if f)
     if any(f not in FIT_MODES for f in extra):
         raise click.BadParameter(f"--fits takes a comma-separated subset of {', '.join(FIT_MODES)}")
-    overrides = dict(coco=coco, split=split, val_split=val_split, losses=chosen, fits=extra, imagenet=imagenet,
-                     scratch=scratch, iterations=iterations, epochs=epochs, device=device)
+    pretrain, finetune = {"iterations": iterations}, {"epochs": epochs}
+    sizes = {}
     if smoke:
-        overrides.update(synthetic_images=12, iterations=iterations or 1, batch=2, warmup=1, erf_every=1,
-                         erf_images=2, val_every=1, val_images=2, max_iters=1, max_images=2, epochs=epochs or 1,
-                         ft_batch=2, min_size=64, max_size=96, rois_per_image=8, pipeline="reference", workers=0)
-    cfg = make_preset(preset, out, **overrides)
+        sizes = {"synthetic_images": 12}
+        pretrain = dict(iterations=iterations or 1, batch=2, warmup=1, erf_every=1, erf_images=2, val_every=1,
+                        val_images=2, pipeline="reference", workers=0)
+        finetune = dict(epochs=epochs or 1, max_iters=1, max_images=2, batch=2, min_size=64, max_size=96,
+                        rois_per_image=8, workers=0)
+    cfg = make_preset(preset, out, pretrain=pretrain, finetune=finetune, coco=coco, split=split, val_split=val_split,
+                      losses=chosen, fits=extra, imagenet=imagenet, scratch=scratch, device=device, **sizes)
     report = run_experiment(cfg, on_cell=lambda name, cell: click.echo(
         f"cell {name}: AP {100 * cell['eval']['bbox']['AP']:.1f}"))
     click.echo((Path(out) / "table.md").read_text().rstrip())
@@ -537,7 +564,7 @@ def experiment(out: str, preset: str, coco: str | None, split: str | None, val_s
               help="Report directory (report.json, report.md, charts).")
 @click.option("--coco", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="COCO root with real photographs (default: ../shared/data/coco-train288).")
-@click.option("--split", default="train2017", show_default=True)
+@click.option("--split", default="train2017", show_default=True, help="Split of --coco the benchmarks read.")
 @click.option("--quick", is_flag=True, help="A couple of steps each: checks that everything runs.")
 def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> None:
     """Throughput and cost benchmarks; `all` runs every one that fits the machine."""
@@ -551,18 +578,17 @@ def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> 
 
 @main.command()
 @click.argument("url")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to download into (new, empty, or holding this same set).")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1), help="Parallel downloads.")
 @click.option("--retries", default=5, show_default=True, type=click.IntRange(min=1),
               help="Attempts per file (each resumes the last where the server allows it).")
 @click.option("--force", is_flag=True, help="Replace another shard set in --out (only once the new one is complete).")
 def fetch(url: str, out: Path, workers: int, retries: int, force: bool) -> None:
     """Download a published shard set (https://, s3://, gs://, file://...) and verify every file."""
-    from tqdm import tqdm
-
     from jigsawdata.fetch import fetch as fetch_shards
 
-    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="fetch", dynamic_ncols=True) as bar:
+    with progress_bar(unit="B", unit_scale=True, unit_divisor=1024, desc="fetch") as bar:
         def on_total(total: int) -> None:
             bar.total = total
             bar.refresh()

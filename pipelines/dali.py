@@ -216,6 +216,16 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
     return pipe(checkpoint=checkpoint)
 
 
+def require_dali() -> None:
+    """Fail with one line that says what to install, or to use the reference pipeline, when
+    DALI (a separate, CUDA-versioned wheel) cannot be imported."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as exc:
+        raise InputError(f"NVIDIA DALI cannot be imported ({exc}): pip install nvidia-dali-cuda130 (or "
+                         "nvidia-dali-cuda120 for a CUDA 12 driver), or use --pipeline reference") from exc
+
+
 class DaliJigsawLoader:
     """Batches of ``(images, labels)`` torch tensors from the DALI pipeline.
 
@@ -230,6 +240,7 @@ class DaliJigsawLoader:
                  num_threads: int = 4, device_id: int | None = None, rank: int | None = None,
                  world_size: int | None = None, fp16: bool = False, epoch: bool = False,
                  checkpoint: str | None = None) -> None:
+        require_dali()
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         cfg = cfg or JigsawConfig()

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from jigsawdata.cli import main
 from jigsawdata.errors import InputError
+from jigsawdata.trainer.config import PretrainConfig
 from jigsawdata.trainer.experiment import _scratch_epochs, cells, preset
 
 
@@ -24,7 +25,7 @@ def test_cells_of_a_grid():
 
 
 def test_scratch_is_trained_as_long_as_jigsaw_costs():
-    cfg = preset("tiny", "x", epochs=4)
+    cfg = preset("tiny", "x", finetune={"epochs": 4})
     erf = {"init": "jigsaw", "pretrain_device_hours": 1.0, "finetune_device_hours": 2.0, "finetune_epochs": 4}
     assert _scratch_epochs(cfg, {"erf": erf}) == 6  # 0.5 h per epoch, 3 h in all
     assert _scratch_epochs(cfg, {"erf": dict(erf, pretrain_device_hours=0.0)}) == 4  # never shorter
@@ -49,3 +50,16 @@ def test_smoke_grid_writes_the_table_and_does_not_rerun_finished_cells(tmp_path)
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
     assert (out / "cells" / "erf" / "cell.json").stat().st_mtime_ns == stamp
+
+
+def test_presets_set_only_what_differs_from_the_run_settings():
+    paper = preset("paper", "x")
+    assert paper.pretrain_config(shards="s", out="o") == PretrainConfig(shards="s", out="o", arch="resnet50")
+    tiny = preset("tiny", "x", pretrain={"iterations": 7, "warmup": None})
+    run = tiny.pretrain_config(shards="s", out="o", loss="global")
+    assert (run.iterations, run.warmup, run.canvas, run.arch, run.loss, run.device) == (7, 16, 128, "resnet18",
+                                                                                          "global", "cpu")
+    with pytest.raises(InputError, match="PretrainConfig has no settings ft_lr"):
+        preset("tiny", "x", pretrain={"ft_lr": 0.1})
+    with pytest.raises(InputError, match="--lr must be > 0"):
+        preset("tiny", "x", finetune={"lr": 0})

@@ -157,7 +157,9 @@ def test_evaluation_writes_a_cocoeval_table(real_coco, jigsaw_ckpt, tmp_path):
                        train=False, masks=True, max_images=3)
     model = build_detector("mask", "resnet18", 80, init=str(jigsaw_ckpt[0]), min_size=128, max_size=160)
     model.roi_heads.score_thresh = 0.0  # an untrained head scores every class near 1/81
-    metrics = evaluate(model, ds, torch.device("cpu"), tmp_path, workers=0)
+    seen = []
+    metrics = evaluate(model, ds, torch.device("cpu"), tmp_path, workers=0, progress=lambda n, total: seen.append((n, total)))
+    assert sum(n for n, _ in seen) == 3 and {total for _, total in seen} == {3}
     assert set(metrics) == {"bbox", "segm"} and all(set(m) == set(METRICS) for m in metrics.values())
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved == metrics
@@ -175,6 +177,9 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
     result = CliRunner().invoke(main, [*args, "--max-iters", "1"])
     assert result.exit_code == 0, result.output
     assert "AP50" in result.output and (out / "predictions_bbox.json").is_file()
+    resolved = json.loads((out / "config.json").read_text())["resolved"]
+    assert (resolved["device"], resolved["precision"], resolved["world_size"]) == ("cpu", "fp32", 1)
+    assert resolved["versions"]["torch"] == torch.__version__ and resolved["versions"]["jigsawdata"]
     assert CliRunner().invoke(main, [*args, "--max-iters", "1"]).exit_code == 1  # run exists, no --resume
     result = CliRunner().invoke(main, [*args, "--max-iters", "2", "--resume"])
     assert result.exit_code == 0, result.output

@@ -141,7 +141,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     result = CliRunner().invoke(main, ["build-shards", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code != 0
     assert "cannot pick a split" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(main, ["build-shards", "--ann", str(tmp_path / "a.json"), "--images",
+    result = CliRunner().invoke(main, ["build-shards", "--ann", str(tmp_path / "a.json"), "--image-dir",
                                        str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "annotation file not found" in result.output
 

@@ -163,8 +163,13 @@ def test_pretrain_workers_zero_needs_the_reference_pipeline(shards, tmp_path):
 
 
 def test_finetune_seed_is_checked_before_anything_is_created(tmp_path):
-    line = _one_line_error(["finetune", "--coco", str(tmp_path), "--out", str(tmp_path / "ft"), "--seed", "-1",
-                            "--device", "cpu"])
+    result = CliRunner().invoke(main, ["finetune", "--coco", str(tmp_path), "--out", str(tmp_path / "ft"),
+                                       "--seed", "-1", "--device", "cpu"])
+    assert result.exit_code == 2 and "-1 is not in the range x>=0" in result.output
+    assert not (tmp_path / "ft").exists()
+    conf = tmp_path / "ft.yaml"
+    conf.write_text(f"coco: {tmp_path}\nout: {tmp_path / 'ft'}\nseed: -1\n")
+    line = _one_line_error(["finetune", "--config", str(conf), "--device", "cpu"])
     assert "--seed must be >= 0, got -1" in line and not (tmp_path / "ft").exists()
 
 

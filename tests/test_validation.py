@@ -143,7 +143,7 @@ def test_nan_box_in_json_text_is_skipped_not_widened(coco, tmp_path):
     assert all(b.bbox[2] < source.images[0].width for im in source.images for b in im.boxes)
 
 
-# ---------------------------------------------------------------- paths: never outside --images
+# ---------------------------------------------------------------- paths: never outside --image-dir
 
 
 def test_file_names_outside_the_image_folder_are_named_skips(coco, tmp_path):
@@ -277,7 +277,7 @@ def test_lvis_v1_builds_without_flags(coco, tmp_path, images_arg):
     shutil.copytree(root / "train", lvis / "train2017")
     (lvis / "lvis_v1_train.json").write_text(json.dumps(_lvis(data)))
     images = lvis / images_arg
-    result = CliRunner().invoke(main, ["build-shards", "--ann", str(lvis / "lvis_v1_train.json"), "--images",
+    result = CliRunner().invoke(main, ["build-shards", "--ann", str(lvis / "lvis_v1_train.json"), "--image-dir",
                                        str(images), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())

@@ -28,10 +28,8 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from jigsawdata.errors import InputError, first_line
 
-from .model import ARCHS, build_backbone
-
-DETECTORS = ("c4", "fpn", "mask")
-NORMS = ("frozen_bn", "bn", "gn")
+from .config import ARCHS, DETECTORS, NORMS
+from .model import build_backbone
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from jigsawdata.errors import InputError
+
+from .config import LOSSES, FinetuneConfig, PretrainConfig, schedule_epochs
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class ExperimentConfig:
     """COCO root holding ``split`` and ``val_split``; the tiny preset makes its own."""
     split: str = "train2017"
     val_split: str = "val2017"
-    losses: tuple[str, ...] = ("erf", "blockwise", "global")
+    losses: tuple[str, ...] = LOSSES
     fits: tuple[str, ...] = ()
     """Extra fit modes pre-trained with the ERF loss (warp, resize: Table 1)."""
     scratch: bool = True
@@ -49,52 +51,58 @@ class ExperimentConfig:
     threads: int | None = None
     """CPU threads for torch (None: torch's default)."""
     seed: int = 0
-    # --- data
     synthetic_images: int = 0
     """With no ``coco``: images of the cluttered synthetic train split (val gets a quarter)."""
-    # --- pre-training (PAPER.md 5)
-    iterations: int = 64_000
-    batch: int = 512
-    warmup: int = 1250
-    canvas: int = 224
-    template_split: int = 64
-    erf_every: int = 5000
-    erf_images: int = 64
-    val_every: int = 1000
-    val_images: int = 256
-    pipeline: str = "dali"
-    workers: int = 4
-    # --- fine-tuning
-    detector: str = "c4"
-    schedule: str = "1x"
-    epochs: int | None = None
-    ft_batch: int = 16
-    ft_lr: float = 0.02
-    ft_warmup: int = 500
-    min_size: int = 800
-    max_size: int = 1333
-    rois_per_image: int = 512
-    max_iters: int | None = None
-    """Fine-tuning iterations per cell (smoke runs); None: the whole schedule."""
-    max_images: int | None = None
-    """Only the first N images of each split in fine-tuning and evaluation (smoke runs)."""
+    pretrain: Mapping[str, Any] = field(default_factory=dict)
+    """:class:`PretrainConfig` settings of every pre-training cell; the rest are its defaults
+    (PAPER.md 5), and the cell decides data, loss, fit, arch, device and seed."""
+    finetune: Mapping[str, Any] = field(default_factory=dict)
+    """:class:`FinetuneConfig` settings of every fine-tuning run, likewise."""
+
+    def __post_init__(self) -> None:
+        self.pretrain_config(shards="", out="")
+        self.finetune_config(coco="", out="")
+
+    def pretrain_config(self, **cell: Any) -> PretrainConfig:
+        return _settings(PretrainConfig, {**self.pretrain, "arch": self.arch, "device": self.device,
+                                          "seed": self.seed, **cell})
+
+    def finetune_config(self, **cell: Any) -> FinetuneConfig:
+        return _settings(FinetuneConfig, {**self.finetune, "arch": self.arch, "device": self.device,
+                                          "seed": self.seed, **cell})
 
 
-def preset(name: str, out: str, **overrides) -> ExperimentConfig:
+def _settings(cls, values: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"experiment: {cls.__name__} has no settings {', '.join(unknown)}")
+    return cls(**values)
+
+
+def preset(name: str, out: str, pretrain: Mapping[str, Any] | None = None, finetune: Mapping[str, Any] | None = None,
+           **overrides) -> ExperimentConfig:
     """``tiny``: the cluttered synthetic set, ResNet-18, 128 px jigsaws and ~200 px detection,
     a grid that fits a 2-core CPU in well under an hour. ``paper``: COCO train2017 -> val2017,
-    ResNet-50, the paper's schedules (GPUs)."""
+    ResNet-50, the paper's schedules (GPUs). ``pretrain`` / ``finetune`` override single
+    settings of the runs; ``None`` values are ignored throughout."""
     if name == "tiny":
-        base = ExperimentConfig(out=out, arch="resnet18", device="cpu", threads=2, synthetic_images=240,
-                                iterations=160, batch=32, warmup=16, canvas=128, template_split=32, erf_every=40,
-                                erf_images=16, val_every=40, val_images=96, pipeline="reference", workers=1,
-                                detector="fpn", epochs=2, ft_batch=4, ft_lr=0.02, ft_warmup=50, min_size=160,
-                                max_size=224, rois_per_image=64)
+        base = ExperimentConfig(
+            out=out, arch="resnet18", device="cpu", threads=2, synthetic_images=240,
+            pretrain=dict(iterations=160, batch=32, warmup=16, canvas=128, template_split=32, erf_every=40,
+                          erf_images=16, val_every=40, val_images=96, pipeline="reference", workers=1),
+            finetune=dict(detector="fpn", epochs=2, batch=4, lr=0.02, warmup=50, min_size=160, max_size=224,
+                          rois_per_image=64, workers=1))
     elif name == "paper":
         base = ExperimentConfig(out=out)
     else:
         raise InputError(f"--preset must be one of {PRESETS}")
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def given(values: Mapping[str, Any] | None) -> dict:
+        return {k: v for k, v in (values or {}).items() if v is not None}
+
+    return replace(base, pretrain={**base.pretrain, **given(pretrain)}, finetune={**base.finetune, **given(finetune)},
+                   **given(overrides))
 
 
 @dataclass(frozen=True)
@@ -161,16 +169,15 @@ def _timed(stage_file: Path, body: Callable[[], object]) -> float:
 
 def _pretrain(cfg: ExperimentConfig, cell: Cell, data: Data, run: Path) -> dict:
     from .checkpoint import load
-    from .pretrain import PretrainConfig, Trainer
+    from .pretrain import Trainer
 
-    pcfg = PretrainConfig(shards=data.shards, out=str(run), arch=cfg.arch, loss=cell.loss, iterations=cfg.iterations,
-                          batch=cfg.batch, warmup=cfg.warmup, canvas=cfg.canvas, template_split=cfg.template_split,
-                          fit=cell.fit, device=cfg.device, pipeline=cfg.pipeline, workers=cfg.workers, seed=cfg.seed,
-                          erf_every=cfg.erf_every, erf_images=min(cfg.erf_images, cfg.batch),
-                          checkpoint_every=max(1, cfg.iterations // 4), log_every=max(1, cfg.iterations // 20),
-                          val_shards=data.val_shards, val_every=cfg.val_every, val_images=cfg.val_images)
+    base = cfg.pretrain_config(shards=data.shards, out=str(run), loss=cell.loss, fit=cell.fit,
+                               val_shards=data.val_shards)
+    pcfg = replace(base, erf_images=min(base.erf_images, base.batch),
+                   checkpoint_every=cfg.pretrain.get("checkpoint_every", max(1, base.iterations // 4)),
+                   log_every=cfg.pretrain.get("log_every", max(1, base.iterations // 20)))
     started = (run / "checkpoint.pt").is_file()
-    if not started or load(run)["iteration"] < cfg.iterations:
+    if not started or load(run)["iteration"] < pcfg.iterations:
         trainer = Trainer(pcfg, resume=started)
         seconds = _timed(run.parent / "pretrain-time.json", trainer.train)
         devices = trainer.dist.world
@@ -184,17 +191,14 @@ def _pretrain(cfg: ExperimentConfig, cell: Cell, data: Data, run: Path) -> dict:
 
 
 def _finetune(cfg: ExperimentConfig, cell: Cell, data: Data, run: Path, init: str, epochs: int | None) -> dict:
-    from .finetune import FinetuneConfig, Finetuner, evaluate_run
+    from .finetune import Finetuner, evaluate_run
 
-    fcfg = FinetuneConfig(coco=data.coco, out=str(run), init=init, detector=cfg.detector, arch=cfg.arch,
-                          norm="gn" if cell.init == "scratch" else None, split=data.split, val_split=data.val_split,
-                          schedule=cfg.schedule, epochs=epochs, batch=cfg.ft_batch, lr=cfg.ft_lr,
-                          warmup=cfg.ft_warmup, min_size=cfg.min_size, max_size=cfg.max_size,
-                          rois_per_image=cfg.rois_per_image, workers=cfg.workers, device=cfg.device,
-                          seed=cfg.seed, max_iters=cfg.max_iters, max_images=cfg.max_images, log_every=50)
+    fcfg = cfg.finetune_config(coco=data.coco, out=str(run), init=init, norm="gn" if cell.init == "scratch" else None,
+                               split=data.split, val_split=data.val_split, epochs=epochs,
+                               log_every=cfg.finetune.get("log_every", 50))
     trainer = Finetuner(fcfg, resume=(run / "checkpoint.pt").is_file())
     seconds = _timed(run.parent / "finetune-time.json", trainer.train)
-    metrics = evaluate_run(run, split=data.val_split, max_images=cfg.max_images, device=cfg.device)
+    metrics = evaluate_run(run, split=data.val_split, max_images=fcfg.max_images, device=fcfg.device)
     return {"finetune_device_hours": seconds * trainer.dist.world / 3600, "finetune_epochs": trainer.epoch,
             "eval": metrics}
 
@@ -203,12 +207,11 @@ def _scratch_epochs(cfg: ExperimentConfig, done: dict[str, dict]) -> int | None:
     """Fine-tuning epochs that cost what the reference jigsaw cell's pre-training plus
     fine-tuning cost, at that cell's measured fine-tuning time per epoch (the paper's
     Table 5 matches total cost)."""
-    from .finetune import schedule_epochs
-
+    base = cfg.finetune_config(coco="", out="")
     reference = done.get("erf") or next((r for r in done.values() if r["init"] == "jigsaw"), None)
     if reference is None:
-        return cfg.epochs
-    epochs = schedule_epochs(cfg.schedule, cfg.epochs)[0]
+        return base.epochs
+    epochs = schedule_epochs(base.schedule, base.epochs)[0]
     per_epoch = reference["finetune_device_hours"] / max(1, reference["finetune_epochs"] or epochs)
     total = reference["pretrain_device_hours"] + reference["finetune_device_hours"]
     return max(epochs, round(total / per_epoch)) if per_epoch > 0 else epochs
@@ -221,7 +224,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, data: Data, out: Path, done: dic
     cell_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"name": cell.name, "init": cell.init, "loss": cell.loss, "fit": cell.fit,
                     "pretrain_device_hours": 0.0, "pretrain_loss": None, "validation": None}
-    epochs = cfg.epochs
+    epochs = cfg.finetune.get("epochs")
     if cell.init == "jigsaw":
         log.info("cell %s: pre-training", cell.name)
         result.update(_pretrain(cfg, cell, data, cell_dir / "pretrain"))

@@ -78,6 +78,7 @@ def write_report(out: Path, cfg, cells: dict[str, dict]) -> dict:
     report = {"config": asdict(cfg), "cells": cells, "table": rows}
     (out / "experiment.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "table.md").write_text(format_markdown(rows, device) + "\n")
-    render_chart(rows, f"COCO-style bbox AP per initialisation ({cfg.detector}, {cfg.arch})").save(
+    detector = cfg.finetune_config(coco="", out="").detector
+    render_chart(rows, f"COCO-style bbox AP per initialisation ({detector}, {cfg.arch})").save(
         out / "experiment.png")
     return report

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -24,79 +23,16 @@ from jigsawdata.errors import InputError
 
 from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
+from .config import FinetuneConfig, schedule_epochs
 from .detection import build_detector, default_norm
 from .evaluate import coco_eval, format_table
-from .runtime import (AMP_MODES, Precision, check_resume_device, claim_run_dir, config_from, dump_config, gather,
-                      init_distributed, rng_state, set_rng_state, wrap_ddp)
+from .runtime import (Precision, check_resume_device, claim_run_dir, config_from, dump_config,
+                      gather, init_distributed, resolved, rng_state, set_rng_state, wrap_ddp)
 
 log = logging.getLogger(__name__)
 
-def schedule_epochs(schedule: str = "1x", epochs: int | None = None) -> tuple[int, tuple[int, ...]]:
-    """Epochs and the epochs after which the learning rate drops tenfold (PAPER.md 5).
 
-    ``Nx`` is N times the 1x schedule (13 epochs, drops after 9 and 12): 2x is 26 (18, 24),
-    3x 39 (27, 36). ``epochs`` overrides the length and keeps the drops at the same relative
-    points (9/13 and 12/13), e.g. to match a cost budget (the paper's Table 5 baseline).
-    """
-    if epochs is not None:
-        if epochs < 1:
-            raise InputError("--epochs must be >= 1")
-        return epochs, (round(epochs * 9 / 13), round(epochs * 12 / 13))
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)x", schedule)
-    if not match or float(match.group(1)) <= 0:
-        raise InputError(f"--schedule must look like 1x, 2x or 3x, got {schedule!r}")
-    n = float(match.group(1))
-    return max(1, round(13 * n)), (round(9 * n), round(12 * n))
 FORMAT = "jigsawdata-finetune-1"
-
-
-@dataclass
-class FinetuneConfig:
-    coco: str
-    out: str
-    init: str = "scratch"
-    detector: str = "c4"
-    arch: str = "resnet50"
-    norm: str | None = None
-    """frozen_bn (default with pretrained weights), bn, or gn (for scratch)."""
-    split: str = "train2017"
-    val_split: str | None = None
-    """Evaluated after training (default: the training split)."""
-    schedule: str = "1x"
-    epochs: int | None = None
-    """Overrides the schedule's length; the drops stay at 9/13 and 12/13 of it."""
-    batch: int = 16
-    """Global batch (all ranks)."""
-    lr: float = 0.02
-    """At batch 16; scaled linearly to ``batch``."""
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup: int = 500
-    min_size: int = 800
-    max_size: int = 1333
-    flip_p: float = 0.5
-    rois_per_image: int = 512
-    workers: int = 4
-    device: str = "auto"
-    amp: str = "bf16"
-    """Autocast on GPU: bf16, fp16 (with a grad scaler) or off. fp16 overflows in the
-    forward pass of some transferred backbones (frozen BN keeps their activation scale),
-    which bf16's range avoids."""
-    seed: int = 0
-    max_iters: int | None = None
-    """Stop after this many iterations (short runs, smoke tests)."""
-    max_images: int | None = None
-    """Use only the first N images of each split (short runs, smoke tests)."""
-    log_every: int = 20
-
-    def validate(self) -> None:
-        if self.seed < 0:
-            raise InputError(f"--seed must be >= 0, got {self.seed}")
-        schedule_epochs(self.schedule, self.epochs)
-        if self.batch < 1 or self.lr <= 0:
-            raise InputError("--batch and --lr must be positive")
-        if self.amp not in AMP_MODES:
-            raise InputError(f"--amp must be one of {AMP_MODES}")
 
 
 def lr_factor(iteration: int, epoch: int, warmup: int, milestones: tuple[int, ...]) -> float:
@@ -112,7 +48,6 @@ def _dataset(root: str, split: str, **kwargs) -> CocoDetection:
 
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, resume: bool = False, on_log: Callable[[dict], None] | None = None):
-        cfg.validate()
         self.cfg, self.on_log = cfg, on_log
         self.dist, self.device = init_distributed(cfg.device)
         self.out = claim_run_dir(Path(cfg.out), resume)
@@ -136,7 +71,7 @@ class Finetuner:
         if resume:
             self._restore()
         if self.dist.main:
-            dump_config(self.out, cfg)
+            dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist))
         self.net = wrap_ddp(self.model, self.dist, self.device)
 
     def _restore(self) -> None:
@@ -226,8 +161,9 @@ def load_run(run_dir: Path) -> dict:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.device, out: Path | None = None,
-             batch: int = 2, workers: int = 2) -> dict[str, dict]:
-    """Run the detector over ``dataset``, write COCO-format predictions, return COCOeval's APs."""
+             batch: int = 2, workers: int = 2, progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
+    """Run the detector over ``dataset``, write COCO-format predictions, return COCOeval's APs.
+    ``progress(images, total)`` is called after every batch with the images it held."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate)
     results: dict[str, list] = {"bbox": [], "segm": []}
@@ -237,6 +173,8 @@ def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.devic
         part = to_coco_results(outputs, [t["image_id"] for t in targets], cat_ids, dataset.masks)
         for key in results:
             results[key].extend(part[key])
+        if progress is not None:
+            progress(len(images), len(dataset))
     iou_types = ("bbox", "segm") if dataset.masks else ("bbox",)
     metrics = {t: coco_eval(dataset.coco, results[t], t, dataset.ids) for t in iou_types}
     if out is not None:
@@ -248,7 +186,7 @@ def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.devic
 
 
 def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = None, max_images: int | None = None,
-                 device: str = "auto") -> dict[str, dict]:
+                 device: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
     ckpt = load_run(run_dir)
     cfg = config_from(FinetuneConfig, ckpt["config"])
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -259,4 +197,4 @@ def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = Non
     model = build_detector(cfg.detector, cfg.arch, len(dataset.cat_ids), norm=cfg.norm or default_norm(cfg.init),
                            min_size=cfg.min_size, max_size=cfg.max_size).to(dev)
     model.load_state_dict(ckpt["model"])
-    return evaluate(model, dataset, dev, Path(run_dir))
+    return evaluate(model, dataset, dev, Path(run_dir), progress=progress)

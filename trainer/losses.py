@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("erf", "blockwise", "global")
-
 
 def region_mean(values: torch.Tensor, region_map: torch.Tensor) -> torch.Tensor:
     """``(..., g, g)`` cell values -> ``(..., 4)`` means over each region's cells."""

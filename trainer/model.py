@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-ARCHS = ("resnet18", "resnet50", "resnet101", "resnext101_32x4d")
+from .config import ARCHS
 
 
 def build_backbone(arch: str) -> ResNet:

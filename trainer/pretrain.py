@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -21,103 +21,22 @@ import torch.distributed as dist
 
 from jigsawdata.errors import InputError
 from jigsawdata.fetch import cache_location, cached_shards, is_url
-from jigsawdata.pipelines.config import JigsawConfig
+from jigsawdata.pipelines.dali import require_dali
 from jigsawdata.pipelines.integrity import check_shard_set
 from jigsawdata.pipelines.shardset import open_shard_set
-from jigsawdata.pipelines.template import Template
 
 from . import checkpoint as ckpt_io
+from .config import PretrainConfig
 from .data import SOURCES
 from .erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
-from .losses import LOSSES, blockwise_loss, erf_dense_loss, global_loss
-from .model import ARCHS, DenseClassifier
-from .runtime import (AMP_MODES, Precision, check_resume_device, claim_run_dir, dump_config, gather, init_distributed,
-                      rng_state, set_rng_state, wrap_ddp)
+from .losses import blockwise_loss, erf_dense_loss, global_loss
+from .model import DenseClassifier
+from .runtime import (Precision, check_resume_device, claim_run_dir, dump_config, gather,
+                      init_distributed, resolved, rng_state, set_rng_state, wrap_ddp)
 from .schedule import learning_rate, scaled
 from .validate import load_validation_set, validate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PretrainConfig:
-    shards: str
-    out: str
-    arch: str = "resnet50"
-    loss: str = "erf"
-    tau: float = 0.7
-    iterations: int = 64_000
-    batch: int = 512
-    """Global batch (all ranks together) of assembled images."""
-    lr_start: float = 0.2
-    lr_peak: float = 0.8
-    """Both are for batch 512 and scaled linearly to ``batch`` (PAPER.md 5)."""
-    warmup: int = 1250
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    canvas: int = 224
-    template_split: int = 64
-    """Where the template cuts both canvas axes (not a data split): PAPER.md 3."""
-    fit: str = "pad_crop"
-    """How a crop meets its region: pad_crop, or the warp / resize ablations (Table 1)."""
-    resize_min: float = 0.8
-    resize_max: float = 1.5
-    """Range of the random per-crop resize factor (PAPER.md 3)."""
-    flip_p: float = 0.5
-    device: str = "auto"
-    pipeline: str = "dali"
-    workers: int = 4
-    """DALI threads, or DataLoader worker processes for the reference pipeline."""
-    seed: int = 0
-    erf_every: int = 5000
-    erf_images: int = 64
-    checkpoint_every: int = 1000
-    log_every: int = 10
-    amp: str = "bf16"
-    """Autocast dtype on GPU: bf16, fp16 (with a grad scaler) or off. The CPU runs fp32."""
-    cache_dir: str | None = None
-    """Where shards given as a URL are fetched to for DALI (default: $JIGSAWDATA_CACHE or
-    ~/.cache/jigsawdata), for either pipeline."""
-    verify: bool = True
-    """Check local shards against the manifest before the first batch (cached by size and
-    mtime in the cache folder, so only the first run pays for it)."""
-    val_shards: str | None = None
-    """Shards of a held-out split: region accuracy on fixed jigsaw images every ``val_every``
-    iterations and at the end (see :mod:`jigsawdata.trainer.validate`)."""
-    val_every: int = 1000
-    val_images: int = 256
-
-    def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise InputError(f"--arch must be one of {ARCHS}")
-        if self.loss not in LOSSES:
-            raise InputError(f"--loss must be one of {LOSSES}")
-        if self.pipeline not in SOURCES:
-            raise InputError(f"--pipeline must be one of {tuple(SOURCES)}")
-        if self.amp not in AMP_MODES:
-            raise InputError(f"--amp must be one of {AMP_MODES}")
-        if self.iterations < 1 or self.batch < 1 or self.erf_every < 1 or self.checkpoint_every < 1:
-            raise InputError("iterations, batch, erf-every and checkpoint-every must be >= 1")
-        if not 0.0 <= self.tau <= 1.0:
-            raise InputError("--tau must be in [0, 1]")
-        if self.workers < 0 or (self.pipeline == "dali" and self.workers < 1):
-            raise InputError(f"--workers {self.workers}: DALI needs >= 1 thread; 0 (in-process) is for "
-                             "--pipeline reference")
-        if self.val_every < 1 or self.val_images < 1:
-            raise InputError("--val-every and --val-images must be >= 1")
-        try:
-            self.jigsaw_config(0)
-        except ValueError as exc:
-            raise InputError(f"jigsaw settings (--canvas, --template-split, --resize-min/--resize-max, --flip-p, "
-                             f"--fit): {exc}") from exc
-
-    @property
-    def template(self) -> Template:
-        return Template(canvas=self.canvas, split=self.template_split)
-
-    def jigsaw_config(self, seed: int) -> JigsawConfig:
-        return JigsawConfig(template=self.template, scale=(self.resize_min, self.resize_max), flip_p=self.flip_p,
-                            fit=self.fit, seed=seed)
 
 
 # Settings that may differ between a run and its resumption.
@@ -138,7 +57,8 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, resume: bool = False,
                  on_log: Callable[[dict], None] | None = None,
                  on_validate: Callable[[dict], None] | None = None) -> None:
-        cfg.validate()
+        if cfg.pipeline == "dali":
+            require_dali()
         self.cfg, self.on_log, self.on_validate = cfg, on_log, on_validate
         world = int(os.environ.get("WORLD_SIZE", 1))
         if cfg.batch % world:
@@ -173,7 +93,7 @@ class Trainer:
         if resume:
             data_state = self._restore()
         if self.dist.main:
-            dump_config(self.out, cfg)
+            dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist))
         self.net = wrap_ddp(self.model, self.dist, self.device)
         self.source = SOURCES[cfg.pipeline](self.shards, self.local_batch, self.jigsaw, device=self.device,
                                             workers=cfg.workers, rank=self.dist.rank, world_size=self.dist.world,

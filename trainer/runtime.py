@@ -3,18 +3,23 @@ state in checkpoints, and run directories."""
 
 from __future__ import annotations
 
-import json
 import os
+import platform
+from importlib import metadata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from jigsawdata import __version__
 from jigsawdata.errors import InputError
+from jigsawdata.manifest import write_json_atomic
+from jigsawdata.settings import RESOLVED_KEY
+
+from .config import AMP_MODES
 
 
-AMP_MODES = ("bf16", "fp16", "off")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,11 @@ class Precision:
         if amp not in AMP_MODES:
             raise InputError(f"--amp must be one of {AMP_MODES}, got {amp!r}")
         return cls(device.type == "cuda" and amp != "off", torch.float16 if amp == "fp16" else torch.bfloat16)
+
+    @property
+    def name(self) -> str:
+        """What the run computes in: fp32 (the CPU, or ``--amp off``), bf16 or fp16."""
+        return ("bf16" if self.dtype == torch.bfloat16 else "fp16") if self.enabled else "fp32"
 
     def scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
@@ -122,7 +132,29 @@ def claim_run_dir(out: Path, resume: bool) -> Path:
     return out
 
 
-def dump_config(out: Path, cfg) -> None:
-    """The resolved settings of a run, next to its checkpoints (as timm's args.yaml)."""
+def versions() -> dict[str, str | None]:
+    """Versions of what a run's numbers depend on (``None``: not installed)."""
+    def installed(*dists: str) -> str | None:
+        for name in dists:
+            try:
+                return metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    return {"jigsawdata": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": installed("torchvision"),
+            "nvidia-dali": installed("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali"),
+            "cuda": torch.version.cuda}
+
+
+def resolved(device: torch.device, precision: Precision, info: DistInfo) -> dict:
+    """What ``auto`` and the environment turned a run's settings into."""
+    return {"device": str(device), "precision": precision.name, "world_size": info.world, "versions": versions()}
+
+
+def dump_config(out: Path, cfg, resolved_values: dict) -> None:
+    """A run's settings, next to its checkpoints (as timm's args.yaml), with what they resolved to
+    under ``resolved``. The file works as ``--config`` of a new run (``resolved`` is skipped)."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+    write_json_atomic(Path(out) / "config.json", {**asdict(cfg), RESOLVED_KEY: resolved_values})

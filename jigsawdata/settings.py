@@ -1,0 +1,142 @@
+"""Settings dataclasses as the one source of every run option: default, help, choices, range.
+
+A run's config dataclass declares each field with :func:`setting`; the CLI builds its
+options from that metadata, ``__post_init__`` checks values with :func:`check` whichever way
+they arrive (flags, a ``--config`` file, Python), and :func:`read_config_file` reads a YAML or
+JSON file of them (a run's own ``config.json`` included), so nothing repeats a default or a
+choice by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+RESOLVED_KEY = "resolved"
+"""Key of a run's ``config.json`` that records what the run resolved (device, versions);
+not a setting, so it is skipped when that file is read back as ``--config``."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the CLI and the checks need to know about one setting."""
+
+    help: str
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    """``min`` itself is excluded (a learning rate must be > 0)."""
+    aliases: tuple[str, ...] = ()
+    """Further flag names, e.g. ``--lr`` for ``--lr-peak``."""
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", **spec: Any) -> Any:
+    """A dataclass field carrying its :class:`Spec`; without ``default`` it is required."""
+    if not help:
+        raise ValueError("every setting needs help text")
+    return dataclasses.field(default=default, metadata={"spec": Spec(help=help, **spec)})
+
+
+def spec_of(field: dataclasses.Field) -> Spec | None:
+    return field.metadata.get("spec")
+
+
+def flag(name: str) -> str:
+    """The CLI flag of a field name: ``lr_peak`` -> ``--lr-peak``."""
+    return "--" + name.replace("_", "-")
+
+
+def field_types(cls) -> dict[str, tuple[type, bool]]:
+    """Each field's base type and whether ``None`` is allowed (``int | None`` -> (int, True))."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+            else (hint,)
+        base = [a for a in args if a is not type(None)]
+        out[field.name] = (base[0], len(base) < len(args))
+    return out
+
+
+def _type_ok(value: Any, base: type) -> bool:
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+def _range_text(spec: Spec) -> str:
+    low = "" if spec.min is None else f"{'>' if spec.min_open else '>='} {spec.min:g}"
+    high = "" if spec.max is None else f"<= {spec.max:g}"
+    return " and ".join(t for t in (low, high) if t)
+
+
+def check(cfg) -> None:
+    """Types, choices and ranges of every :func:`setting` of ``cfg``; raises :class:`InputError`
+    naming the flag. Integers given for float settings become floats."""
+    types_ = field_types(type(cfg))
+    for field in dataclasses.fields(cfg):
+        spec = spec_of(field)
+        value = getattr(cfg, field.name)
+        base, optional = types_[field.name]
+        if spec is None or (value is None and optional):
+            continue
+        name = flag(field.name)
+        if not _type_ok(value, base):
+            raise InputError(f"{name} must be a {base.__name__}, got {value!r}")
+        if base is float:
+            value = float(value)
+            if not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(cfg, field.name, value)
+        if spec.choices is not None and value not in spec.choices:
+            raise InputError(f"{name} must be one of {', '.join(spec.choices)}, got {value!r}")
+        too_low = spec.min is not None and (value <= spec.min if spec.min_open else value < spec.min)
+        if too_low or (spec.max is not None and value > spec.max):
+            raise InputError(f"{name} must be {_range_text(spec)}, got {value!r}")
+
+
+def read_config_file(path: Path | str, cls) -> dict[str, Any]:
+    """Settings for ``cls`` from a YAML (``.yaml``/``.yml``) or JSON file, keys as field names
+    or flags (``lr_peak`` or ``lr-peak``). Unknown keys are an error naming them; a run's
+    ``config.json`` works as is (its ``resolved`` record is skipped)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"--config {path}: cannot read it ({exc.strerror or exc})") from exc
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # both parsers' errors: one line naming the file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"--config {path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}"
+                         f": {first}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"--config {path} must hold a mapping of settings, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {str(k).replace("-", "_"): v for k, v in data.items() if k != RESOLVED_KEY}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"--config {path}: unknown settings {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(known))})")
+    return values

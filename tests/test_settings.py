@@ -1,0 +1,163 @@
+"""One source for every run setting: dataclass fields drive the CLI options, the checks and
+``--config`` files; the CLI follows the usual conventions (-h, help everywhere, one meaning
+per flag, -q, one line when DALI is missing)."""
+
+import json
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from jigsawdata.cli import main, progress_bar
+from jigsawdata.errors import InputError
+from jigsawdata.settings import read_config_file
+from jigsawdata.trainer.config import FinetuneConfig, PretrainConfig
+
+
+def _options():
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        for param in cmd.params:
+            if isinstance(param, click.Option):
+                yield " ".join(path), param
+    return list(walk(main, ["jigsawdata"]))
+
+
+def test_every_option_has_help():
+    missing = [(cmd, p.opts) for cmd, p in _options() if not p.help and not p.hidden]
+    assert missing == []
+
+
+def test_one_meaning_per_flag_name():
+    """A flag is a number in every command that has it, or in none (``--images`` was a folder in
+    build-shards and a count elsewhere; ``--split`` a data split and a template cut)."""
+    numeric: dict[str, set] = {}
+    for _, param in _options():
+        for name in param.opts:
+            numeric.setdefault(name, set()).add(isinstance(param.type, (click.types.IntParamType,
+                                                                          click.types.FloatParamType)))
+    assert {name: kinds for name, kinds in numeric.items() if len(kinds) > 1} == {}
+
+
+def test_device_values_are_the_same_everywhere():
+    choices = {tuple(p.type.choices) for _, p in _options() if "--device" in p.opts}
+    assert choices == {("auto", "cpu", "cuda")}
+
+
+@pytest.mark.parametrize("args", [["-h"], ["pretrain", "-h"], ["build-shards", "-h"]])
+def test_short_help(args):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The settings the CLI would train with, without training."""
+    seen = {}
+
+    class Fake:
+        def __init__(self, cfg, **_):
+            seen["cfg"] = cfg
+            raise InputError("stopped before training")
+
+    monkeypatch.setattr("jigsawdata.trainer.pretrain.Trainer", Fake)
+    monkeypatch.setattr("jigsawdata.trainer.finetune.Finetuner", Fake)
+    return seen
+
+
+def test_config_file_then_flags(tmp_path, captured):
+    conf = tmp_path / "run.yaml"
+    conf.write_text("shards: /data/shards\nout: runs/a\nlr-peak: 0.4\nweight_decay: 5.0e-5\niterations: 300\n"
+                    "verify: false\n")
+    result = CliRunner().invoke(main, ["pretrain", "--config", str(conf), "--iterations", "200", "--lr", "0.3"])
+    assert "stopped before training" in result.output
+    cfg = captured["cfg"]
+    assert (cfg.shards, cfg.out, cfg.iterations, cfg.lr_peak, cfg.weight_decay, cfg.verify) == \
+        ("/data/shards", "runs/a", 200, 0.3, 5e-5, False)
+    assert cfg.batch == PretrainConfig.__dataclass_fields__["batch"].default
+
+
+def test_a_runs_config_json_is_a_config_file(tmp_path, captured):
+    saved = {"coco": "/data/coco", "out": "runs/ft", "lr": 0.01, "detector": "fpn", "epochs": 3,
+             "resolved": {"device": "cuda:0", "precision": "bf16", "world_size": 8, "versions": {}}}
+    conf = tmp_path / "config.json"
+    conf.write_text(json.dumps(saved))
+    CliRunner().invoke(main, ["finetune", "--config", str(conf), "--out", "runs/ft2"])
+    cfg = captured["cfg"]
+    assert isinstance(cfg, FinetuneConfig)
+    assert (cfg.coco, cfg.out, cfg.lr, cfg.detector, cfg.epochs) == ("/data/coco", "runs/ft2", 0.01, "fpn", 3)
+
+
+@pytest.mark.parametrize("text, suffix, message", [
+    ("shards: a\nout: b\nlearning_rate: 1\n", ".yaml", "unknown settings learning_rate"),
+    ("shards: a\nout: b\niterations: ten\n", ".yaml", "--iterations must be a int, got 'ten'"),
+    ("shards: a\nout: b\ntau: 1.5\n", ".yml", "--tau must be >= 0 and <= 1, got 1.5"),
+    ("shards: a\nout: b\nlr_peak: 0\n", ".yaml", "--lr-peak must be > 0, got 0.0"),
+    ("shards: a\nout: b\narch: vgg\n", ".yaml", "--arch must be one of resnet18"),
+    ("shards: a\nout: [b\n", ".yaml", "is not valid YAML"),
+    ('{"shards": "a",', ".json", "is not valid JSON"),
+    ("- shards\n", ".yaml", "must hold a mapping of settings"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, captured, text, suffix, message):
+    conf = tmp_path / f"c{suffix}"
+    conf.write_text(text)
+    result = CliRunner().invoke(main, ["pretrain", "--config", str(conf)])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert "cfg" not in captured
+
+
+def test_required_settings_from_flags_or_file(captured):
+    result = CliRunner().invoke(main, ["pretrain", "--out", "x"])
+    assert result.exit_code == 2 and "missing --shards" in result.output and "cfg" not in captured
+
+
+def test_settings_are_checked_from_python_too():
+    with pytest.raises(InputError, match="--workers 0: DALI needs >= 1 thread"):
+        PretrainConfig(shards="a", out="b", workers=0)
+    with pytest.raises(InputError, match="--lr must be > 0"):
+        FinetuneConfig(coco="a", out="b", lr=0)
+    with pytest.raises(InputError, match="--momentum must be a finite number"):
+        FinetuneConfig(coco="a", out="b", momentum=float("nan"))
+    assert isinstance(PretrainConfig(shards="a", out="b", tau=1).tau, float)
+
+
+def test_read_config_file_accepts_flags_and_fields(tmp_path):
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"erf-every": 5, "val_images": 8}))
+    assert read_config_file(conf, PretrainConfig) == {"erf_every": 5, "val_images": 8}
+
+
+def test_progress_bars_follow_quiet_and_the_terminal(monkeypatch):
+    class Tty:
+        def isatty(self):
+            return True
+
+        def write(self, _):
+            pass
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    with click.Context(main, obj={"quiet": False}):
+        assert not progress_bar(total=1).disable
+    with click.Context(main, obj={"quiet": True}):
+        assert progress_bar(total=1).disable is True
+    monkeypatch.setattr(Tty, "isatty", lambda self: False)
+    with click.Context(main, obj={"quiet": False}):
+        assert progress_bar(total=1).disable is True
+
+
+def test_missing_dali_is_one_line_naming_the_fallback(monkeypatch, built_synthetic, tmp_path):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    result = CliRunner().invoke(main, ["preview", str(built_synthetic), "--out", str(tmp_path / "p.png"),
+                                       "--pipeline", "dali", "--no-verify"])
+    assert result.exit_code == 1 and "use --pipeline reference" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["pretrain", "--shards", str(built_synthetic), "--out", str(run)])
+    assert result.exit_code == 1 and "pip install nvidia-dali-cuda130" in result.output
+    assert not run.exists()

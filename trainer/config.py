@@ -1,0 +1,156 @@
+"""Every setting of a pre-training and a fine-tuning run, in one torch-free module.
+
+Each field carries its help text, choices and range (:func:`jigsawdata.settings.setting`):
+the CLI builds its options from them, ``__post_init__`` checks values however they arrive
+(flags, ``--config`` files, Python), and the trainers' modules import the choice lists from
+here, so no default or choice is written twice.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from jigsawdata.errors import InputError
+from jigsawdata.pipelines.config import FIT_MODES, JigsawConfig
+from jigsawdata.pipelines.template import Template
+from jigsawdata.settings import check, setting
+
+ARCHS = ("resnet18", "resnet50", "resnet101", "resnext101_32x4d")
+LOSSES = ("erf", "blockwise", "global")
+PIPELINES = ("dali", "reference")
+AMP_MODES = ("bf16", "fp16", "off")
+DEVICES = ("auto", "cpu", "cuda")
+"""Every command's --device values; auto picks a CUDA GPU when torch sees one."""
+DETECTORS = ("c4", "fpn", "mask")
+NORMS = ("frozen_bn", "bn", "gn")
+
+
+@dataclass
+class PretrainConfig:
+    """Every pre-training setting, with its help text, choices and range (the CLI's options
+    are built from these fields; see :mod:`jigsawdata.settings`)."""
+
+    shards: str = setting(help="Shard set: a directory, or a URL (fetched and verified into the cache first).")
+    out: str = setting(help="Run directory (new or empty; --resume continues it).")
+    arch: str = setting("resnet50", "Backbone.", choices=ARCHS)
+    loss: str = setting("erf", "Pre-training loss: ERF-adaptive dense, block-wise dense or global (Table 2).",
+                        choices=LOSSES)
+    tau: float = setting(0.7, "ERF weight floor of a cell's own region (Eq. 2).", min=0.0, max=1.0)
+    iterations: int = setting(64_000, "Training iterations.", min=1)
+    batch: int = setting(512, "Global batch of assembled images (all ranks together).", min=1)
+    lr_start: float = setting(0.2, "Warm-up start learning rate at batch 512 (scaled linearly to --batch).", min=0.0)
+    lr_peak: float = setting(0.8, "Peak learning rate at batch 512 (scaled linearly to --batch; PAPER.md 5).",
+                             min=0.0, min_open=True, aliases=("--lr",))
+    warmup: int = setting(1250, "Warm-up iterations.", min=0)
+    momentum: float = setting(0.9, "SGD momentum.", min=0.0, max=1.0)
+    weight_decay: float = setting(1e-4, "SGD weight decay.", min=0.0)
+    canvas: int = setting(224, "Side of the assembled image in pixels.", min=1)
+    template_split: int = setting(64, "Where the template cuts both canvas axes, in pixels from the top-left "
+                                  "(PAPER.md 3); not a data split.", min=1)
+    fit: str = setting("pad_crop", "How a crop meets its region: pad or crop each axis (the paper), or the warp / "
+                       "resize ablations (Table 1).", choices=FIT_MODES)
+    resize_min: float = setting(0.8, "Smallest random resize factor of a crop.", min=0.0, min_open=True)
+    resize_max: float = setting(1.5, "Largest random resize factor of a crop.", min=0.0, min_open=True)
+    flip_p: float = setting(0.5, "Horizontal flip probability of a crop.", min=0.0, max=1.0)
+    device: str = setting("auto", "Where to train (auto: a CUDA GPU if torch sees one).", choices=DEVICES)
+    pipeline: str = setting("dali", "Input pipeline: NVIDIA DALI, or the plain PyTorch reference.",
+                            choices=PIPELINES)
+    workers: int = setting(4, "DALI threads (>= 1), or DataLoader workers of the reference pipeline per rank "
+                           "(0: in-process).", min=0)
+    seed: int = setting(0, "Seed of the model, the augmentation and the readers.", min=0)
+    erf_every: int = setting(5000, "Iterations between ERF weight refreshes.", min=1)
+    erf_images: int = setting(64, "Images the ERF is averaged over.", min=1)
+    checkpoint_every: int = setting(1000, "Iterations between checkpoints.", min=1)
+    log_every: int = setting(10, "Iterations between log lines and metrics records.", min=1)
+    amp: str = setting("bf16", "Mixed precision on a GPU: bf16, fp16 (with a grad scaler) or off; the CPU runs "
+                       "fp32.", choices=AMP_MODES)
+    cache_dir: str | None = setting(None, "Where --shards URLs are fetched to (default: $JIGSAWDATA_CACHE or "
+                                    "~/.cache/jigsawdata).")
+    verify: bool = setting(True, "Check every shard against the manifest before the first batch (cached by size "
+                           "and mtime: free on later runs).")
+    val_shards: str | None = setting(None, "Shards of a held-out split (e.g. val2017): region accuracy on fixed "
+                                     "jigsaw images every --val-every iterations and at the end.")
+    val_every: int = setting(1000, "Iterations between validations.", min=1)
+    val_images: int = setting(256, "Fixed jigsaw images validated on.", min=1)
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.pipeline == "dali" and self.workers < 1:
+            raise InputError(f"--workers {self.workers}: DALI needs >= 1 thread; 0 (in-process) is for "
+                             "--pipeline reference")
+        try:
+            self.jigsaw_config(0)
+        except ValueError as exc:
+            raise InputError(f"jigsaw settings (--canvas, --template-split, --resize-min/--resize-max, --flip-p, "
+                             f"--fit): {exc}") from exc
+
+    @property
+    def template(self) -> Template:
+        return Template(canvas=self.canvas, split=self.template_split)
+
+    def jigsaw_config(self, seed: int) -> JigsawConfig:
+        return JigsawConfig(template=self.template, scale=(self.resize_min, self.resize_max), flip_p=self.flip_p,
+                            fit=self.fit, seed=seed)
+
+
+def schedule_epochs(schedule: str = "1x", epochs: int | None = None) -> tuple[int, tuple[int, ...]]:
+    """Epochs and the epochs after which the learning rate drops tenfold (PAPER.md 5).
+
+    ``Nx`` is N times the 1x schedule (13 epochs, drops after 9 and 12): 2x is 26 (18, 24),
+    3x 39 (27, 36). ``epochs`` overrides the length and keeps the drops at the same relative
+    points (9/13 and 12/13), e.g. to match a cost budget (the paper's Table 5 baseline).
+    """
+    if epochs is not None:
+        if epochs < 1:
+            raise InputError("--epochs must be >= 1")
+        return epochs, (round(epochs * 9 / 13), round(epochs * 12 / 13))
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)x", schedule)
+    if not match or float(match.group(1)) <= 0:
+        raise InputError(f"--schedule must look like 1x, 2x or 3x, got {schedule!r}")
+    n = float(match.group(1))
+    return max(1, round(13 * n)), (round(9 * n), round(12 * n))
+
+
+@dataclass
+class FinetuneConfig:
+    """Every fine-tuning setting, with its help text, choices and range (the CLI's options
+    are built from these fields; see :mod:`jigsawdata.settings`)."""
+
+    coco: str = setting(help="COCO root (annotations/instances_<split>.json and <split>/).")
+    out: str = setting(help="Run directory (new or empty; --resume continues it).")
+    init: str = setting("scratch", "A jigsaw run directory or checkpoint, an exported backbone, imagenet:FILE (a "
+                        "torchvision ResNet state dict), or scratch.")
+    detector: str = setting("c4", "Faster R-CNN C4, Faster R-CNN FPN, or Mask R-CNN FPN.", choices=DETECTORS)
+    arch: str = setting("resnet50", "Backbone.", choices=ARCHS)
+    norm: str | None = setting(None, "Normalisation (default: frozen_bn with pretrained weights, bn from scratch); gn "
+                               "also puts GroupNorm in the FPN and a 4conv1fc box head (the paper's scratch "
+                               "baseline).", choices=NORMS)
+    split: str = setting("train2017", "Training split of --coco.")
+    val_split: str | None = setting(None, "Split evaluated after training (default: --split).")
+    schedule: str = setting("1x", "Nx = N times 13 epochs with drops after 9N and 12N: 1x, 2x, 3x, ...")
+    epochs: int | None = setting(None, "Any length instead of --schedule (drops at the same relative points), e.g. "
+                                 "to match a from-scratch run's cost to pre-training + fine-tuning.", min=1)
+    batch: int = setting(16, "Global batch of images (all ranks).", min=1)
+    lr: float = setting(0.02, "Learning rate at batch 16 (scaled linearly to --batch).", min=0.0, min_open=True)
+    momentum: float = setting(0.9, "SGD momentum.", min=0.0, max=1.0)
+    weight_decay: float = setting(1e-4, "SGD weight decay.", min=0.0)
+    warmup: int = setting(500, "Warm-up iterations (linear from lr/1000).", min=0)
+    min_size: int = setting(800, "Shorter image side after resizing.", min=1)
+    max_size: int = setting(1333, "Longest image side after resizing.", min=1)
+    flip_p: float = setting(0.5, "Horizontal flip probability of a training image.", min=0.0, max=1.0)
+    rois_per_image: int = setting(512, "Sampled RoIs per image in the box head.", min=1)
+    workers: int = setting(4, "DataLoader workers per rank (0: in-process).", min=0)
+    device: str = setting("auto", "Where to train (auto: a CUDA GPU if torch sees one).", choices=DEVICES)
+    amp: str = setting("bf16", "Mixed precision on a GPU: bf16, fp16 (with a grad scaler) or off; the CPU runs "
+                       "fp32. fp16 overflows in the forward pass of some transferred backbones (frozen BN keeps "
+                       "their activation scale), which bf16's range avoids.", choices=AMP_MODES)
+    seed: int = setting(0, "Seed of the model initialisation and the data order.", min=0)
+    max_iters: int | None = setting(None, "Stop after this many iterations (short runs, smoke tests).", min=1)
+    max_images: int | None = setting(None, "Use only the first N images of each split (short runs, smoke tests).",
+                                     min=1)
+    log_every: int = setting(20, "Iterations between log lines.", min=1)
+
+    def __post_init__(self) -> None:
+        check(self)
+        schedule_epochs(self.schedule, self.epochs)
