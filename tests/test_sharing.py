@@ -28,6 +28,8 @@ from jigsawdata.verify import verify_shard_set
 from jigsawdata.pipelines.config import fixed
 from jigsawdata.pipelines.reference import reference_loader
 
+from .needs import require
+
 
 class _Handler(SimpleHTTPRequestHandler):
     """Static files with HTTP range requests; can cut one response short, once per path."""
@@ -208,6 +210,44 @@ def test_dataset_card(built_synthetic, built_real, synthetic_source, tmp_path):
     build_shards(synthetic_source, tmp_path / "lic", BuildConfig(), license="CC0-1.0 (synthetic)")
     card = (tmp_path / "lic" / "README.md").read_text()
     assert "CC0-1.0 (synthetic)" in card and "--license 'CC0-1.0 (synthetic)'" in card
+    # Hugging Face's licence fields in the YAML front matter.
+    assert _front_matter(tmp_path / "lic")["license"] == "other"
+    assert _front_matter(tmp_path / "lic")["license_details"] == "CC0-1.0 (synthetic)"
+    assert _front_matter(built_synthetic)["license"] == "unknown"
+    coco = _front_matter(built_real)
+    assert coco["license"] == "other" and coco["license_link"] == "https://cocodataset.org/#termsofuse"
+
+
+def _front_matter(root: Path) -> dict:
+    import yaml
+
+    text = (root / "README.md").read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
+
+
+def test_hugging_face_datasets_reads_each_group_with_named_labels(built_synthetic, synthetic_source, tmp_path,
+                                                                   monkeypatch):
+    """The card's front matter: one config per group over its shards, ``cls`` a ClassLabel."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets = require("datasets")
+    root = tmp_path / "set"
+    shutil.copytree(built_synthetic, root)
+    manifest = read_manifest(root)
+    meta = _front_matter(root)
+    assert [c["config_name"] for c in meta["configs"]] == ["S", "T", "W"]
+    name_of = {c.category_id: c.name for c in synthetic_source.classes} | {0: "background"}
+    for group in ("S", "T", "W"):
+        shards = [s["name"] for s in manifest["groups"][group]["shards"]]
+        ds = datasets.load_dataset(str(root), group, split="train", cache_dir=str(tmp_path / "hf"))
+        assert len(ds) == manifest["groups"][group]["samples"] > 0
+        assert ds.features["cls"].names == [c.name for c in synthetic_source.classes] + ["background"]
+        rows = ds.select_columns(["cls", "json", "__key__", "__url__"]).to_list()
+        assert {Path(r["__url__"]).name for r in rows} == {Path(s).name for s in shards}
+        for row in rows:
+            assert ds.features["cls"].int2str(row["cls"]) == name_of[row["json"]["category_id"]], row
+            assert row["json"]["group"] == group
+        assert ds[0]["jpg"].size == (rows[0]["json"]["width"], rows[0]["json"]["height"])
 
 
 def test_pretrain_from_a_url_trains_on_the_verified_cache_with_either_pipeline(published, tmp_path):
