@@ -61,7 +61,7 @@ def is_url(location: str) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
 
 
-CLOUD_EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+_CLOUD_EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 """Cloud protocol -> (its fsspec backend, the jigsawdata extra that installs it)."""
 
 
@@ -73,7 +73,7 @@ def url_filesystem(url: str):
         return fsspec.core.url_to_fs(url)
     except ImportError as exc:
         protocols = re.findall(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
-        known = [CLOUD_EXTRAS[p.lower()] for p in protocols if p.lower() in CLOUD_EXTRAS]
+        known = [_CLOUD_EXTRAS[p.lower()] for p in protocols if p.lower() in _CLOUD_EXTRAS]
         if known:
             package, extra = known[0]
             raise InputError(f"{url}: reading it needs {package}, which is not installed: "
