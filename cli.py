@@ -428,15 +428,22 @@ def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json:
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["torchvision", "detectron2", "mmdet"]), default="torchvision",
-              show_default=True, help="Parameter naming of the library that will load the backbone.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write.")
+              show_default=True, help="Key names and file layout of the framework that will load the backbone.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="File to write; for detectron2 .pkl (Detectron2's own format, read with pickle.load) or .pth.")
 def export(checkpoint: Path, fmt: str, out: Path) -> None:
     """Write a pre-trained backbone for torchvision, Detectron2 or MMDetection."""
-    from jigsawdata.trainer.export import export as export_backbone
+    import yaml
 
-    payload = export_backbone(checkpoint, fmt, out)
-    n = len(payload.get("model", payload.get("state_dict", payload)))
-    click.echo(f"wrote {out}: {n} tensors, {fmt} naming")
+    from jigsawdata.trainer.export import detectron2_config, export as export_backbone
+
+    done = export_backbone(checkpoint, fmt, out)
+    click.echo(f"wrote {out}: {done.tensors} tensors, {fmt} naming")
+    if fmt == "detectron2":
+        click.echo("Detectron2 config these weights need (without it they load into a different network "
+                   "without a warning):")
+        click.echo(yaml.safe_dump(detectron2_config(done.arch, out), sort_keys=False, default_flow_style=False)
+                   .rstrip())
 
 
 @main.command()

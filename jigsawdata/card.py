@@ -1,7 +1,10 @@
 """The dataset card (``README.md``) every shard set carries: what it is, where it came from,
 under which licence, what is in it, and the exact commands to rebuild it and train from it.
 
-Rendered from the manifest alone, so it is deterministic like the shards themselves.
+Rendered from the manifest alone, so it is deterministic like the shards themselves. Its YAML
+front matter is Hugging Face's dataset-card metadata: the licence, one config per group (S, T,
+W) whose ``data_files`` are that group's shards, and the sample features with ``cls`` as a
+``class_label``, so ``datasets.load_dataset(SET, "S")`` reads a published set with named labels.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from collections import Counter
 from typing import Mapping
 
 import numpy as np
+import yaml
+
+from .records import META_FIELDS
 
 CARD_NAME = "README.md"
 
@@ -20,6 +26,18 @@ COCO_LICENSE = ("COCO annotations are licensed CC BY 4.0 (https://cocodataset.or
                 "(its 'source' field names the image). Many of those licences are NonCommercial or NoDerivs.")
 UNKNOWN_LICENSE = ("Unknown: the source set was not recognised as COCO and no licence was given when building "
                    "(build-shards --license). Ask the publisher before using or redistributing it.")
+
+
+COCO_TERMS = "https://cocodataset.org/#termsofuse"
+
+# Hugging Face feature types of the members of each sample's ``.json`` (records.META_FIELDS);
+# ``sequence`` is read by old and new ``datasets`` alike (4.0 renamed it ``list``).
+_JSON_FEATURES = {
+    "ann_id": {"dtype": "int64"}, "category_id": {"dtype": "int64"}, "crop_box": {"sequence": "int32"},
+    "group": {"dtype": "string"}, "gt_box": {"sequence": "float64"}, "height": {"dtype": "int32"},
+    "image_id": {"dtype": "int64"}, "label": {"dtype": "int32"}, "source": {"dtype": "string"},
+    "width": {"dtype": "int32"},
+}
 
 
 def license_text(from_coco: bool, given: str | None) -> str:
@@ -58,13 +76,60 @@ def label_counts(labels: np.ndarray) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
+def _license_metadata(source: dict) -> dict:
+    """Hugging Face's licence fields: an identifier from its list where one fits, else
+    ``other`` with a name and link (COCO's terms) or the given text."""
+    if source.get("license_given"):
+        return {"license": "other", "license_details": source["license"]}
+    if source["license"] == COCO_LICENSE:
+        return {"license": "other", "license_name": "coco-terms-of-use", "license_link": COCO_TERMS}
+    return {"license": "unknown"}
+
+
+def label_names(manifest: dict) -> list[str]:
+    """Class names by label, background last (labels are 0..C, background C)."""
+    names = {c["label"]: c["name"] for c in manifest["classes"]}
+    names[manifest["background"]["label"]] = "background"
+    return [names[label] for label in range(len(names))]
+
+
+def _features(names: list[str]) -> list[dict]:
+    """A sample as Hugging Face's webdataset loader reads it: ``jpg``, ``cls``, ``json``,
+    ``__key__`` and ``__url__``. Declaring them all replaces the loader's guess, which would
+    leave ``cls`` a bare integer."""
+    return [
+        {"name": "jpg", "dtype": "image"},
+        {"name": "cls", "dtype": {"class_label": {"names": {str(i): n for i, n in enumerate(names)}}}},
+        {"name": "json", "struct": [{"name": k, **_JSON_FEATURES[k]} for k in sorted(META_FIELDS)]},
+        {"name": "__key__", "dtype": "string"},
+        {"name": "__url__", "dtype": "string"},
+    ]
+
+
+def front_matter(manifest: dict) -> str:
+    """The card's YAML header: Hugging Face dataset-card metadata (no YAML aliases: each
+    config spells its features out)."""
+    names = label_names(manifest)
+    groups = [(g, v) for g, v in manifest["groups"].items() if v["shards"]]
+    meta = {
+        **_license_metadata(manifest["source"]),
+        "pretty_name": "Jigsaw pre-training shards",
+        "task_categories": ["image-classification"],
+        "tags": ["webdataset"],
+        "configs": [{"config_name": g, "data_files": [{"split": "train", "path": [s["name"] for s in v["shards"]]}]}
+                    for g, v in groups],
+        "dataset_info": [{"config_name": g, "features": _features(names)} for g, _ in groups],
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
+
+
 def render_card(manifest: dict, per_class: Mapping[int, int]) -> str:
     """Markdown card for a finished shard set; ``per_class`` counts its samples per label."""
     src, counts = manifest["source"], manifest["counts"]
-    names = {c["label"]: c["name"] for c in manifest["classes"]}
-    names[manifest["background"]["label"]] = "background"
+    names = label_names(manifest)
     per_class = Counter(per_class)
     lines = [
+        front_matter(manifest),
         "# Jigsaw pre-training shards", "",
         "Object and background crops cut from a detection set, grouped by aspect ratio (S: 0.5 <= w/h <= 1.5, "
         "T: w/h < 0.5, W: w/h > 1.5) and stored as WebDataset tar shards with DALI index files, for Jigsaw "

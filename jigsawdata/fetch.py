@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,7 +38,7 @@ import fsspec
 
 from .card import CARD_NAME
 from .coco import sha256_file
-from .errors import InputError
+from .errors import InputError, first_line
 from .manifest import (MANIFEST_NAME, ListedFile, check_version, listed_files, write_bytes_atomic,
                        write_json_atomic)
 from .shards import header_problem, mapped, walk_members
@@ -60,8 +61,32 @@ def is_url(location: str) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
 
 
+_CLOUD_EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+"""Cloud protocol -> (its fsspec backend, the jigsawdata extra that installs it)."""
+
+
+def url_filesystem(url: str):
+    """``(fs, path)`` for ``url``, as ``fsspec.core.url_to_fs``; a protocol whose fsspec
+    backend is not installed (s3fs for ``s3://`` ...) is an :class:`InputError` naming the
+    extra that installs it, rather than fsspec's ImportError deep in a traceback."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        protocols = re.findall(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
+        known = [_CLOUD_EXTRAS[p.lower()] for p in protocols if p.lower() in _CLOUD_EXTRAS]
+        if known:
+            package, extra = known[0]
+            raise InputError(f"{url}: reading it needs {package}, which is not installed: "
+                             f"pip install 'jigsawdata[{extra}]'") from exc
+        raise InputError(f"{url}: {first_line(exc, 'its fsspec backend is not installed')}") from exc
+    except ValueError as exc:
+        if not str(exc).startswith("Protocol not known"):
+            raise
+        raise InputError(f"{url}: {exc} (use s3://, gs://, http(s)://, file:// or a local path)") from exc
+
+
 def read_remote_manifest(url: str) -> dict:
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = url_filesystem(url)
     try:
         manifest = json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFEST_NAME}"))
     except FileNotFoundError as exc:
@@ -280,7 +305,7 @@ def fetch(url: str, out: Path, *, workers: int = 8, retries: int = 5, block: int
     if on_total:
         on_total(sum(f.size or 0 for f in files))
     target = _target(out, _fingerprint(manifest), force)
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = url_filesystem(url)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(fetch_file, fs, root, f, target, progress, retries, block) for f in files]

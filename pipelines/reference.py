@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jigsawdata.fetch import url_filesystem
 from jigsawdata.shards import check_member_name
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
@@ -42,10 +43,9 @@ def normalize(canvas: np.ndarray) -> torch.Tensor:
 
 def _open_streams(urls: Sequence[str]) -> Iterator[dict]:
     """Open each shard with fsspec (a local path or any URL) for webdataset's tar expander."""
-    import fsspec
-
     for url in urls:
-        with fsspec.open(url, "rb") as stream:
+        fs, path = url_filesystem(url)
+        with fs.open(path, "rb") as stream:
             yield {"url": url, "stream": stream}
 
 

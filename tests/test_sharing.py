@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -27,6 +31,8 @@ from jigsawdata.manifest import read_manifest
 from jigsawdata.verify import verify_shard_set
 from jigsawdata.pipelines.config import fixed
 from jigsawdata.pipelines.reference import reference_loader
+
+from .needs import require
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -208,6 +214,44 @@ def test_dataset_card(built_synthetic, built_real, synthetic_source, tmp_path):
     build_shards(synthetic_source, tmp_path / "lic", BuildConfig(), license="CC0-1.0 (synthetic)")
     card = (tmp_path / "lic" / "README.md").read_text()
     assert "CC0-1.0 (synthetic)" in card and "--license 'CC0-1.0 (synthetic)'" in card
+    # Hugging Face's licence fields in the YAML front matter.
+    assert _front_matter(tmp_path / "lic")["license"] == "other"
+    assert _front_matter(tmp_path / "lic")["license_details"] == "CC0-1.0 (synthetic)"
+    assert _front_matter(built_synthetic)["license"] == "unknown"
+    coco = _front_matter(built_real)
+    assert coco["license"] == "other" and coco["license_link"] == "https://cocodataset.org/#termsofuse"
+
+
+def _front_matter(root: Path) -> dict:
+    import yaml
+
+    text = (root / "README.md").read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
+
+
+def test_hugging_face_datasets_reads_each_group_with_named_labels(built_synthetic, synthetic_source, tmp_path,
+                                                                   monkeypatch):
+    """The card's front matter: one config per group over its shards, ``cls`` a ClassLabel."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets = require("datasets")
+    root = tmp_path / "set"
+    shutil.copytree(built_synthetic, root)
+    manifest = read_manifest(root)
+    meta = _front_matter(root)
+    assert [c["config_name"] for c in meta["configs"]] == ["S", "T", "W"]
+    name_of = {c.category_id: c.name for c in synthetic_source.classes} | {0: "background"}
+    for group in ("S", "T", "W"):
+        shards = [s["name"] for s in manifest["groups"][group]["shards"]]
+        ds = datasets.load_dataset(str(root), group, split="train", cache_dir=str(tmp_path / "hf"))
+        assert len(ds) == manifest["groups"][group]["samples"] > 0
+        assert ds.features["cls"].names == [c.name for c in synthetic_source.classes] + ["background"]
+        rows = ds.select_columns(["cls", "json", "__key__", "__url__"]).to_list()
+        assert {Path(r["__url__"]).name for r in rows} == {Path(s).name for s in shards}
+        for row in rows:
+            assert ds.features["cls"].int2str(row["cls"]) == name_of[row["json"]["category_id"]], row
+            assert row["json"]["group"] == group
+        assert ds[0]["jpg"].size == (rows[0]["json"]["width"], rows[0]["json"]["height"])
 
 
 def test_pretrain_from_a_url_trains_on_the_verified_cache_with_either_pipeline(published, tmp_path):
@@ -245,3 +289,73 @@ def test_the_dataset_card_is_checked_like_every_other_file(published, tmp_path):
     with pytest.raises(FetchError, match="README.md: sha256 does not match the manifest's"):
         fetch(url, tmp_path / "copy")
     assert not (tmp_path / "copy" / "README.md").exists()
+
+
+# ------------------------------------------------------------------ remote storage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (in a thread of this process): an S3-compatible store."""
+    require("s3fs")
+    moto_server = require("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def test_fetch_over_s3_is_byte_identical(built_synthetic, s3_endpoint, tmp_path):
+    """Published with boto3, fetched by the CLI as a user runs it: the endpoint from the
+    standard AWS_ENDPOINT_URL variable (S3-compatible stores: MinIO, R2, ...)."""
+    boto3 = require("boto3")
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"], region_name=creds["AWS_DEFAULT_REGION"])
+    s3.create_bucket(Bucket="jigsaw-shards")
+    published = _tree(built_synthetic)
+    for name, data in published.items():
+        s3.put_object(Bucket="jigsaw-shards", Key=f"sets/synthetic/{name}", Body=data)
+    env = {**os.environ, **creds, "AWS_ENDPOINT_URL": s3_endpoint,
+           "AWS_CONFIG_FILE": str(tmp_path / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-creds")}
+    result = subprocess.run([sys.executable, "-m", "jigsawdata", "fetch", "s3://jigsaw-shards/sets/synthetic",
+                             "--out", str(tmp_path / "copy")], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert _tree(tmp_path / "copy") == published and len(published) > 10
+    assert verify_shard_set(tmp_path / "copy") == []
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "copy")])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def no_s3fs(monkeypatch):
+    """s3fs as if it were not installed: fsspec imports it on first use of s3://."""
+    import fsspec
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)  # fsspec.registry: a mapping
+
+
+@pytest.mark.parametrize("command", [["fetch", "s3://bucket/set", "--out", "{tmp}/copy"],
+                                     ["pretrain", "--shards", "s3://bucket/set", "--out", "{tmp}/run",
+                                      "--pipeline", "reference", "--device", "cpu"]])
+def test_a_missing_storage_backend_is_one_line_naming_the_extra(no_s3fs, tmp_path, command):
+    result = CliRunner().invoke(main, [arg.format(tmp=tmp_path) for arg in command])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: s3://bucket/set: reading it needs s3fs, which is not installed: pip install 'jigsawdata[s3]'")
+    assert not (tmp_path / "copy").exists() and not (tmp_path / "run").exists()
+
+
+def test_streaming_a_shard_without_its_backend_names_the_extra(no_s3fs):
+    from jigsawdata.pipelines.reference import _open_streams
+
+    with pytest.raises(InputError, match=r"needs s3fs, which is not installed: pip install 'jigsawdata\[s3\]'"):
+        next(_open_streams(["s3://bucket/set/S/S-000000.tar"]))
+    with pytest.raises(InputError, match=r"Protocol not known: nosuch"):
+        next(_open_streams(["nosuch://bucket/set/S/S-000000.tar"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,9 @@ from jigsawdata.errors import InputError
 from jigsawdata.pipelines.template import Template
 from jigsawdata.trainer import checkpoint as ckpt_io
 from jigsawdata.trainer.erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
-from jigsawdata.trainer.export import backbone_state, detectron2_name, export
+from jigsawdata.trainer.export import backbone_state, detectron2_config, detectron2_name, export
 from jigsawdata.trainer.losses import blockwise_loss, erf_dense_loss, global_loss
-from jigsawdata.trainer.model import DenseClassifier
+from jigsawdata.trainer.model import ARCHS, DenseClassifier, build_backbone
 from jigsawdata.trainer.schedule import learning_rate, scaled
 
 T = Template()
@@ -247,6 +249,106 @@ def test_exports_load(tmp_path):
     assert not any(k.startswith(("layer", "bn1", "conv1")) for k in d2["model"])
     mm = torch.load(export(path, "mmdet", tmp_path / "mm.pth") and tmp_path / "mm.pth", weights_only=True)
     assert set(mm["state_dict"]) == set(tv.state_dict()) - {"fc.weight", "fc.bias"}
+
+
+def _detectron2_expected(backbone, blocks_per_stage) -> dict:
+    """Detectron2's name for every tensor, walked module by module: the stem's conv and BN,
+    then per stage (res2..res5) and block its convs, their BNs as ``convK.norm`` and the first
+    block's projection as ``shortcut`` (the rules of Detectron2's convert-torchvision-to-d2.py)."""
+    def norm(prefix, bn):
+        return {f"{prefix}.{p}": getattr(bn, p) for p in ("weight", "bias", "running_mean", "running_var")}
+
+    expected = {"stem.conv1.weight": backbone.conv1.weight, **norm("stem.conv1.norm", backbone.bn1)}
+    for stage, n in enumerate(blocks_per_stage, start=2):
+        for b in range(n):
+            block = getattr(backbone, f"layer{stage - 1}")[b]
+            for k in (1, 2, 3):
+                expected[f"res{stage}.{b}.conv{k}.weight"] = getattr(block, f"conv{k}").weight
+                expected.update(norm(f"res{stage}.{b}.conv{k}.norm", getattr(block, f"bn{k}")))
+            if b == 0:
+                expected[f"res{stage}.0.shortcut.weight"] = block.downsample[0].weight
+                expected.update(norm(f"res{stage}.0.shortcut.norm", block.downsample[1]))
+    return expected
+
+
+def test_detectron2_pkl_is_what_its_converter_writes(tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    path, model = _fake_checkpoint(tmp_path)
+    out = tmp_path / "r50.pkl"
+    assert export(path, "detectron2", out).tensors == 265
+    # Detectron2's checkpointer: pickle.load(f, encoding="latin1"), here where torch cannot be imported.
+    probe = ("import json, pickle, sys; sys.modules['torch'] = None; import numpy as np\n"
+             f"d = pickle.load(open({str(out)!r}, 'rb'), encoding='latin1')\n"
+             "assert all(type(v) is np.ndarray for v in d['model'].values())\n"
+             "print(json.dumps({'keys': sorted(k for k in d if k != 'model'), 'author': d['__author__'],"
+             " 'heuristics': d['matching_heuristics'], 'shapes': {k: v.shape for k, v in d['model'].items()}}))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["keys"] == ["__author__", "matching_heuristics"] and seen["heuristics"] is True and seen["author"]
+    shapes = {k: tuple(v) for k, v in seen["shapes"].items()}
+    assert shapes["stem.conv1.weight"] == (64, 3, 7, 7) and shapes["stem.conv1.norm.running_var"] == (64,)
+    assert shapes["res2.0.conv1.weight"] == (64, 64, 1, 1) and shapes["res2.0.conv1.norm.weight"] == (64,)
+    assert shapes["res2.0.shortcut.weight"] == (256, 64, 1, 1) and shapes["res2.0.shortcut.norm.bias"] == (256,)
+    assert shapes["res3.0.conv2.weight"] == (128, 128, 3, 3) and shapes["res5.2.conv3.weight"] == (2048, 512, 1, 1)
+    expected = _detectron2_expected(model.backbone, (3, 4, 6, 3))
+    assert set(shapes) == set(expected)
+    with open(out, "rb") as f:
+        exported = pickle.load(f)["model"]
+    for name, tensor in expected.items():
+        assert shapes[name] == tuple(tensor.shape), name
+        assert np.array_equal(exported[name], tensor.detach().numpy()), name
+
+
+def test_detectron2_config_builds_the_exported_network():
+    """Detectron2 builds ResNets from DEPTH (blocks per stage), NUM_GROUPS, WIDTH_PER_GROUP
+    (res2's bottleneck is their product), RES2_OUT_CHANNELS and STRIDE_IN_1X1 (defaults 50, 1,
+    64, 256, True); each must describe torchvision's network, or the weights load into another."""
+    d2_blocks = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
+    for arch in ARCHS:
+        cfg = detectron2_config(arch, "w.pkl")
+        assert cfg["MODEL"]["WEIGHTS"] == "w.pkl" and cfg["INPUT"] == {"FORMAT": "RGB"}
+        assert cfg["MODEL"]["PIXEL_MEAN"] == [123.675, 116.28, 103.53]
+        assert cfg["MODEL"]["PIXEL_STD"] == [58.395, 57.12, 57.375]
+        res = cfg["MODEL"]["RESNETS"]
+        assert res["STRIDE_IN_1X1"] is False
+        net = build_backbone(arch)
+        stages = [getattr(net, f"layer{i}") for i in (1, 2, 3, 4)]
+        assert d2_blocks[res.get("DEPTH", 50)] == [len(s) for s in stages], arch
+        first = stages[0][0]
+        last_conv = first.conv3 if hasattr(first, "conv3") else first.conv2
+        assert res.get("RES2_OUT_CHANNELS", 256) == last_conv.out_channels, arch
+        if hasattr(first, "conv3"):  # bottlenecks: torchvision strides in the 3x3 conv
+            assert (stages[1][0].conv1.stride, stages[1][0].conv2.stride) == ((1, 1), (2, 2)), arch
+            assert res.get("NUM_GROUPS", 1) == first.conv2.groups, arch
+            assert res.get("NUM_GROUPS", 1) * res.get("WIDTH_PER_GROUP", 64) == first.conv2.out_channels, arch
+    assert detectron2_config("resnext101_32x4d", "w")["MODEL"]["RESNETS"] == {
+        "DEPTH": 101, "NUM_GROUPS": 32, "WIDTH_PER_GROUP": 4, "STRIDE_IN_1X1": False}
+
+
+def test_cli_detectron2_export_prints_its_config_and_refuses_other_suffixes(tmp_path):
+    import pickle
+
+    import yaml
+    from click.testing import CliRunner
+
+    from jigsawdata.cli import main
+
+    path, _ = _fake_checkpoint(tmp_path, arch="resnet18")
+    result = CliRunner().invoke(main, ["export", str(path), "--format", "detectron2", "--out", str(tmp_path / "r18.pkl")])
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load(result.output.split("\n", 2)[2])
+    assert cfg["MODEL"]["RESNETS"] == {"DEPTH": 18, "RES2_OUT_CHANNELS": 64, "STRIDE_IN_1X1": False}
+    assert cfg["MODEL"]["WEIGHTS"] == str(tmp_path / "r18.pkl") and cfg["INPUT"]["FORMAT"] == "RGB"
+    with open(tmp_path / "r18.pkl", "rb") as f:
+        assert len(pickle.load(f)["model"]) == 100
+    for name in ("r18.pt", "r18"):
+        result = CliRunner().invoke(main, ["export", str(path), "--format", "detectron2", "--out", str(tmp_path / name)])
+        assert result.exit_code == 1 and ".pkl" in result.output and "Traceback" not in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / name).exists()
 
 
 class _Evil:

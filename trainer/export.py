@@ -1,29 +1,56 @@
-"""Export a pre-trained backbone for detection frameworks.
+"""Export a pre-trained backbone for detection frameworks, in files each one opens as it is.
 
 - ``torchvision``: a plain state dict with torchvision's ResNet keys; loads with
   ``resnet50().load_state_dict(sd, strict=False)`` missing only ``fc.*``.
 - ``detectron2``: ``{"model": ..., "__author__": ..., "matching_heuristics": True}`` with
   Detectron2's ResNet names (``stem.conv1.norm.weight``, ``res2.0.conv1.weight``,
   ``res2.0.shortcut.norm.bias``, ...), the renaming of Detectron2's own
-  ``tools/convert-torchvision-to-d2.py``; use it as ``MODEL.WEIGHTS`` with
-  ``MODEL.PIXEL_MEAN/STD`` of torchvision models and ``INPUT.FORMAT = "RGB"``.
+  ``tools/convert-torchvision-to-d2.py``. ``.pkl`` is what that converter writes and what
+  Detectron2's checkpointer opens with ``pickle.load``: numpy arrays only, readable without
+  torch. ``.pth`` holds the same dict as a torch file (Detectron2 reads it with ``torch.load``).
+  The weights are torchvision's ResNet v1.5 on RGB input normalised as torchvision's, so a
+  Detectron2 config needs :func:`detectron2_config`, or it builds a different network and the
+  weights load into it without a warning.
 - ``mmdet``: ``{"state_dict": ..., "meta": ...}``; MMDetection's ResNet uses torchvision's key
   names, so ``init_cfg=dict(type="Pretrained", checkpoint=FILE)`` loads it.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from jigsawdata import __version__
 from jigsawdata.errors import InputError
+from jigsawdata.manifest import write_bytes_atomic
+from jigsawdata.pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 
 from .checkpoint import load, save_atomic
 
 FORMATS = ("torchvision", "detectron2", "mmdet")
+DETECTRON2_SUFFIXES = (".pkl", ".pth")
+
+# Detectron2's MODEL.RESNETS keys that differ from its defaults (DEPTH 50, NUM_GROUPS 1,
+# WIDTH_PER_GROUP 64, RES2_OUT_CHANNELS 256) for each backbone; its first bottleneck is
+# NUM_GROUPS * WIDTH_PER_GROUP channels wide, as torchvision's groups * width_per_group.
+_DETECTRON2_RESNETS = {
+    "resnet18": {"DEPTH": 18, "RES2_OUT_CHANNELS": 64},
+    "resnet50": {"DEPTH": 50},
+    "resnet101": {"DEPTH": 101},
+    "resnext101_32x4d": {"DEPTH": 101, "NUM_GROUPS": 32, "WIDTH_PER_GROUP": 4},
+}
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What :func:`export` wrote: the backbone's architecture and its number of tensors."""
+
+    arch: str
+    tensors: int
 
 
 def backbone_state(ckpt: dict) -> "OrderedDict[str, torch.Tensor]":
@@ -41,25 +68,59 @@ def detectron2_name(key: str) -> str:
     return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
 
 
-def export(checkpoint: Path, fmt: str, out: Path) -> dict:
-    """Write the backbone of a pre-training checkpoint in ``fmt``; returns what was saved."""
+def detectron2_state(state: "OrderedDict[str, torch.Tensor]", as_numpy: bool) -> OrderedDict:
+    """Detectron2's names; numpy arrays where the file is to be read by ``pickle.load``. Its
+    frozen batch norm has no ``num_batches_tracked``, which would only be reported unused."""
+    return OrderedDict((detectron2_name(k), v.detach().cpu().numpy() if as_numpy else v)
+                       for k, v in state.items() if not k.endswith("num_batches_tracked"))
+
+
+def detectron2_config(arch: str, weights: Path) -> dict:
+    """The Detectron2 config keys the exported weights need, as a nested dict for its YAML.
+
+    torchvision's bottlenecks stride in the 3x3 convolution (``STRIDE_IN_1X1: False``; the
+    default True is MSRA's layout) and take RGB scaled by torchvision's mean and std on 0-255
+    values (Detectron2's defaults are BGR Caffe means with std 1)."""
+    return {
+        "MODEL": {
+            "WEIGHTS": str(weights),
+            "PIXEL_MEAN": [round(m * 255, 3) for m in IMAGENET_MEAN],
+            "PIXEL_STD": [round(s * 255, 3) for s in IMAGENET_STD],
+            "RESNETS": {**_DETECTRON2_RESNETS[arch], "STRIDE_IN_1X1": False},
+        },
+        "INPUT": {"FORMAT": "RGB"},
+    }
+
+
+def _check_out(fmt: str, out: Path, source: Path) -> None:
+    if fmt == "detectron2" and out.suffix not in DETECTRON2_SUFFIXES:
+        raise InputError(f"--out {out}: a Detectron2 export ends in .pkl (what Detectron2's converter writes, "
+                         f"opened with pickle.load) or .pth (a torch file), not {out.suffix or 'no suffix'!r}")
+    if out.resolve() == source.resolve():
+        raise InputError(f"--out {out} would overwrite its input {source}: choose another file")
+    if out.exists() and out.resolve().parent == source.resolve().parent:
+        raise InputError(f"--out {out} would overwrite a file of the run it exports: choose another file")
+
+
+def export(checkpoint: Path, fmt: str, out: Path) -> Exported:
+    """Write the backbone of a pre-training checkpoint in ``fmt``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    out = Path(out)
     source = Path(checkpoint) / "checkpoint.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
-    if Path(out).resolve() == source.resolve():
-        raise InputError(f"--out {out} would overwrite its input {source}: choose another file")
-    if Path(out).exists() and Path(out).resolve().parent == source.resolve().parent:
-        raise InputError(f"--out {out} would overwrite a file of the run it exports: choose another file")
+    _check_out(fmt, out, source)
     ckpt = load(checkpoint)
     state = backbone_state(ckpt)
     meta = {"arch": ckpt["arch"], "iteration": ckpt["iteration"], "source": "jigsawdata " + __version__}
+    tensors = detectron2_state(state, as_numpy=out.suffix == ".pkl") if fmt == "detectron2" else state
     if fmt == "torchvision":
         payload = state
     elif fmt == "detectron2":
-        payload = {"model": OrderedDict((detectron2_name(k), v) for k, v in state.items()
-                                        if not k.endswith("num_batches_tracked")),
-                   "__author__": "jigsawdata", "matching_heuristics": True}
+        payload = {"model": tensors, "__author__": "jigsawdata", "matching_heuristics": True}
     else:
         payload = {"state_dict": state, "meta": meta}
-    save_atomic(payload, Path(out))
-    return payload
+    if fmt == "detectron2" and out.suffix == ".pkl":
+        write_bytes_atomic(out, pickle.dumps(payload))
+    else:
+        save_atomic(payload, out)
+    return Exported(ckpt["arch"], len(tensors))
