@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from typing import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 CARD_NAME = "README.md"
 
@@ -28,9 +32,9 @@ def license_text(from_coco: bool, given: str | None) -> str:
     return COCO_LICENSE if from_coco else UNKNOWN_LICENSE
 
 
-def rebuild_command(manifest: dict) -> str:
-    params, sampling = manifest["params"], manifest["params"]["sampling"]
-    ann = manifest["source"]["annotation_file"]
+def rebuild_command(manifest: Manifest) -> str:
+    params, sampling = manifest.params, manifest.params["sampling"]
+    ann = manifest.source.annotation_file
     split = ann.removeprefix("instances_").removesuffix(".json")
     parts = [f"jigsawdata build-shards COCO_ROOT --split {split} --out SHARDS",
              f"--seed {params['seed']}", f"--pos-per-neg {sampling['pos_per_neg']:g}",
@@ -39,17 +43,17 @@ def rebuild_command(manifest: dict) -> str:
              f"--shard-samples {params['shard_samples']}", f"--chunk-images {params['chunk_images']}"]
     if "max_pixels" in params:
         parts.append(f"--max-pixels {params['max_pixels']}")
-    if manifest["source"].get("license_given"):
-        parts.append(f"--license '{manifest['source']['license']}'")
+    if manifest.source.license_given:
+        parts.append(f"--license '{manifest.source.license}'")
     return " \\\n    ".join(parts)
 
 
-def attach_card(manifest: dict, per_class: Mapping[int, int]) -> str:
-    """Render the card of a finished set and record its sha256 in the manifest (written
-    after it), so that ``fetch`` and ``verify`` check the card like every other file."""
+def attach_card(manifest: Manifest, per_class: Mapping[int, int]) -> tuple[Manifest, str]:
+    """Render the card of a finished set; returns it with the manifest that records its
+    sha256 (written after it), so that ``fetch`` and ``verify`` check the card like every
+    other file."""
     text = render_card(manifest, per_class)
-    manifest["card_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    return text
+    return replace(manifest, card_sha256=hashlib.sha256(text.encode()).hexdigest()), text
 
 
 def label_counts(labels: np.ndarray) -> dict[int, int]:
@@ -58,11 +62,9 @@ def label_counts(labels: np.ndarray) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def render_card(manifest: dict, per_class: Mapping[int, int]) -> str:
+def render_card(manifest: Manifest, per_class: Mapping[int, int]) -> str:
     """Markdown card for a finished shard set; ``per_class`` counts its samples per label."""
-    src, counts = manifest["source"], manifest["counts"]
-    names = {c["label"]: c["name"] for c in manifest["classes"]}
-    names[manifest["background"]["label"]] = "background"
+    src, counts, names = manifest.source, manifest.counts, manifest.label_names
     per_class = Counter(per_class)
     lines = [
         "# Jigsaw pre-training shards", "",
@@ -72,14 +74,14 @@ def render_card(manifest: dict, per_class: Mapping[int, int]) -> str:
         "its provenance as `.json`; `manifest.json` lists every shard with its sha256 and `index.parquet` every "
         "sample.", "",
         "## Source", "",
-        f"- Annotation file: `{src['annotation_file']}`, sha256 `{src['sha256']}`",
-        f"- Images listed: {src['images']}; used: {counts.get('images_used', 0)}; "
-        f"skipped: {len(manifest['skipped_images'])} (named in `manifest.json`)",
-        f"- Built by jigsawdata {manifest['tool']['version']} (format {manifest['format_version']})", "",
-        "## Licence", "", src["license"], "",
+        f"- Annotation file: `{src.annotation_file}`, sha256 `{src.sha256}`",
+        f"- Images listed: {src.images}; used: {counts.get('images_used', 0)}; "
+        f"skipped: {len(manifest.skipped_images)} (named in `manifest.json`)",
+        f"- Built by jigsawdata {manifest.tool.version} (format {manifest.format_version})", "",
+        "## Licence", "", src.license, "",
         "## Contents", "",
         "| group | shards | samples | MB |", "|---|---:|---:|---:|",
-        *(f"| {g} | {len(v['shards'])} | {v['samples']} | {v['bytes'] / 1e6:.1f} |" for g, v in manifest["groups"].items()),
+        *(f"| {g} | {len(v.shards)} | {v.samples} | {v.bytes / 1e6:.1f} |" for g, v in manifest.groups.items()),
         "",
         f"Positives: {counts.get('positives', 0)}, negatives: {counts.get('negatives', 0)}. Left out: " +
         ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("positives", "negatives", "images", "images_used"))
@@ -87,8 +89,8 @@ def render_card(manifest: dict, per_class: Mapping[int, int]) -> str:
         "| label | class | samples |", "|---:|---|---:|",
         *(f"| {label} | {names[label]} | {n} |" for label, n in sorted(per_class.items())), "",
         "## Build parameters", "",
-        *(f"- `{k}`: {v}" for k, v in sorted(manifest["params"].items()) if k != "sampling"),
-        *(f"- `sampling.{k}`: {v}" for k, v in sorted(manifest["params"]["sampling"].items())), "",
+        *(f"- `{k}`: {v}" for k, v in sorted(manifest.params.items()) if k != "sampling"),
+        *(f"- `sampling.{k}`: {v}" for k, v in sorted(manifest.params["sampling"].items())), "",
         "## Rebuild", "",
         "Byte-identical given the same annotation file (check its sha256 above) and images:", "",
         "```bash", rebuild_command(manifest), "```", "",

@@ -25,6 +25,8 @@ import torch
 
 from jigsawdata.errors import InputError
 
+from .checkpoint import CHECKPOINT_NAME
+
 log = logging.getLogger(__name__)
 
 PRESETS = ("tiny", "paper")
@@ -169,7 +171,7 @@ def _pretrain(cfg: ExperimentConfig, cell: Cell, data: Data, run: Path) -> dict:
                           erf_every=cfg.erf_every, erf_images=min(cfg.erf_images, cfg.batch),
                           checkpoint_every=max(1, cfg.iterations // 4), log_every=max(1, cfg.iterations // 20),
                           val_shards=data.val_shards, val_every=cfg.val_every, val_images=cfg.val_images)
-    started = (run / "checkpoint.pt").is_file()
+    started = (run / CHECKPOINT_NAME).is_file()
     if not started or load(run)["iteration"] < cfg.iterations:
         trainer = Trainer(pcfg, resume=started)
         seconds = _timed(run.parent / "pretrain-time.json", trainer.train)
@@ -192,7 +194,7 @@ def _finetune(cfg: ExperimentConfig, cell: Cell, data: Data, run: Path, init: st
                           warmup=cfg.ft_warmup, min_size=cfg.min_size, max_size=cfg.max_size,
                           rois_per_image=cfg.rois_per_image, workers=cfg.workers, device=cfg.device,
                           seed=cfg.seed, max_iters=cfg.max_iters, max_images=cfg.max_images, log_every=50)
-    trainer = Finetuner(fcfg, resume=(run / "checkpoint.pt").is_file())
+    trainer = Finetuner(fcfg, resume=(run / CHECKPOINT_NAME).is_file())
     seconds = _timed(run.parent / "finetune-time.json", trainer.train)
     metrics = evaluate_run(run, split=data.val_split, max_images=cfg.max_images, device=cfg.device)
     return {"finetune_device_hours": seconds * trainer.dist.world / 3600, "finetune_epochs": trainer.epoch,

@@ -21,7 +21,7 @@ import torch
 from jigsawdata import __version__
 from jigsawdata.errors import InputError
 
-from .checkpoint import load, save_atomic
+from .checkpoint import checkpoint_file, load, save_atomic
 
 FORMATS = ("torchvision", "detectron2", "mmdet")
 
@@ -45,7 +45,7 @@ def export(checkpoint: Path, fmt: str, out: Path) -> dict:
     """Write the backbone of a pre-training checkpoint in ``fmt``; returns what was saved."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    source = Path(checkpoint) / "checkpoint.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
+    source = checkpoint_file(checkpoint)
     if Path(out).resolve() == source.resolve():
         raise InputError(f"--out {out} would overwrite its input {source}: choose another file")
     if Path(out).exists() and Path(out).resolve().parent == source.resolve().parent:
