@@ -245,9 +245,9 @@ def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spe
     finally:
         for bar in bars.values():
             bar.close()
-    groups = ", ".join(f"{g}: {v['samples']} in {len(v['shards'])} shards" for g, v in manifest["groups"].items())
+    groups = ", ".join(f"{g}: {v.samples} in {len(v.shards)} shards" for g, v in manifest.groups.items())
     click.echo(f"{out}: {groups}")
-    skipped = len(manifest["skipped_images"])
+    skipped = len(manifest.skipped_images)
     if skipped:
         click.echo(f"{skipped} images skipped (see skipped_images in the manifest)")
     if parts > 1:
@@ -261,8 +261,8 @@ def merge_manifests(root: Path) -> None:
     from jigsawdata.manifest import merge_parts
 
     manifest = merge_parts(root)
-    click.echo(f"merged {manifest['parts']} parts: " +
-               ", ".join(f"{g}: {v['samples']}" for g, v in manifest["groups"].items()))
+    click.echo(f"merged {manifest.parts} parts: " +
+               ", ".join(f"{g}: {v.samples}" for g, v in manifest.groups.items()))
 
 
 @main.command()
@@ -305,7 +305,7 @@ def verify(root: Path) -> None:
     from jigsawdata.manifest import read_manifest
     from jigsawdata.verify import verify_shard_set
 
-    total = sum(len(v["shards"]) for v in read_manifest(root)["groups"].values())
+    total = len(read_manifest(root).shards)
     with progress_bar(total=total, unit="shard", desc="verify") as bar:
         problems = verify_shard_set(root, on_shard=lambda _: bar.update(1))
     if problems:
@@ -379,6 +379,7 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 def pretrain(resume: bool, config_file: Path | None, **options) -> None:
     """ERF-adaptive dense classification pre-training on jigsaw batches (torchrun for many GPUs)."""
+    from jigsawdata.trainer.checkpoint import CHECKPOINT_NAME
     from jigsawdata.trainer.pretrain import Trainer
     from jigsawdata.trainer.validate import format_validation
 
@@ -403,7 +404,7 @@ def pretrain(resume: bool, config_file: Path | None, **options) -> None:
         bar.close()
     if trainer.dist.main:
         click.echo(f"done: {trainer.iteration} iterations, last loss {metrics.get('loss', float('nan')):.4f}; "
-                   f"checkpoint {cfg.out}/checkpoint.pt")
+                   f"checkpoint {Path(cfg.out) / CHECKPOINT_NAME}")
         if trainer.last_validation:
             click.echo(f"region accuracy on {cfg.val_shards} (majority-class rate beside it):")
             click.echo(format_validation(trainer.last_validation))
@@ -602,8 +603,7 @@ def fetch(url: str, out: Path, workers: int, retries: int, force: bool) -> None:
 
         manifest = fetch_shards(url, out, workers=workers, retries=retries, progress=bar.update, on_total=on_total,
                                 force=force)
-    n = sum(len(v["shards"]) for v in manifest["groups"].values())
-    click.echo(f"{out}: {n} shards fetched and verified")
+    click.echo(f"{out}: {len(manifest.shards)} shards fetched and verified")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def _child(ann: Path, images: Path, out: Path, workers: int) -> None:
     parsed_peak = _peak_rss()
     manifest = build_shards(source, out, BuildConfig(), workers=workers)
     seconds = time.perf_counter() - start
-    crops = sum(g["samples"] for g in manifest["groups"].values())
-    print(json.dumps({"seconds": seconds, "crops": crops, "images": manifest["source"]["images"],
+    crops = sum(g.samples for g in manifest.groups.values())
+    print(json.dumps({"seconds": seconds, "crops": crops, "images": manifest.source.images,
                       "base_rss": base, "parse_peak_rss": parsed_peak, "peak_rss": _peak_rss()}))
 
 

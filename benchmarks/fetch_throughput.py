@@ -12,7 +12,6 @@ repeats, one warm-up of each excluded. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -23,10 +22,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from jigsawdata.coco import sha256_file
+from jigsawdata.coco import ClassInfo
 from jigsawdata.fetch import fetch
-from jigsawdata.manifest import FORMAT_VERSION, listed_files, write_json_atomic
-from jigsawdata.shards import ShardInfo, index_path, write_shard
+from jigsawdata.files import sha256_file
+from jigsawdata.manifest import FORMAT_VERSION, GroupInfo, Manifest, ShardInfo, read_manifest
+from jigsawdata.shards import index_path, write_shard
 
 from .common import environment, interleaved, report, stats
 
@@ -42,11 +42,9 @@ def make_set(root: Path, megabytes: int, shards: int, sample_kb: int = 24) -> in
         samples = ((f"{s:03d}{i:06d}", [("jpg", os.urandom(sample_kb * 1024)), ("cls", b"0"), ("json", b"{}")])
                    for i in range(per_shard))
         n, nbytes, digest = write_shard(root / name, samples)
-        infos.append(ShardInfo(name, n, nbytes, digest, sha256_file(index_path(root / name))).to_json())
-    write_json_atomic(root / "manifest.json", {
-        "format_version": FORMAT_VERSION, "groups": {"S": {"shards": infos}},
-        "classes": [{"label": 0, "category_id": 1, "name": "thing"}],
-        "background": {"label": 1, "category_id": 0, "name": "background"}})
+        infos.append(ShardInfo(name, n, nbytes, digest, sha256_file(index_path(root / name))))
+    Manifest(FORMAT_VERSION, {"S": GroupInfo.of(infos)}, classes=(ClassInfo(0, 1, "thing"),),
+             background=ClassInfo(1, 0, "background")).write(root / "manifest.json")
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
@@ -81,8 +79,7 @@ def run(megabytes: int = 128, shards: int = 8, workers: int = 8, repeats: int = 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         total = make_set(tmp / "www", megabytes, shards)
-        manifest = json.loads((tmp / "www" / "manifest.json").read_text())
-        names = [f.name for f in listed_files(manifest)]
+        names = [f.name for f in read_manifest(tmp / "www").files()]
         server, url = _serve(tmp / "www")
         counter = iter(range(10**6))
 

@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import shutil
 from collections import Counter, OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,16 +31,17 @@ import numpy as np
 
 from . import __version__
 from .card import CARD_NAME, attach_card, label_counts, license_text
-from .coco import DEFAULT_MAX_PIXELS, CocoSource, ImageRecord, load_image, sha256_file
+from .coco import DEFAULT_MAX_PIXELS, ClassInfo, CocoSource, ImageRecord, load_image
 from .errors import InputError
+from .files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .index import SCHEMA, write_index_slices
-from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, group_totals, part_index_path,
-                       part_manifest_path, write_json_atomic, write_text_atomic)
+from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, GroupInfo, Manifest, ShardInfo,
+                       SourceInfo, ToolInfo, part_index_path, part_manifest_path, read_manifest)
 from .outdir import (BuildLock, check_out_location, claim_output, lock_path, record_shard,
                      reusable_shard)
 from .records import Records, index_table, load_records, shuffled_groups, split_shards
 from .sampling import SamplingConfig, image_rng, negative_topups, plan_image, shuffle_rng, topup_rng
-from .shards import ShardInfo, index_path, write_shard
+from .shards import index_path, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,8 @@ def _encode_jpeg(image, quality: int) -> bytes:
 def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
     """Decode a chunk's images, encode their crops, stage them. Returns (images, crops)."""
     blob_path, meta_path = _chunk_paths(task.staging, task.index)
-    tmp_blob = blob_path.with_name(blob_path.name + ".tmp")
     records, skipped, counts, exif = [], [], Counter(), []
-    with open(tmp_blob, "wb") as blob:
+    with atomic_path(blob_path) as tmp_blob, open(tmp_blob, "wb") as blob:
         for i, image in enumerate(task.images):
             decoded = load_image(image, task.images_dir, task.cfg.max_pixels)
             pixels, reason = decoded.image, decoded.skip
@@ -132,7 +132,6 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
                     "offset": blob.tell(), "size": len(data),
                 })
                 blob.write(data)
-    os.replace(tmp_blob, blob_path)
     write_text_atomic(meta_path, json.dumps({"records": records, "skipped_images": skipped, "counts": dict(counts),
                                              "exif": exif}, separators=(",", ":")))
     return len(task.images), len(records)
@@ -181,18 +180,15 @@ class _BlobReader:
 # ---------------------------------------------------------------- the build
 
 
-def _fingerprint(source: CocoSource, cfg: BuildConfig, parts: int, license: str | None) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "tool": {"name": "jigsawdata", "version": __version__},
-        "source": {"annotation_file": source.ann_file.name, "sha256": source.ann_sha256,
-                   "images": len(source.images), "orphan_annotations": source.orphan_annotations,
-                   "license": license_text(source.from_coco, license), "license_given": bool(license)},
-        "params": asdict(cfg),
-        "classes": [asdict(c) for c in source.classes],
-        "background": {"label": source.background_label, "category_id": 0, "name": "background"},
-        "parts": parts,
-    }
+def _identity(source: CocoSource, cfg: BuildConfig, parts: int, license: str | None) -> Manifest:
+    """The manifest's fields that identify this build (``build_fields``), before any shard."""
+    return Manifest(
+        FORMAT_VERSION, groups={}, classes=source.classes,
+        background=ClassInfo(source.background_label, 0, "background"),
+        tool=ToolInfo("jigsawdata", __version__),
+        source=SourceInfo(source.ann_file.name, source.ann_sha256, len(source.images), source.orphan_annotations,
+                          license_text(source.from_coco, license), bool(license)),
+        params=asdict(cfg), parts=parts)
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -201,7 +197,7 @@ def _differences(a: dict, b: dict) -> list[str]:
 
 def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: int = 1,
                  part: int = 0, parts: int = 1, keep_staging: bool = False,
-                 progress: Progress | None = None, license: str | None = None) -> dict:
+                 progress: Progress | None = None, license: str | None = None) -> Manifest:
     """Build (or resume, or confirm) the shard set of ``part`` of ``parts`` under ``out``.
 
     Returns the manifest. With ``parts > 1`` this writes a partial manifest under
@@ -224,15 +220,16 @@ def _staging_dir(out: Path, part: int, parts: int) -> Path:
 
 
 def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: int, part: int, parts: int,
-                  keep_staging: bool, progress: Progress | None, license: str | None) -> dict:
-    fingerprint = _fingerprint(source, cfg, parts, license)
+                  keep_staging: bool, progress: Progress | None, license: str | None) -> Manifest:
+    identity = _identity(source, cfg, parts, license)
+    fingerprint = identity.build_fields()
     manifest_path = out / MANIFEST_NAME if parts == 1 else part_manifest_path(out, part, parts)
     index_file = out / INDEX_NAME if parts == 1 else part_index_path(out, part, parts)
     staging = _staging_dir(out, part, parts)
     _check_same_build(fingerprint, manifest_path, staging / "build.json", out)
     if manifest_path.is_file():
         log.info("%s is complete already; nothing to do", manifest_path)
-        return json.loads(manifest_path.read_text())
+        return read_manifest(manifest_path)
     staging.mkdir(parents=True, exist_ok=True)
     write_json_atomic(staging / "build.json", fingerprint)
 
@@ -277,13 +274,13 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
                         n, nbytes, digest = write_shard(path, _shard_samples(records, shard_rows, reader, metas))
                         info = ShardInfo(name, n, nbytes, digest, sha256_file(index_path(path)))
                         record_shard(staging, info)
-                    infos.append(info.to_json())
+                    infos.append(info)
                     index_rows.append(shard_rows)
                     shard_of_row.append(np.full(len(shard_rows), len(shard_names), dtype=np.int32))
                     shard_names.append(name)
                     if progress:
                         progress("write", 1, info.samples)
-                groups[group] = {"shards": infos}
+                groups[group] = GroupInfo.of(infos)
     finally:
         reader.close()
     index_rows, shard_of_row = np.concatenate(index_rows), np.concatenate(shard_of_row)
@@ -291,18 +288,18 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
     manifest_path.parent.mkdir(exist_ok=True)
     write_index_slices(index_file, len(index_rows), lambda start, end: index_table(
         records, index_rows[start:end], shard_of_row[start:end], shard_names, SCHEMA))
-    manifest = {**fingerprint, "part": part if parts > 1 else None, "groups": group_totals(groups),
-                "counts": dict(sorted(counts.items())),
-                "skipped_images": sorted(skipped, key=lambda s: s["image_id"]),
-                "index": os.path.relpath(index_file, out), "index_sha256": sha256_file(index_file)}
-    if exif:
-        manifest["exif_orientation"] = sorted(exif, key=lambda e: e["image_id"])
+    manifest = replace(identity, part=part if parts > 1 else None, groups=dict(sorted(groups.items())),
+                       counts=dict(sorted(counts.items())),
+                       skipped_images=sorted(skipped, key=lambda s: s["image_id"]),
+                       exif_orientation=sorted(exif, key=lambda e: e["image_id"]) if exif else None,
+                       index=os.path.relpath(index_file, out), index_sha256=sha256_file(index_file))
     if parts == 1:
-        write_text_atomic(out / CARD_NAME, attach_card(manifest, label_counts(records.label)))
-    write_json_atomic(manifest_path, manifest)
+        manifest, card = attach_card(manifest, label_counts(records.label))
+        write_text_atomic(out / CARD_NAME, card)
+    manifest.write(manifest_path)
     if not keep_staging:
         shutil.rmtree(staging)
-    log.info("wrote %s: %s", manifest_path, {g: v["samples"] for g, v in manifest["groups"].items()})
+    log.info("wrote %s: %s", manifest_path, {g: v.samples for g, v in manifest.groups.items()})
     return manifest
 
 

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from typing import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import yaml
 
 from .records import META_FIELDS
+
+if TYPE_CHECKING:
+    from .manifest import Manifest, SourceInfo
 
 CARD_NAME = "README.md"
 
@@ -46,9 +50,9 @@ def license_text(from_coco: bool, given: str | None) -> str:
     return COCO_LICENSE if from_coco else UNKNOWN_LICENSE
 
 
-def rebuild_command(manifest: dict) -> str:
-    params, sampling = manifest["params"], manifest["params"]["sampling"]
-    ann = manifest["source"]["annotation_file"]
+def rebuild_command(manifest: Manifest) -> str:
+    params, sampling = manifest.params, manifest.params["sampling"]
+    ann = manifest.source.annotation_file
     split = ann.removeprefix("instances_").removesuffix(".json")
     parts = [f"jigsawdata build-shards COCO_ROOT --split {split} --out SHARDS",
              f"--seed {params['seed']}", f"--pos-per-neg {sampling['pos_per_neg']:g}",
@@ -57,17 +61,17 @@ def rebuild_command(manifest: dict) -> str:
              f"--shard-samples {params['shard_samples']}", f"--chunk-images {params['chunk_images']}"]
     if "max_pixels" in params:
         parts.append(f"--max-pixels {params['max_pixels']}")
-    if manifest["source"].get("license_given"):
-        parts.append(f"--license '{manifest['source']['license']}'")
+    if manifest.source.license_given:
+        parts.append(f"--license '{manifest.source.license}'")
     return " \\\n    ".join(parts)
 
 
-def attach_card(manifest: dict, per_class: Mapping[int, int]) -> str:
-    """Render the card of a finished set and record its sha256 in the manifest (written
-    after it), so that ``fetch`` and ``verify`` check the card like every other file."""
+def attach_card(manifest: Manifest, per_class: Mapping[int, int]) -> tuple[Manifest, str]:
+    """Render the card of a finished set; returns it with the manifest that records its
+    sha256 (written after it), so that ``fetch`` and ``verify`` check the card like every
+    other file."""
     text = render_card(manifest, per_class)
-    manifest["card_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    return text
+    return replace(manifest, card_sha256=hashlib.sha256(text.encode()).hexdigest()), text
 
 
 def label_counts(labels: np.ndarray) -> dict[int, int]:
@@ -76,24 +80,17 @@ def label_counts(labels: np.ndarray) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def _license_metadata(source: dict) -> dict:
+def _license_metadata(source: SourceInfo) -> dict:
     """Hugging Face's licence fields: an identifier from its list where one fits, else
     ``other`` with a name and link (COCO's terms) or the given text."""
-    if source.get("license_given"):
-        return {"license": "other", "license_details": source["license"]}
-    if source["license"] == COCO_LICENSE:
+    if source.license_given:
+        return {"license": "other", "license_details": source.license}
+    if source.license == COCO_LICENSE:
         return {"license": "other", "license_name": "coco-terms-of-use", "license_link": COCO_TERMS}
     return {"license": "unknown"}
 
 
-def label_names(manifest: dict) -> list[str]:
-    """Class names by label, background last (labels are 0..C, background C)."""
-    names = {c["label"]: c["name"] for c in manifest["classes"]}
-    names[manifest["background"]["label"]] = "background"
-    return [names[label] for label in range(len(names))]
-
-
-def _features(names: list[str]) -> list[dict]:
+def _features(names: Sequence[str]) -> list[dict]:
     """A sample as Hugging Face's webdataset loader reads it: ``jpg``, ``cls``, ``json``,
     ``__key__`` and ``__url__``. Declaring them all replaces the loader's guess, which would
     leave ``cls`` a bare integer."""
@@ -106,27 +103,26 @@ def _features(names: list[str]) -> list[dict]:
     ]
 
 
-def front_matter(manifest: dict) -> str:
+def front_matter(manifest: Manifest) -> str:
     """The card's YAML header: Hugging Face dataset-card metadata (no YAML aliases: each
     config spells its features out)."""
-    names = label_names(manifest)
-    groups = [(g, v) for g, v in manifest["groups"].items() if v["shards"]]
+    names = manifest.class_names
+    groups = [(g, v) for g, v in manifest.groups.items() if v.shards]
     meta = {
-        **_license_metadata(manifest["source"]),
+        **_license_metadata(manifest.source),
         "pretty_name": "Jigsaw pre-training shards",
         "task_categories": ["image-classification"],
         "tags": ["webdataset"],
-        "configs": [{"config_name": g, "data_files": [{"split": "train", "path": [s["name"] for s in v["shards"]]}]}
+        "configs": [{"config_name": g, "data_files": [{"split": "train", "path": [s.name for s in v.shards]}]}
                     for g, v in groups],
         "dataset_info": [{"config_name": g, "features": _features(names)} for g, _ in groups],
     }
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
 
 
-def render_card(manifest: dict, per_class: Mapping[int, int]) -> str:
+def render_card(manifest: Manifest, per_class: Mapping[int, int]) -> str:
     """Markdown card for a finished shard set; ``per_class`` counts its samples per label."""
-    src, counts = manifest["source"], manifest["counts"]
-    names = label_names(manifest)
+    src, counts, names = manifest.source, manifest.counts, manifest.label_names
     per_class = Counter(per_class)
     lines = [
         front_matter(manifest),
@@ -137,14 +133,14 @@ def render_card(manifest: dict, per_class: Mapping[int, int]) -> str:
         "its provenance as `.json`; `manifest.json` lists every shard with its sha256 and `index.parquet` every "
         "sample.", "",
         "## Source", "",
-        f"- Annotation file: `{src['annotation_file']}`, sha256 `{src['sha256']}`",
-        f"- Images listed: {src['images']}; used: {counts.get('images_used', 0)}; "
-        f"skipped: {len(manifest['skipped_images'])} (named in `manifest.json`)",
-        f"- Built by jigsawdata {manifest['tool']['version']} (format {manifest['format_version']})", "",
-        "## Licence", "", src["license"], "",
+        f"- Annotation file: `{src.annotation_file}`, sha256 `{src.sha256}`",
+        f"- Images listed: {src.images}; used: {counts.get('images_used', 0)}; "
+        f"skipped: {len(manifest.skipped_images)} (named in `manifest.json`)",
+        f"- Built by jigsawdata {manifest.tool.version} (format {manifest.format_version})", "",
+        "## Licence", "", src.license, "",
         "## Contents", "",
         "| group | shards | samples | MB |", "|---|---:|---:|---:|",
-        *(f"| {g} | {len(v['shards'])} | {v['samples']} | {v['bytes'] / 1e6:.1f} |" for g, v in manifest["groups"].items()),
+        *(f"| {g} | {len(v.shards)} | {v.samples} | {v.bytes / 1e6:.1f} |" for g, v in manifest.groups.items()),
         "",
         f"Positives: {counts.get('positives', 0)}, negatives: {counts.get('negatives', 0)}. Left out: " +
         ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("positives", "negatives", "images", "images_used"))
@@ -152,8 +148,8 @@ def render_card(manifest: dict, per_class: Mapping[int, int]) -> str:
         "| label | class | samples |", "|---:|---|---:|",
         *(f"| {label} | {names[label]} | {n} |" for label, n in sorted(per_class.items())), "",
         "## Build parameters", "",
-        *(f"- `{k}`: {v}" for k, v in sorted(manifest["params"].items()) if k != "sampling"),
-        *(f"- `sampling.{k}`: {v}" for k, v in sorted(manifest["params"]["sampling"].items())), "",
+        *(f"- `{k}`: {v}" for k, v in sorted(manifest.params.items()) if k != "sampling"),
+        *(f"- `sampling.{k}`: {v}" for k, v in sorted(manifest.params["sampling"].items())), "",
         "## Rebuild", "",
         "Byte-identical given the same annotation file (check its sha256 above) and images:", "",
         "```bash", rebuild_command(manifest), "```", "",

@@ -8,7 +8,6 @@ counted on its image so that the counts can travel with the crops into the manif
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .files import sha256_file
 from .validate import check_coco
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,6 @@ class CocoSource:
     @property
     def background_label(self) -> int:
         return len(self.classes)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_coco_root(root: Path, split: str) -> tuple[Path, Path]:

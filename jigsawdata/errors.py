@@ -10,3 +10,8 @@ def first_line(exc: BaseException, default: str = "") -> str:
     goes on with advice of their own, e.g. torch's ``weights_only=False``, which would run
     whatever code a file holds)."""
     return (str(exc).strip().splitlines() or [default])[0]
+
+
+class FetchError(InputError):
+    """A shard set could not be read or downloaded from where it was published, or a file
+    did not match its manifest."""

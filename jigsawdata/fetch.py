@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -34,13 +33,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-import fsspec
 
 from .card import CARD_NAME
-from .coco import sha256_file
-from .errors import InputError, first_line
-from .manifest import (MANIFEST_NAME, ListedFile, check_version, listed_files, write_bytes_atomic,
-                       write_json_atomic)
+from .errors import FetchError
+from .files import sha256_file, write_bytes_atomic, write_json_atomic
+from .location import ShardLocation, read_remote_manifest, url_filesystem
+from .manifest import MANIFEST_NAME, ListedFile, Manifest
 from .shards import header_problem, mapped, walk_members
 
 log = logging.getLogger(__name__)
@@ -49,62 +47,8 @@ FETCH_MARKER = ".fetch.json"
 """Written first into a directory being fetched: which manifest it is being filled from."""
 
 
-class FetchError(InputError):
-    """A file could not be downloaded, or did not match the manifest."""
-
-
 class _Interrupted(Exception):
     """A transfer ended early: retried."""
-
-
-def is_url(location: str) -> bool:
-    return "://" in str(location) and not str(location).startswith("file://")
-
-
-_CLOUD_EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
-"""Cloud protocol -> (its fsspec backend, the jigsawdata extra that installs it)."""
-
-
-def url_filesystem(url: str):
-    """``(fs, path)`` for ``url``, as ``fsspec.core.url_to_fs``; a protocol whose fsspec
-    backend is not installed (s3fs for ``s3://`` ...) is an :class:`InputError` naming the
-    extra that installs it, rather than fsspec's ImportError deep in a traceback."""
-    try:
-        return fsspec.core.url_to_fs(url)
-    except ImportError as exc:
-        protocols = re.findall(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
-        known = [_CLOUD_EXTRAS[p.lower()] for p in protocols if p.lower() in _CLOUD_EXTRAS]
-        if known:
-            package, extra = known[0]
-            raise InputError(f"{url}: reading it needs {package}, which is not installed: "
-                             f"pip install 'jigsawdata[{extra}]'") from exc
-        raise InputError(f"{url}: {first_line(exc, 'its fsspec backend is not installed')}") from exc
-    except ValueError as exc:
-        if not str(exc).startswith("Protocol not known"):
-            raise
-        raise InputError(f"{url}: {exc} (use s3://, gs://, http(s)://, file:// or a local path)") from exc
-
-
-def read_remote_manifest(url: str) -> dict:
-    fs, root = url_filesystem(url)
-    try:
-        manifest = json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFEST_NAME}"))
-    except FileNotFoundError as exc:
-        raise FetchError(f"no {MANIFEST_NAME} at {url}: not a published shard set") from exc
-    except json.JSONDecodeError as exc:
-        raise FetchError(f"{url}/{MANIFEST_NAME} is not valid JSON: {exc}") from exc
-    check_version(manifest, f"{url}/{MANIFEST_NAME}")  # a URL: Path would fold its "//"
-    return manifest
-
-
-def files_of(manifest: dict) -> list[ListedFile]:
-    """Every file of a shard set the manifest vouches for; a bad name is a :class:`FetchError`."""
-    try:
-        return listed_files(manifest)
-    except FetchError:
-        raise
-    except InputError as exc:
-        raise FetchError(str(exc)) from exc
 
 
 def _check_tar_members(path: Path, name: str) -> None:
@@ -292,7 +236,7 @@ def _swap_in(new: Path, out: Path) -> None:
 
 def fetch(url: str, out: Path, *, workers: int = 8, retries: int = 5, block: int = 1 << 20,
           progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
-          force: bool = False) -> dict:
+          force: bool = False) -> Manifest:
     """Fetch and verify the shard set at ``url`` into ``out``; returns its manifest.
 
     ``out`` holding another shard set is refused unless ``force``, which replaces it only
@@ -301,10 +245,10 @@ def fetch(url: str, out: Path, *, workers: int = 8, retries: int = 5, block: int
     if workers < 1 or retries < 1:
         raise FetchError("workers and retries must be >= 1")
     manifest = read_remote_manifest(url)
-    files = files_of(manifest)
+    files = manifest.files()
     if on_total:
         on_total(sum(f.size or 0 for f in files))
-    target = _target(out, _fingerprint(manifest), force)
+    target = _target(out, _fingerprint(manifest.to_json()), force)
     fs, root = url_filesystem(url)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -321,23 +265,18 @@ def fetch(url: str, out: Path, *, workers: int = 8, retries: int = 5, block: int
         if target != out:
             shutil.rmtree(target, ignore_errors=True)
         raise
-    _fetch_card(fs, root, target, manifest, url)
-    write_json_atomic(target / MANIFEST_NAME, manifest)
+    _fetch_card(fs, root, target, manifest.card_sha256, url)
+    manifest.write(target / MANIFEST_NAME)
     (target / FETCH_MARKER).unlink()
     if target != out:
         _swap_in(target, out)
     return manifest
 
 
-def default_cache_dir() -> Path:
-    """``$JIGSAWDATA_CACHE``, else ``~/.cache/jigsawdata``."""
-    return Path(os.environ.get("JIGSAWDATA_CACHE", Path.home() / ".cache" / "jigsawdata"))
-
-
-def _fetch_card(fs, root: str, target: Path, manifest: dict, url: str) -> None:
-    """The dataset card: checked against the manifest's ``card_sha256`` when it has one (and
-    then required); sets built before it was recorded take the card as published, if any."""
-    expected = manifest.get("card_sha256")
+def _fetch_card(fs, root: str, target: Path, expected: str | None, url: str) -> None:
+    """The dataset card: checked against the manifest's ``card_sha256`` (``expected``) when it
+    has one (and then required); sets built before it was recorded take the card as
+    published, if any."""
     try:
         data = fs.cat_file(f"{root.rstrip('/')}/{CARD_NAME}")
     except (FileNotFoundError, OSError) as exc:
@@ -350,19 +289,12 @@ def _fetch_card(fs, root: str, target: Path, manifest: dict, url: str) -> None:
     write_bytes_atomic(target / CARD_NAME, data)
 
 
-def cache_location(location: str, cache_dir: Path | str | None = None) -> Path:
-    """Where :func:`cached_shards` keeps the copy of ``location`` (nothing is checked)."""
-    if not is_url(location):
-        return Path(str(location).removeprefix("file://"))
-    cache_dir = Path(cache_dir or default_cache_dir())
-    return cache_dir / hashlib.sha256(location.encode()).hexdigest()[:16]
-
-
 def cached_shards(location: str, cache_dir: Path | str | None = None, **kwargs) -> Path:
-    """A local directory for ``location``: itself when local, else a verified cached copy."""
-    target = cache_location(location, cache_dir)
-    if not is_url(location):
-        return target
-    log.info("fetching %s into the cache %s", location, target)
-    fetch(location, target, force=True, **kwargs)
+    """A local directory for ``location``: itself when local, else a verified copy in the
+    cache (:meth:`ShardLocation.local_copy`)."""
+    where = ShardLocation.of(location)
+    target = where.local_copy(cache_dir)
+    if where.remote:
+        log.info("fetching %s into the cache %s", location, target)
+        fetch(where.where, target, force=True, **kwargs)
     return target

@@ -6,12 +6,13 @@ the two, and users can select samples by class, image or size without opening a 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .files import atomic_path
 
 SCHEMA = pa.schema([
     ("shard", pa.string()),
@@ -30,9 +31,8 @@ SCHEMA = pa.schema([
 def write_index(path: Path, rows: Sequence[dict]) -> None:
     """Write rows (dicts with the schema's fields) atomically."""
     table = pa.Table.from_pylist([{name: row[name] for name in SCHEMA.names} for row in rows], schema=SCHEMA)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 ROW_GROUP = 1024 * 1024
@@ -43,11 +43,9 @@ ROW_GROUP = 1024 * 1024
 def write_index_slices(path: Path, rows: int, make_slice: Callable[[int, int], pa.Table]) -> None:
     """Write the index atomically from ``make_slice(start, end)`` tables of at most
     :data:`ROW_GROUP` rows: one row group in memory at a time, whatever the set's size."""
-    tmp = path.with_name(path.name + ".tmp")
-    with pq.ParquetWriter(tmp, SCHEMA) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, SCHEMA) as writer:
         for start in range(0, rows, ROW_GROUP):
             writer.write_table(make_slice(start, min(start + ROW_GROUP, rows)), row_group_size=ROW_GROUP)
-    os.replace(tmp, path)
 
 
 def read_index(path: Path) -> pa.Table:
@@ -56,6 +54,5 @@ def read_index(path: Path) -> pa.Table:
 
 def merge_index_files(paths: Sequence[Path], out: Path) -> None:
     table = pa.concat_tables([read_index(p) for p in paths])
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)

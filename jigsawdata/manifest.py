@@ -1,21 +1,30 @@
 """The shard set's manifest: what was built, from what, how, and how to check it.
 
-Written last, atomically, so its presence means the shard set is complete. Readers check
-``format_version``: a newer major version is refused rather than misread. A multi-machine
-build writes one partial manifest per part; :func:`merge_parts` joins them and refuses
-parts that were built from different inputs or settings.
+Written last, atomically, so its presence means the shard set is complete. :class:`Manifest`
+is its one reading. :meth:`Manifest.from_json` checks everything before any file it names
+is opened: the format version (a newer major version is refused rather than misread), every
+name a safe relative path of the right kind and none listed twice, every sha256 well formed,
+every count a count. :meth:`Manifest.to_json` gives back the JSON it was read from: keys
+this version does not know ride along unchanged (at the top level, in groups, shards, the
+source and the tool), so a set fetched and written back is the set that was published.
+
+A multi-machine build writes one partial manifest per part; :func:`merge_parts` joins them
+and refuses parts that were built from different inputs or settings.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path, PurePosixPath
+from typing import Iterable
 
+from .card import CARD_NAME, attach_card, label_counts
+from .coco import ClassInfo
 from .errors import InputError
+from .files import sha256_file, write_json_atomic, write_text_atomic
 
 FORMAT_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
@@ -23,8 +32,12 @@ INDEX_NAME = "index.parquet"
 PARTS_DIR = "parts"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
-# Fields that must agree between the parts of one build.
-_SHARED_FIELDS = ("format_version", "tool", "source", "params", "classes", "background", "parts")
+BUILD_FIELDS = ("format_version", "tool", "source", "params", "classes", "background", "parts")
+"""What identifies a build: the parts of one build agree on all of these."""
+
+
+class ManifestError(InputError):
+    """The manifest is malformed or names files unsafely: the shard set is refused unread."""
 
 
 @dataclass(frozen=True)
@@ -40,99 +53,313 @@ class ListedFile:
 
 def _checked_name(name, suffix: str) -> str:
     if not isinstance(name, str) or not name:
-        raise InputError(f"manifest names a file {name!r}: not a path, refusing the shard set")
+        raise ManifestError(f"manifest names a file {name!r}: not a path, refusing the shard set")
     parts = name.split("/")
     if (name.startswith("/") or "\\" in name or "\0" in name or any(p in ("", ".", "..") for p in parts)
             or PurePosixPath(name).is_absolute()):
-        raise InputError(f"manifest names an unsafe path {name!r}: refusing the shard set")
+        raise ManifestError(f"manifest names an unsafe path {name!r}: refusing the shard set")
     if not name.endswith(suffix) or parts[-1] == suffix:
-        raise InputError(f"manifest names {name!r} where a {suffix} file belongs: refusing the shard set")
+        raise ManifestError(f"manifest names {name!r} where a {suffix} file belongs: refusing the shard set")
     return name
 
 
 def _checked_sha(value, name: str) -> str:
     if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise InputError(f"manifest gives no valid sha256 for {name!r} (got {value!r}): refusing the shard set")
+        raise ManifestError(f"manifest gives no valid sha256 for {name!r} (got {value!r}): refusing the shard set")
     return value
 
 
-def listed_files(manifest: dict) -> list[ListedFile]:
-    """Every file the manifest vouches for, with its sha256, after checking that each name
-    is a safe relative path of the right kind, that none repeats (a shard's ``.idx`` and
-    the index included) and that each has a sha256. Raises :class:`InputError`."""
-    groups = manifest.get("groups")
-    if not isinstance(groups, dict):
-        raise InputError("manifest has no 'groups' object: refusing the shard set")
-    files: list[ListedFile] = []
-    for group, info in sorted(groups.items()):
-        shards = info.get("shards") if isinstance(info, dict) else None
+def _checked_count(value, what: str, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ManifestError(f"manifest gives no {what} for {name!r} (got {value!r}): refusing the shard set")
+    return value
+
+
+def _checked(value, kind: type, what: str, optional: bool = False):
+    """``value`` when it is a ``kind`` (never a bool posing as an int), or ``None`` when
+    ``optional`` and absent; else the manifest is refused."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ManifestError(f"manifest gives no valid {what} (got {value!r:.80}): refusing the shard set")
+    return value
+
+
+def _object(value, what: str) -> dict:
+    return _checked(value, dict, what)
+
+
+def _plain(value):
+    """JSON data of ``value``: records through their ``to_json``, containers copied."""
+    if isinstance(value, _Record):
+        return value.to_json()
+    if is_dataclass(value):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _unknown(data: dict, cls) -> dict:
+    """The keys of ``data`` that ``cls`` has no field for, kept to be written back."""
+    known = {f.name for f in fields(cls)} - {"extra"}
+    return {k: _plain(v) for k, v in data.items() if k not in known}
+
+
+class _Record:
+    """``to_json`` of a frozen dataclass read by its ``from_json``: its fields (an optional
+    field that is ``None`` was absent, and stays absent), then its ``extra`` keys as read."""
+
+    extra: dict
+
+    def to_json(self) -> dict:
+        data = _plain(self.extra)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and not (value is None and f.default is None):
+                data[f.name] = _plain(value)
+        return data
+
+
+@dataclass(frozen=True)
+class ShardInfo(_Record):
+    name: str
+    """Path relative to the shard-set root, e.g. ``S/S-000000.tar``."""
+    samples: int
+    bytes: int
+    sha256: str
+    idx_sha256: str | None = None
+    """Of the DALI index beside the shard, so a downloaded copy can be verified too
+    (``None`` in sets made before it was recorded)."""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def idx_name(self) -> str:
+        return self.name[:-4] + ".idx"
+
+    @classmethod
+    def from_json(cls, data) -> ShardInfo:
+        data = _object(data, "shard entry")
+        name = _checked_name(data.get("name"), ".tar")
+        size = _checked_count(data.get("bytes"), "byte count", name)
+        samples = _checked_count(data.get("samples"), "sample count", name)
+        digest = _checked_sha(data.get("sha256"), name)
+        idx = _checked_sha(data["idx_sha256"], name[:-4] + ".idx") if "idx_sha256" in data else None
+        return cls(name, samples, size, digest, idx, _unknown(data, cls))
+
+
+@dataclass(frozen=True)
+class GroupInfo(_Record):
+    shards: tuple[ShardInfo, ...]
+    samples: int
+    bytes: int
+    """The totals as the manifest states them (``verify`` checks them against the shards)."""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, shards: Iterable[ShardInfo]) -> GroupInfo:
+        shards = tuple(shards)
+        return cls(shards, sum(s.samples for s in shards), sum(s.bytes for s in shards))
+
+    @classmethod
+    def from_json(cls, group: str, data) -> GroupInfo:
+        shards = data.get("shards") if isinstance(data, dict) else None
         if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
-            raise InputError(f"manifest group {group!r} has no list of shards: refusing the shard set")
-        for shard in shards:
-            name = _checked_name(shard.get("name"), ".tar")
-            size = shard.get("bytes")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise InputError(f"manifest gives no byte count for {name!r} (got {size!r}): refusing the shard set")
-            samples = shard.get("samples")
-            if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-                raise InputError(f"manifest gives no sample count for {name!r} (got {samples!r}): refusing the shard set")
-            files.append(ListedFile(name, _checked_sha(shard.get("sha256"), name), size))
-            if "idx_sha256" in shard:
-                idx = name[:-4] + ".idx"
-                files.append(ListedFile(idx, _checked_sha(shard["idx_sha256"], idx), None))
-    if "index_sha256" in manifest:
-        index = _checked_name(manifest.get("index", INDEX_NAME), ".parquet")
-        files.append(ListedFile(index, _checked_sha(manifest["index_sha256"], index), None))
-    seen: set[str] = set()
-    for f in files:
-        if f.name in seen:
-            raise InputError(f"manifest lists {f.name!r} twice: refusing the shard set")
-        seen.add(f.name)
-    return files
+            raise ManifestError(f"manifest group {group!r} has no list of shards: refusing the shard set")
+        parsed = tuple(ShardInfo.from_json(s) for s in shards)
+        return cls(parsed, _checked_count(data.get("samples"), "sample count", f"group {group}"),
+                   _checked_count(data.get("bytes"), "byte count", f"group {group}"), _unknown(data, cls))
 
 
-def major(version: str) -> int:
+@dataclass(frozen=True)
+class ToolInfo(_Record):
+    name: str
+    version: str
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data) -> ToolInfo:
+        data = _object(data, "'tool'")
+        return cls(_checked(data.get("name"), str, "tool.name"), _checked(data.get("version"), str, "tool.version"),
+                   _unknown(data, cls))
+
+
+@dataclass(frozen=True)
+class SourceInfo(_Record):
+    """The annotation file a set was cut from, and its terms."""
+
+    annotation_file: str
+    sha256: str
+    images: int
+    orphan_annotations: int
+    license: str | None = None
+    license_given: bool | None = None
+    """Both recorded since sets carry a dataset card; ``None`` in earlier ones."""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data) -> SourceInfo:
+        data = _object(data, "'source'")
+        return cls(_checked(data.get("annotation_file"), str, "source.annotation_file"),
+                   _checked(data.get("sha256"), str, "source.sha256"),
+                   _checked(data.get("images"), int, "source.images"),
+                   _checked(data.get("orphan_annotations"), int, "source.orphan_annotations"),
+                   _checked(data.get("license"), str, "source.license", optional=True),
+                   _checked(data.get("license_given"), bool, "source.license_given", optional=True),
+                   _unknown(data, cls))
+
+
+def _class_info(data, what: str) -> ClassInfo:
+    data = _object(data, what)
+    return ClassInfo(_checked(data.get("label"), int, f"{what}.label"),
+                     _checked(data.get("category_id"), int, f"{what}.category_id"),
+                     _checked(data.get("name"), str, f"{what}.name"))
+
+
+def major(version) -> int:
     return int(str(version).split(".", 1)[0])
 
 
-def check_version(manifest: dict, where: Path | str) -> None:
-    version = manifest.get("format_version")
+def _check_version(data: dict, where: Path | str) -> None:
+    version = data.get("format_version")
     if version is None:
         raise InputError(f"{where} has no format_version: not a jigsawdata manifest")
-    if major(version) > major(FORMAT_VERSION):
+    try:
+        newer = major(version) > major(FORMAT_VERSION)
+    except ValueError:
+        raise InputError(f"{where} has format version {version!r}: not a jigsawdata manifest") from None
+    if newer:
         raise InputError(
             f"{where} has format version {version}; this jigsawdata understands format "
             f"{FORMAT_VERSION} (major {major(FORMAT_VERSION)}): upgrade jigsawdata to read it")
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class Manifest(_Record):
+    format_version: str
+    groups: dict[str, GroupInfo]
+    """By group name, in name order."""
+    classes: tuple[ClassInfo, ...]
+    background: ClassInfo
+    tool: ToolInfo | None = None
+    source: SourceInfo | None = None
+    params: dict | None = None
+    """The :class:`~jigsawdata.build.BuildConfig` of the build, as JSON."""
+    parts: int | None = None
+    part: int | None = None
+    """The part a partial manifest describes; ``None`` (written as null beside ``parts``)
+    in a whole set's."""
+    counts: dict | None = None
+    """Images and crops counted while building: used, skipped per reason, positives, negatives."""
+    skipped_images: list | None = None
+    exif_orientation: list | None = None
+    index: str | None = None
+    """The sample index, relative to the root (:data:`INDEX_NAME` when absent)."""
+    index_sha256: str | None = None
+    card_sha256: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data, where: Path | str = MANIFEST_NAME) -> Manifest:
+        """Read and check a manifest's JSON (``where`` names it in messages). Raises
+        :class:`InputError` when it is not one this version can read, :class:`ManifestError`
+        when it is malformed or names a file unsafely."""
+        if not isinstance(data, dict):
+            raise InputError(f"{where} is not a JSON object: not a jigsawdata manifest")
+        _check_version(data, where)
+        groups = data.get("groups")
+        if not isinstance(groups, dict):
+            raise ManifestError("manifest has no 'groups' object: refusing the shard set")
+        parsed = {group: GroupInfo.from_json(group, info) for group, info in sorted(groups.items())}
+        index = _checked_name(data["index"], ".parquet") if "index" in data else None
+        index_sha = _checked_sha(data["index_sha256"], index or INDEX_NAME) if "index_sha256" in data else None
+        classes = _checked(data.get("classes"), list, "'classes' list")
+        tool, source = data.get("tool"), data.get("source")
+        manifest = cls(
+            format_version=data["format_version"], groups=parsed,
+            classes=tuple(_class_info(c, f"classes[{i}]") for i, c in enumerate(classes)),
+            background=_class_info(data.get("background"), "background"),
+            tool=None if tool is None else ToolInfo.from_json(tool),
+            source=None if source is None else SourceInfo.from_json(source),
+            params=_plain(_checked(data.get("params"), dict, "'params'", optional=True)),
+            parts=_checked(data.get("parts"), int, "'parts'", optional=True),
+            part=_checked(data.get("part"), int, "'part'", optional=True),
+            counts=_plain(_checked(data.get("counts"), dict, "'counts'", optional=True)),
+            skipped_images=_plain(_checked(data.get("skipped_images"), list, "'skipped_images'", optional=True)),
+            exif_orientation=_plain(_checked(data.get("exif_orientation"), list, "'exif_orientation'", optional=True)),
+            index=index, index_sha256=index_sha,
+            card_sha256=(_checked_sha(data["card_sha256"], CARD_NAME) if "card_sha256" in data else None),
+            extra=_unknown(data, cls))
+        seen: set[str] = set()
+        for f in manifest.files():
+            if f.name in seen:
+                raise ManifestError(f"manifest lists {f.name!r} twice: refusing the shard set")
+            seen.add(f.name)
+        return manifest
+
+    def to_json(self) -> dict:
+        data = super().to_json()
+        if self.parts is not None:
+            data["part"] = self.part
+        return data
+
+    @property
+    def shards(self) -> list[ShardInfo]:
+        """Every shard, group by group."""
+        return [s for g in self.groups.values() for s in g.shards]
+
+    @property
+    def index_name(self) -> str:
+        return self.index or INDEX_NAME
+
+    @property
+    def num_labels(self) -> int:
+        """Labels run ``0..num_labels-1``: one per class, then the background."""
+        return len(self.classes) + 1
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {**{c.label: c.name for c in self.classes}, self.background.label: self.background.name}
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Name of every label, in label order, the background last."""
+        return tuple(c.name for c in sorted(self.classes, key=lambda c: c.label)) + (self.background.name,)
+
+    def build_fields(self) -> dict:
+        """The JSON of :data:`BUILD_FIELDS`: what the parts of one build share."""
+        return {k: v for k, v in self.to_json().items() if k in BUILD_FIELDS}
+
+    def files(self) -> list[ListedFile]:
+        """Every file the manifest vouches for, with its sha256: the shards, their DALI
+        indexes and the sample index (the dataset card is checked on its own)."""
+        files: list[ListedFile] = []
+        for shard in self.shards:
+            files.append(ListedFile(shard.name, shard.sha256, shard.bytes))
+            if shard.idx_sha256 is not None:
+                files.append(ListedFile(shard.idx_name, shard.idx_sha256, None))
+        if self.index_sha256 is not None:
+            files.append(ListedFile(self.index_name, self.index_sha256, None))
+        return files
+
+    def write(self, path: Path) -> None:
+        write_json_atomic(path, self.to_json())
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """UTF-8 whatever the locale: the card's sha256 in the manifest is of these bytes."""
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_manifest(path: Path) -> dict:
-    """Load a manifest from a file or a shard-set directory, checking its version."""
+def read_manifest(path: Path) -> Manifest:
+    """Load a manifest from a file or a shard-set directory, checking it."""
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise InputError(f"no manifest at {path}: not a finished shard set (build it, or merge its parts)")
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON: {exc}") from exc
-    check_version(manifest, path)
-    return manifest
+    return Manifest.from_json(data, path)
 
 
 def part_manifest_path(root: Path, part: int, parts: int) -> Path:
@@ -143,51 +370,41 @@ def part_index_path(root: Path, part: int, parts: int) -> Path:
     return root / PARTS_DIR / f"index-{part:03d}-of-{parts:03d}.parquet"
 
 
-def group_totals(groups: dict) -> dict:
-    """Recompute per-group sample and byte totals from the shard lists."""
-    return {g: {"shards": v["shards"], "samples": sum(s["samples"] for s in v["shards"]),
-                "bytes": sum(s["bytes"] for s in v["shards"])} for g, v in sorted(groups.items())}
-
-
-def merge_parts(root: Path) -> dict:
+def merge_parts(root: Path) -> Manifest:
     """Join the partial manifests under ``root/parts`` into ``root/manifest.json``."""
-    from .card import CARD_NAME, attach_card, label_counts
-    from .coco import sha256_file
     from .index import merge_index_files, read_index
 
     root = Path(root)
     paths = sorted((root / PARTS_DIR).glob("manifest-*-of-*.json"))
     if not paths:
         raise InputError(f"no partial manifests under {root / PARTS_DIR}")
-    manifests = []
-    for p in paths:
-        m = json.loads(p.read_text())
-        check_version(m, p)
-        manifests.append(m)
-    first = manifests[0]
+    manifests = [read_manifest(p) for p in paths]
+    first = manifests[0].build_fields()
     for p, m in zip(paths, manifests):
-        for key in _SHARED_FIELDS:
-            if m.get(key) != first.get(key):
+        shared = m.build_fields()
+        for key in BUILD_FIELDS:
+            if shared.get(key) != first.get(key):
                 raise InputError(f"{p.name} disagrees with {paths[0].name} on '{key}': parts of different builds")
-    n_parts = first["parts"]
-    found = sorted(m["part"] for m in manifests)
+    n_parts = manifests[0].parts
+    found = sorted(m.part for m in manifests)
     if found != list(range(n_parts)):
         missing = sorted(set(range(n_parts)) - set(found))
         raise InputError(f"cannot merge: parts {missing} of {n_parts} are not built yet")
-    groups: dict = {}
+    shards: dict[str, list[ShardInfo]] = {}
+    counts, skipped, exif = Counter(), [], []
     for m in manifests:
-        for g, v in m["groups"].items():
-            groups.setdefault(g, {"shards": []})["shards"].extend(v["shards"])
-    counts, skipped = Counter(), []
-    for m in manifests:
-        counts.update(m["counts"])
-        skipped.extend(m["skipped_images"])
-    merged = {key: first[key] for key in _SHARED_FIELDS}
+        for g, info in m.groups.items():
+            shards.setdefault(g, []).extend(info.shards)
+        counts.update(m.counts or {})
+        skipped.extend(m.skipped_images or [])
+        exif.extend(m.exif_orientation or [])
     merge_index_files([part_index_path(root, k, n_parts) for k in range(n_parts)], root / INDEX_NAME)
-    merged.update(part=None, groups=group_totals(groups), counts=dict(sorted(counts.items())),
-                  skipped_images=sorted(skipped, key=lambda s: s["image_id"]), index=INDEX_NAME,
-                  index_sha256=sha256_file(root / INDEX_NAME))
+    merged = replace(manifests[0], part=None, groups={g: GroupInfo.of(s) for g, s in sorted(shards.items())},
+                     counts=dict(sorted(counts.items())), skipped_images=sorted(skipped, key=lambda s: s["image_id"]),
+                     exif_orientation=sorted(exif, key=lambda e: e["image_id"]) if exif else None,
+                     index=INDEX_NAME, index_sha256=sha256_file(root / INDEX_NAME), card_sha256=None, extra={})
     labels = read_index(root / INDEX_NAME).column("label").to_numpy()
-    write_text_atomic(root / CARD_NAME, attach_card(merged, label_counts(labels)))
-    write_json_atomic(root / MANIFEST_NAME, merged)
+    merged, card = attach_card(merged, label_counts(labels))
+    write_text_atomic(root / CARD_NAME, card)
+    merged.write(root / MANIFEST_NAME)
     return merged

@@ -19,10 +19,11 @@ import json
 import os
 from pathlib import Path
 
-from .coco import CocoSource, sha256_file
+from .coco import CocoSource
 from .errors import InputError
-from .manifest import MANIFEST_NAME, PARTS_DIR, write_json_atomic
-from .shards import ShardInfo, index_path
+from .files import sha256_file, write_json_atomic
+from .manifest import MANIFEST_NAME, PARTS_DIR, ShardInfo
+from .shards import index_path
 
 _WRITTEN = "written"
 _LOCK_SUFFIX = ".lock"
@@ -135,13 +136,11 @@ def reusable_shard(staging: Path, name: str, path: Path, samples: int) -> ShardI
     if not (record.is_file() and path.is_file() and index_path(path).is_file()):
         return None
     try:
-        noted = json.loads(record.read_text())
-    except (OSError, ValueError):
+        noted = ShardInfo.from_json(json.loads(record.read_text()))
+    except (OSError, ValueError, InputError):
         return None
-    if noted.get("samples") != samples or noted.get("bytes") != path.stat().st_size:
+    if noted.name != name or noted.samples != samples or noted.bytes != path.stat().st_size:
         return None
-    idx_digest = sha256_file(index_path(path))
-    if idx_digest != noted.get("idx_sha256"):
+    if sha256_file(index_path(path)) != noted.idx_sha256:
         return None  # the tar is rewritten with it: a shard and its index are written together
-    digest = sha256_file(path)
-    return ShardInfo(name, samples, noted["bytes"], digest, idx_digest) if digest == noted.get("sha256") else None
+    return noted if sha256_file(path) == noted.sha256 else None

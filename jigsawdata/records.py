@@ -11,7 +11,6 @@ of crops builds on one ordinary machine.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from .files import atomic_path
 from .grouping import GROUPS
 
 META_FIELDS = ("image_id", "ann_id", "category_id", "label", "group", "gt_box", "crop_box",
@@ -80,8 +80,7 @@ def load_records(chunks: int, read_chunk: Callable[[int], dict], spill: Path) ->
     """Columns of every chunk's records, in chunk order, with the ``.json`` members spilled
     to ``spill``; also each chunk's JSON without its records (skips and counts)."""
     parts, extras, written = [], [], 0
-    tmp = spill.with_name(spill.name + ".tmp")
-    with open(tmp, "wb") as out:
+    with atomic_path(spill) as tmp, open(tmp, "wb") as out:
         for i in range(chunks):
             meta = read_chunk(i)
             columns, blob = _chunk_columns(meta.pop("records"), i, written)
@@ -89,7 +88,6 @@ def load_records(chunks: int, read_chunk: Callable[[int], dict], spill: Path) ->
             written += len(blob)
             parts.append(columns)
             extras.append(meta)
-    os.replace(tmp, spill)
     columns = {}
     for name in Records.__dataclass_fields__:  # column by column, freeing the parts as we go
         columns[name] = np.concatenate([p.pop(name) for p in parts])

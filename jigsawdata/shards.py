@@ -15,29 +15,15 @@ import hashlib
 import mmap
 import os
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
+
+from .files import atomic_path, write_text_atomic
 
 DALI_INDEX_VERSION = "v1.2"
 ALLOWED_EXTENSIONS = frozenset({"jpg", "cls", "json"})
 _BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(_BLOCK)
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    name: str
-    """Path relative to the shard-set root, e.g. ``S/S-000000.tar``."""
-    samples: int
-    bytes: int
-    sha256: str
-    idx_sha256: str
-    """Of the DALI index beside the shard, so a downloaded copy can be verified too."""
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256,
-                "idx_sha256": self.idx_sha256}
 
 
 class _HashingWriter:
@@ -79,9 +65,8 @@ def write_shard(path: Path, samples: Iterable[tuple[str, list[tuple[str, bytes]]
     that exists always has a complete tar beside a matching index.
     Returns ``(samples, bytes, sha256)``.
     """
-    tmp_tar, tmp_idx = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".idx.tmp")
     lines: list[str] = []
-    with open(tmp_tar, "wb") as raw:
+    with atomic_path(path) as tmp_tar, open(tmp_tar, "wb") as raw:
         sink = _HashingWriter(raw)
         for key, components in samples:
             parts = []
@@ -98,9 +83,8 @@ def write_shard(path: Path, samples: Iterable[tuple[str, list[tuple[str, bytes]]
         size, digest = sink.count, sink.digest.hexdigest()
         raw.flush()
         os.fsync(raw.fileno())
-    tmp_idx.write_text(f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(f"{line}\n" for line in lines))
-    os.replace(tmp_idx, index_path(path))
-    os.replace(tmp_tar, path)
+        index = f"{DALI_INDEX_VERSION} {len(lines)}\n" + "".join(f"{line}\n" for line in lines)
+        write_text_atomic(index_path(path), index)  # named before the tar, which is renamed on leaving
     return len(lines), size, digest
 
 

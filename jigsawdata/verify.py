@@ -17,27 +17,23 @@ from pathlib import Path
 from typing import Callable
 
 from .card import CARD_NAME
-from .coco import sha256_file
 from .errors import InputError
+from .files import sha256_file
 from .index import read_index
-from .manifest import listed_files, read_manifest
+from .manifest import Manifest, ManifestError, read_manifest
 from .shards import index_path, iter_samples, read_dali_index
 
 
-def _label_range(manifest: dict) -> range:
-    """Valid labels: one per class, then the background."""
-    return range(len(manifest.get("classes", [])) + 1)
-
-
-def _totals_problems(manifest: dict, total: int) -> list[str]:
+def _totals_problems(manifest: Manifest) -> list[str]:
     """The manifest's own sums: per group, and positives + negatives against the samples."""
     problems = []
-    for group, info in manifest["groups"].items():
+    for group, info in manifest.groups.items():
         for key in ("samples", "bytes"):
-            listed = sum(s.get(key, 0) for s in info["shards"])
-            if key in info and info[key] != listed:
-                problems.append(f"group {group}: manifest says {info[key]} {key}, its shards add up to {listed}")
-    counts = manifest.get("counts") or {}
+            stated, listed = getattr(info, key), sum(getattr(s, key) for s in info.shards)
+            if stated != listed:
+                problems.append(f"group {group}: manifest says {stated} {key}, its shards add up to {listed}")
+    total = sum(s.samples for s in manifest.shards)
+    counts = manifest.counts or {}
     if "positives" in counts and counts["positives"] + counts.get("negatives", 0) != total:
         problems.append(f"counts: {counts['positives']} positives + {counts.get('negatives', 0)} negatives, "
                         f"but the shards hold {total} samples")
@@ -78,16 +74,15 @@ def _sample_problems(name: str, samples, labels: range, indexed: dict[str, int])
 def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) -> list[str]:
     """Problems found under ``root``, one sentence each naming the shard; empty when sound."""
     root = Path(root)
-    manifest = read_manifest(root)
     try:
-        listed_files(manifest)
-    except InputError as exc:  # names that leave the set are not opened at all
+        manifest = read_manifest(root)
+    except ManifestError as exc:  # names that leave the set are not opened at all
         return [str(exc)]
     problems: list[str] = []
-    labels = _label_range(manifest)
+    labels = range(manifest.num_labels)
     index_counts: Counter = Counter()
     index_labels: dict[str, dict[str, int]] = {}
-    index_file = root / manifest.get("index", "index.parquet")
+    index_file = root / manifest.index_name
     if index_file.is_file():
         table = read_index(index_file)
         shard_col, label_col = table.column("shard").to_pylist(), table.column("label").to_pylist()
@@ -97,50 +92,49 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
         bad = sorted({v for v in label_col if v not in labels})
         if bad:
             problems.append(f"index {index_file.name}: labels {bad[:10]} outside 0..{labels[-1]}")
-        if manifest.get("index_sha256") and sha256_file(index_file) != manifest["index_sha256"]:
+        if manifest.index_sha256 and sha256_file(index_file) != manifest.index_sha256:
             problems.append(f"index {index_file.name}: sha256 differs from the manifest")
     else:
         problems.append(f"index {index_file.name} is missing")
-    if manifest.get("card_sha256"):
+    if manifest.card_sha256:
         card = root / CARD_NAME
         if not card.is_file():
             problems.append(f"{CARD_NAME}: missing")
-        elif sha256_file(card) != manifest["card_sha256"]:
+        elif sha256_file(card) != manifest.card_sha256:
             problems.append(f"{CARD_NAME}: sha256 differs from the manifest")
-    problems += _totals_problems(manifest, sum(s["samples"] for g in manifest["groups"].values() for s in g["shards"]))
-    for group, info in manifest["groups"].items():
-        for shard in info["shards"]:
-            name = shard["name"]
-            path = root / name
-            if on_shard:
-                on_shard(name)
-            if not path.is_file():
-                problems.append(f"{name}: missing")
-                continue
-            if path.stat().st_size != shard["bytes"]:
-                problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
-            if sha256_file(path) != shard["sha256"]:
-                problems.append(f"{name}: sha256 differs from the manifest")
-            try:
-                samples, sample_problems = _sample_problems(name, iter_samples(path), labels,
-                                                            index_labels.get(name, {}))
-            except (ValueError, tarfile.TarError, OSError) as exc:
-                problems.append(f"{name}: unreadable: {exc}")
-                continue
-            problems += sample_problems
-            if samples != shard["samples"]:
-                problems.append(f"{name}: {samples} samples, manifest says {shard['samples']}")
-            idx = index_path(path)
-            try:
-                if len(read_dali_index(idx)) != shard["samples"]:
-                    problems.append(f"{name}: DALI index {idx.name} disagrees on the sample count")
-                elif shard.get("idx_sha256") and sha256_file(idx) != shard["idx_sha256"]:
-                    problems.append(f"{name}: DALI index {idx.name} sha256 differs from the manifest")
-            except (ValueError, OSError) as exc:
-                problems.append(f"{name}: DALI index: {exc}")
-            if index_file.is_file() and index_counts[name] != shard["samples"]:
-                problems.append(f"{name}: {index_counts[name]} rows in {index_file.name}, "
-                                f"manifest says {shard['samples']}")
+    problems += _totals_problems(manifest)
+    for shard in manifest.shards:
+        name = shard.name
+        path = root / name
+        if on_shard:
+            on_shard(name)
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        if path.stat().st_size != shard.bytes:
+            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {shard.bytes}")
+        if sha256_file(path) != shard.sha256:
+            problems.append(f"{name}: sha256 differs from the manifest")
+        try:
+            samples, sample_problems = _sample_problems(name, iter_samples(path), labels,
+                                                        index_labels.get(name, {}))
+        except (ValueError, tarfile.TarError, OSError) as exc:
+            problems.append(f"{name}: unreadable: {exc}")
+            continue
+        problems += sample_problems
+        if samples != shard.samples:
+            problems.append(f"{name}: {samples} samples, manifest says {shard.samples}")
+        idx = index_path(path)
+        try:
+            if len(read_dali_index(idx)) != shard.samples:
+                problems.append(f"{name}: DALI index {idx.name} disagrees on the sample count")
+            elif shard.idx_sha256 and sha256_file(idx) != shard.idx_sha256:
+                problems.append(f"{name}: DALI index {idx.name} sha256 differs from the manifest")
+        except (ValueError, OSError) as exc:
+            problems.append(f"{name}: DALI index: {exc}")
+        if index_file.is_file() and index_counts[name] != shard.samples:
+            problems.append(f"{name}: {index_counts[name]} rows in {index_file.name}, "
+                            f"manifest says {shard.samples}")
     return problems
 
 
@@ -148,19 +142,18 @@ def summarize(root: Path) -> dict:
     """Counts per group and class, sizes and skips, for ``jigsawdata info``."""
     root = Path(root)
     manifest = read_manifest(root)
-    index_file = root / manifest.get("index", "index.parquet")
+    index_file = root / manifest.index_name
     if not index_file.is_file():
         raise InputError(f"{index_file} is missing: run `jigsawdata verify {root}`")
     table = read_index(index_file)
-    names = {c["label"]: c["name"] for c in manifest["classes"]}
-    names[manifest["background"]["label"]] = manifest["background"]["name"]
+    names = manifest.label_names
     per_class = Counter(table.column("label").to_pylist())
     return {
-        "groups": {g: {"shards": len(v["shards"]), "samples": v["samples"], "bytes": v["bytes"]}
-                   for g, v in manifest["groups"].items()},
+        "groups": {g: {"shards": len(v.shards), "samples": v.samples, "bytes": v.bytes}
+                   for g, v in manifest.groups.items()},
         "classes": {names[label]: n for label, n in sorted(per_class.items())},
-        "counts": manifest["counts"],
-        "skipped_images": len(manifest["skipped_images"]),
-        "source": manifest["source"],
-        "seed": manifest["params"]["seed"],
+        "counts": manifest.counts,
+        "skipped_images": len(manifest.skipped_images),
+        "source": manifest.source.to_json(),
+        "seed": manifest.params["seed"],
     }

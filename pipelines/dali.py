@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from jigsawdata.errors import InputError
-from jigsawdata.fetch import is_url
+from jigsawdata.location import is_url
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
-from .shardset import GroupShards, check_enough_samples, open_shard_set, rank_and_world
+from .ranks import process_info
+from .shardset import GroupShards, check_enough_samples, open_shard_set
 from .template import READER_GROUPS
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,8 @@ class DaliJigsawLoader:
 
         cfg = cfg or JigsawConfig()
         if rank is None or world_size is None:
-            rank, world_size = rank_and_world()
+            here = process_info()
+            rank, world_size = here.rank, here.world
         check_enough_samples(open_shard_set(root), world_size)
         self.batch_size = batch_size
         self.pipeline = jigsaw_pipeline(root, batch_size, cfg, device=device, num_threads=num_threads,

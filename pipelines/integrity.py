@@ -13,14 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
-from jigsawdata.coco import sha256_file
 from jigsawdata.errors import InputError
-from jigsawdata.fetch import default_cache_dir
-from jigsawdata.manifest import listed_files, read_manifest
+from jigsawdata.files import sha256_file, write_json_atomic
+from jigsawdata.location import default_cache_dir
+from jigsawdata.manifest import read_manifest
 from jigsawdata.shards import header_problem, mapped, walk_members
 
 log = logging.getLogger(__name__)
@@ -62,10 +60,7 @@ def _save_cache(path: Path, cache: dict) -> None:
     """Best effort: a read-only or shared cache folder only costs the next run a re-check."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(cache, fh, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(path, cache, shared=True)  # ranks and runs may share the cache folder
     except OSError as exc:
         log.debug("cannot write the verification cache %s: %s", path, exc)
 
@@ -75,14 +70,13 @@ def check_shard_set(root: Path, cache_dir: Path | str | None = None) -> int:
     files had to be read (0 when the cache vouched for all). Raises :class:`InputError`."""
     root = Path(root)
     manifest = read_manifest(root)
-    files = listed_files(manifest)
-    shards = {s["name"]: s for g in manifest["groups"].values() for s in g["shards"]}
-    labels = len(manifest.get("classes", [])) + 1
+    shards = {s.name: s for s in manifest.shards}
+    labels = manifest.num_labels
     cache_path = Path(cache_dir or default_cache_dir()) / CACHE_NAME
     cache = _load_cache(cache_path)
     read = 0
     hint = f"run `jigsawdata verify {root}`, or fetch or build it again (--no-verify skips this check)"
-    for item in files:
+    for item in manifest.files():
         if item.name.endswith(".parquet"):
             continue  # the sample index is for people and verify; pipelines never read it
         path = root / item.name
@@ -109,9 +103,9 @@ def check_shard_set(root: Path, cache_dir: Path | str | None = None) -> int:
             raise InputError(f"{item.name} of {root} is damaged: its sha256 differs from the manifest's; {hint}")
         shard = shards.get(item.name)
         if shard is not None:
-            if entry["samples"] != shard["samples"]:
+            if entry["samples"] != shard.samples:
                 raise InputError(f"{item.name} of {root} is damaged: it holds {entry['samples']} samples, the "
-                                 f"manifest says {shard['samples']}; {hint}")
+                                 f"manifest says {shard.samples}; {hint}")
             if entry["max_label"] >= labels or entry["min_label"] < 0:
                 bad = entry["max_label"] if entry["max_label"] >= labels else entry["min_label"]
                 raise InputError(f"{item.name} of {root} is damaged: label {bad} is outside 0..{labels - 1} (the "

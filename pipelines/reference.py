@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jigsawdata.fetch import url_filesystem
+from jigsawdata.location import url_filesystem
 from jigsawdata.shards import check_member_name
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from .fit import fit_inside, place, scaled_size, window, window_anchor
-from .shardset import ShardSet, check_enough_samples, open_shard_set, rank_and_world
+from .ranks import process_info
+from .shardset import ShardSet, check_enough_samples, open_shard_set
 from .template import READER_GROUPS
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ class ReferenceJigsaw(torch.utils.data.IterableDataset):
         self.cfg = cfg or JigsawConfig()
         self.shards = open_shard_set(root)
         if rank is None or world_size is None:
-            rank, world_size = rank_and_world()
+            here = process_info()
+            rank, world_size = here.rank, here.world
         self.rank, self.world_size = rank, world_size
         check_enough_samples(self.shards, world_size)
 

@@ -1,15 +1,13 @@
-"""Find a shard set's per-group shards and decide which part of it this rank reads."""
+"""Find a shard set's per-group shards, and check that its readers all get a share."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from jigsawdata.errors import InputError
-from jigsawdata.fetch import is_url, read_remote_manifest
 from jigsawdata.grouping import GROUPS
-from jigsawdata.manifest import read_manifest
+from jigsawdata.location import ShardLocation
 
 
 @dataclass(frozen=True)
@@ -31,35 +29,16 @@ class ShardSet:
 def open_shard_set(root: Path | str) -> ShardSet:
     """Read the manifest (of a local directory or of any fsspec URL) and check that every
     group the template needs has samples."""
-    if is_url(str(root)):
-        manifest = read_remote_manifest(str(root))
-        base = str(root).rstrip("/") + "/"
-    else:
-        root = Path(str(root).removeprefix("file://"))
-        manifest = read_manifest(root)
-        base = str(root) + os.sep
+    where = ShardLocation.of(root)
+    manifest = where.manifest()
     groups = {}
     for group in GROUPS:
-        info = manifest["groups"].get(group)
-        if not info or info["samples"] == 0:
-            raise InputError(f"{root} has no {group} samples: a jigsaw image needs S, T and W crops")
-        tars = tuple(base + s["name"] for s in info["shards"])
-        groups[group] = GroupShards(group, tars, tuple(t[:-4] + ".idx" for t in tars), info["samples"])
-    names = tuple(c["name"] for c in sorted(manifest["classes"], key=lambda c: c["label"]))
-    return ShardSet(root, groups, names + (manifest["background"]["name"],))
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size: torch.distributed if initialised, else the
-    variables torchrun sets, else a single process."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:
-        pass
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        info = manifest.groups.get(group)
+        if not info or info.samples == 0:
+            raise InputError(f"{where.root} has no {group} samples: a jigsaw image needs S, T and W crops")
+        groups[group] = GroupShards(group, tuple(where.file(s.name) for s in info.shards),
+                                    tuple(where.file(s.idx_name) for s in info.shards), info.samples)
+    return ShardSet(where.root, groups, manifest.class_names)
 
 
 def check_enough_samples(shards: ShardSet, readers: int) -> None:

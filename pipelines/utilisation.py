@@ -24,7 +24,7 @@ from .template import REGION_NAMES
 def crop_sizes(root: Path | str) -> dict[str, np.ndarray]:
     """``(n, 2)`` width, height of every crop per group, from a local shard set's index."""
     root = Path(root)
-    table = read_index(root / read_manifest(root).get("index", "index.parquet"))
+    table = read_index(root / read_manifest(root).index_name)
     groups = np.array(table.column("group").to_pylist())
     sizes = np.stack([table.column("width").to_numpy(), table.column("height").to_numpy()], axis=1)
     return {g: sizes[groups == g] for g in ("S", "T", "W")}

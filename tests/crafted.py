@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jigsawdata.manifest import FORMAT_VERSION, write_json_atomic
+from jigsawdata.files import write_json_atomic
+from jigsawdata.manifest import FORMAT_VERSION
 from jigsawdata.shards import write_shard
 
 

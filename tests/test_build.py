@@ -16,7 +16,8 @@ from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.coco import load_coco
 from jigsawdata.errors import InputError
 from jigsawdata.index import read_index
-from jigsawdata.manifest import merge_parts, read_manifest, write_json_atomic
+from jigsawdata.files import write_json_atomic
+from jigsawdata.manifest import Manifest, merge_parts, read_manifest
 from jigsawdata.sampling import SamplingConfig
 from jigsawdata.synthetic import make_synthetic_coco
 from jigsawdata.verify import summarize, verify_shard_set
@@ -60,27 +61,27 @@ def test_samples_round_trip_through_tarfile(built_synthetic, synthetic_source):
                 else:
                     assert meta["label"] == labels[meta["category_id"]]
                 seen += 1
-    assert seen == sum(g["samples"] for g in manifest["groups"].values())
+    assert seen == sum(g.samples for g in manifest.groups.values())
 
 
 def test_labels_follow_sorted_category_ids(built_synthetic):
     manifest = read_manifest(built_synthetic)
-    ids = [c["category_id"] for c in manifest["classes"]]
-    assert ids == sorted(ids) and [c["label"] for c in manifest["classes"]] == list(range(len(ids)))
-    assert manifest["background"] == {"label": len(ids), "category_id": 0, "name": "background"}
+    ids = [c.category_id for c in manifest.classes]
+    assert ids == sorted(ids) and [c.label for c in manifest.classes] == list(range(len(ids)))
+    assert manifest.to_json()["background"] == {"label": len(ids), "category_id": 0, "name": "background"}
 
 
 def test_manifest_and_index_agree(built_synthetic, small_cfg):
     manifest = read_manifest(built_synthetic)
-    assert manifest["params"]["seed"] == small_cfg.seed
-    assert manifest["params"]["sampling"]["pos_per_neg"] == 10.0
+    assert manifest.params["seed"] == small_cfg.seed
+    assert manifest.params["sampling"]["pos_per_neg"] == 10.0
     table = read_index(built_synthetic / "index.parquet").to_pylist()
-    shard_names = [s["name"] for g in manifest["groups"].values() for s in g["shards"]]
+    shard_names = [s.name for s in manifest.shards]
     assert len(shard_names) > 3, "the fixture is meant to make several shards per group"
     assert [r["shard"] for r in table] == sorted([r["shard"] for r in table], key=shard_names.index)
-    for group, info in manifest["groups"].items():
-        assert info["samples"] == sum(r["group"] == group for r in table)
-    assert manifest["counts"]["positives"] + manifest["counts"]["negatives"] == len(table)
+    for group, info in manifest.groups.items():
+        assert info.samples == sum(r["group"] == group for r in table)
+    assert manifest.counts["positives"] + manifest.counts["negatives"] == len(table)
 
 
 def test_samples_are_shuffled_not_in_image_order(built_synthetic):
@@ -105,7 +106,7 @@ def test_readable_by_dali_cpu_with_the_written_index(built_synthetic):
     from nvidia.dali import fn, pipeline_def
 
     shards = [str(p) for p in _shards(built_synthetic) if p.parent.name == "T"]
-    n = read_manifest(built_synthetic)["groups"]["T"]["samples"]
+    n = read_manifest(built_synthetic).groups["T"].samples
 
     @pipeline_def(batch_size=n, num_threads=1, device_id=None)
     def pipe():
@@ -182,7 +183,7 @@ def test_verify_passes_then_catches_a_flipped_byte(tmp_path, synthetic_source, s
 
 def test_verify_catches_a_missing_shard_and_a_wrong_count(tmp_path, synthetic_source, small_cfg):
     out = tmp_path / "out"
-    manifest = build_shards(synthetic_source, out, small_cfg)
+    manifest = build_shards(synthetic_source, out, small_cfg).to_json()
     _shards(out)[0].unlink()
     manifest["groups"]["W"]["shards"][0]["samples"] += 1
     write_json_atomic(out / "manifest.json", manifest)
@@ -204,7 +205,7 @@ def test_verify_rejects_unsafe_member_names(tmp_path, synthetic_source, small_cf
 
 
 def test_newer_major_format_is_refused(built_synthetic, tmp_path):
-    manifest = read_manifest(built_synthetic)
+    manifest = read_manifest(built_synthetic).to_json()
     manifest["format_version"] = "2.0"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match="format version 2.0; this jigsawdata understands format 1.0"):
@@ -219,13 +220,13 @@ def test_parts_merge_to_the_same_samples(tmp_path, synthetic_source, small_cfg, 
     build_shards(synthetic_source, out, small_cfg, part=0, parts=2)
     merged = merge_parts(out)
     single = read_manifest(built_synthetic)
-    assert merged["counts"] == single["counts"]
-    assert {g: v["samples"] for g, v in merged["groups"].items()} == {g: v["samples"] for g, v in single["groups"].items()}
-    assert all("-p00" in s["name"] for g in merged["groups"].values() for s in g["shards"])
+    assert merged.counts == single.counts
+    assert {g: v.samples for g, v in merged.groups.items()} == {g: v.samples for g, v in single.groups.items()}
+    assert all("-p00" in s.name for s in merged.shards)
     assert sorted(read_index(out / "index.parquet").column("key").to_pylist()) == \
         sorted(read_index(built_synthetic / "index.parquet").column("key").to_pylist())
     assert verify_shard_set(out) == []
-    assert summarize(out)["groups"]["S"]["samples"] == single["groups"]["S"]["samples"]
+    assert summarize(out)["groups"]["S"]["samples"] == single.groups["S"].samples
     assert "# Jigsaw pre-training shards" in (out / "README.md").read_text()
 
 
@@ -301,7 +302,7 @@ def test_verify_checks_each_sample_against_its_json_the_index_and_the_jpeg_end(b
     """A set whose sha256s are all consistent (re-written by someone) can still be wrong inside."""
     import shutil
 
-    from jigsawdata.coco import sha256_file
+    from jigsawdata.files import sha256_file
     from jigsawdata.shards import index_path, iter_samples, write_shard
 
     out = tmp_path / "set"
@@ -323,13 +324,13 @@ def test_verify_checks_each_sample_against_its_json_the_index_and_the_jpeg_end(b
     problems = verify_shard_set(out)
     assert f"{shard['name']}: sample {k0} has a .jpg that is not a whole JPEG" in problems
     assert any(p.startswith(f"{shard['name']}: sample {k1} has label {other}, the index says") for p in problems)
-def _shards_digest(manifest: dict) -> str:
+def _shards_digest(manifest: Manifest) -> str:
     digest = hashlib.sha256()
-    for _, info in sorted(manifest["groups"].items()):
-        for shard in info["shards"]:
-            digest.update(shard["name"].encode())
-            digest.update(shard["sha256"].encode())
-    digest.update(manifest["index_sha256"].encode())
+    for _, info in sorted(manifest.groups.items()):
+        for shard in info.shards:
+            digest.update(shard.name.encode())
+            digest.update(shard.sha256.encode())
+    digest.update(manifest.index_sha256.encode())
     return digest.hexdigest()
 
 
@@ -343,5 +344,5 @@ def test_negatives_avoid_gt_writes_the_bytes_of_the_previous_release(tmp_path):
     assert _shards_digest(gt) == "f12af3f9d123fc612e3c5b9b0cfe8a332d036cf340eeb4a5ae1ad556ee2fcb2a"
     crops = build_shards(source, tmp_path / "crops", BuildConfig(seed=4, shard_samples=16))
     assert _shards_digest(crops) != _shards_digest(gt)
-    assert crops["params"]["sampling"]["negatives_avoid"] == "crops"
-    assert {"negatives_wanted", "negatives"} <= set(crops["counts"])
+    assert crops.params["sampling"]["negatives_avoid"] == "crops"
+    assert {"negatives_wanted", "negatives"} <= set(crops.counts)

@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 from jigsawdata.cli import main
 from jigsawdata.fetch import FetchError, fetch, fetch_file
-from jigsawdata.manifest import ListedFile, write_json_atomic
+from jigsawdata.files import write_json_atomic
+from jigsawdata.manifest import ListedFile
 from jigsawdata.shards import write_shard
 from jigsawdata.verify import verify_shard_set
 

@@ -91,9 +91,9 @@ def test_missing_and_corrupt_images_are_skipped_counted_and_named(tmp_path, coco
     data["images"][2]["width"] += 7  # annotation disagrees with the pixels
     _save(ann, data)
     manifest = build_shards(load_coco(ann, root / "train"), tmp_path / "out", BuildConfig())
-    reasons = {s["file_name"]: s["reason"] for s in manifest["skipped_images"]}
+    reasons = {s["file_name"]: s["reason"] for s in manifest.skipped_images}
     assert reasons == {names[0]: "image_missing", names[1]: "image_corrupt", names[2]: "image_size_mismatch"}
-    assert manifest["counts"]["images_used"] == 3 and manifest["counts"]["image_missing"] == 1
+    assert manifest.counts["images_used"] == 3 and manifest.counts["image_missing"] == 1
 
 
 def test_no_usable_image_is_an_error(tmp_path, coco):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from jigsawdata.cli import main
 from jigsawdata.errors import InputError
-from jigsawdata.manifest import write_json_atomic
+from jigsawdata.files import write_json_atomic
 from jigsawdata.shards import write_shard
 from jigsawdata.pipelines.integrity import check_shard_set
 

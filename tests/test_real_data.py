@@ -12,14 +12,14 @@ from jigsawdata.verify import verify_shard_set
 def test_real_subset_builds_completely(built_real, real_coco):
     raw = json.loads((real_coco / "annotations" / "instances_train2017.json").read_text())
     manifest = read_manifest(built_real)
-    counts = manifest["counts"]
+    counts = manifest.counts
     # Every non-crowd box of at least 4 px a side becomes exactly one positive.
     expected_pos = sum(1 for a in raw["annotations"] if not a["iscrowd"] and min(a["bbox"][2:]) >= 4)
     assert counts["positives"] == expected_pos
     assert counts["images"] == counts["images_used"] == len(raw["images"]) == 288
-    assert manifest["skipped_images"] == []
+    assert manifest.skipped_images == []
     assert 9.0 <= counts["positives"] / counts["negatives"] <= 11.0
-    assert len(manifest["classes"]) == 80 and manifest["background"]["label"] == 80
+    assert len(manifest.classes) == 80 and manifest.background.label == 80
     rows = read_index(built_real / "index.parquet").to_pylist()
     assert len({r["category_id"] for r in rows if r["category_id"]}) == 80
     for r in rows:

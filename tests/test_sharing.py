@@ -26,7 +26,8 @@ from jigsawdata.cli import main
 from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.card import COCO_LICENSE, UNKNOWN_LICENSE
 from jigsawdata.errors import InputError
-from jigsawdata.fetch import FetchError, cache_location, cached_shards, fetch
+from jigsawdata.fetch import FetchError, cached_shards, fetch
+from jigsawdata.location import ShardLocation
 from jigsawdata.manifest import read_manifest
 from jigsawdata.verify import verify_shard_set
 from jigsawdata.pipelines.config import fixed
@@ -192,7 +193,7 @@ def test_cached_shards_fetch_once(published, tmp_path):
     _, url, httpd = published
     first = cached_shards(url, tmp_path / "cache")
     assert (first / "manifest.json").is_file() and verify_shard_set(first) == []
-    assert cache_location(url, tmp_path / "cache") == first  # where the other ranks of a node look
+    assert ShardLocation.of(url).local_copy(tmp_path / "cache") == first  # where the other ranks of a node look
     httpd.requests.clear()
     assert cached_shards(url, tmp_path / "cache") == first
     assert not [p for p, _ in httpd.requests if p.endswith(".tar")]
@@ -207,7 +208,7 @@ def test_cli_fetch_from_a_file_url(built_synthetic, tmp_path):
 def test_dataset_card(built_synthetic, built_real, synthetic_source, tmp_path):
     card = (built_real / "README.md").read_text()
     manifest = read_manifest(built_real)
-    assert manifest["source"]["sha256"] in card and COCO_LICENSE in card
+    assert manifest.source.sha256 in card and COCO_LICENSE in card
     assert "| S |" in card and "| 0 | person |" in card and "jigsawdata build-shards COCO_ROOT --split train2017" in card
     assert "--seed 0" in card and "jigsawdata pretrain --shards" in card
     assert UNKNOWN_LICENSE in (built_synthetic / "README.md").read_text()
@@ -262,7 +263,7 @@ def test_pretrain_from_a_url_trains_on_the_verified_cache_with_either_pipeline(p
     _, url, _ = published
     trainer = Trainer(PretrainConfig(shards=url, out=str(tmp_path / "run"), arch="resnet18", batch=4, device="cpu",
                                      pipeline="reference", workers=0, cache_dir=str(tmp_path / "cache")))
-    assert trainer.shards == cache_location(url, tmp_path / "cache")
+    assert trainer.shards == ShardLocation.of(url).local_copy(tmp_path / "cache")
     assert verify_shard_set(trainer.shards) == []
 
 

@@ -127,7 +127,7 @@ def test_a_bad_box_is_a_counted_skip_never_a_positive(coco, tmp_path, bbox, reas
         victim["bbox"] = bbox
     _save(ann, data)
     manifest = build_shards(load_coco(ann, root / "train"), tmp_path / "out", BuildConfig(seed=1))
-    assert manifest["counts"][reason] == 1
+    assert manifest.counts[reason] == 1
     assert victim["id"] not in {m["ann_id"] for m in _samples(tmp_path / "out")}
     if reason != "degenerate_boxes":
         with pytest.raises(InputError, match=rf"annotations\[0\] \(id {victim['id']}\): 'bbox' must be four finite"):
@@ -157,7 +157,7 @@ def test_file_names_outside_the_image_folder_are_named_skips(coco, tmp_path):
     inside["file_name"] = str((root / "train" / inside["file_name"]).resolve())  # absolute, but inside
     _save(ann, data)
     manifest = build_shards(load_coco(ann, root / "train"), tmp_path / "out", BuildConfig())
-    assert {s["image_id"]: s["reason"] for s in manifest["skipped_images"]} == {1: "path_outside_images",
+    assert {s["image_id"]: s["reason"] for s in manifest.skipped_images} == {1: "path_outside_images",
                                                                               2: "path_outside_images"}
     samples = _samples(tmp_path / "out")
     assert {m["image_id"] for m in samples} == {3, 4, 5, 6}
@@ -175,7 +175,7 @@ def test_symlinks_inside_the_image_folder_are_followed(coco, tmp_path):
     shutil.move(root / "train", storage)
     (root / "train").symlink_to(storage)  # the image folder itself links to other storage
     manifest = build_shards(load_coco(ann, root / "train"), tmp_path / "out", BuildConfig())
-    assert manifest["skipped_images"] == [] and manifest["counts"]["images_used"] == 6
+    assert manifest.skipped_images == [] and manifest.counts["images_used"] == 6
 
 
 # ---------------------------------------------------------------- images: 16-bit, bombs, EXIF
@@ -228,8 +228,8 @@ def test_decompression_bomb_is_a_counted_named_skip(coco, tmp_path, workers):
     _save(ann, data)
     _bomb_png(root / "train" / "bomb.png")
     manifest = build_shards(load_coco(ann, root / "train"), tmp_path / "out", BuildConfig(), workers=workers)
-    assert manifest["skipped_images"] == [{"image_id": 99, "file_name": "bomb.png", "reason": "image_too_large"}]
-    assert manifest["counts"]["image_too_large"] == 1 and manifest["counts"]["images_used"] == 6
+    assert manifest.skipped_images == [{"image_id": 99, "file_name": "bomb.png", "reason": "image_too_large"}]
+    assert manifest.counts["image_too_large"] == 1 and manifest.counts["images_used"] == 6
 
 
 def test_max_pixels_limits_each_image(coco, tmp_path):
@@ -252,7 +252,7 @@ def test_exif_orientation_is_recorded_when_both_views_fit(tmp_path):
         path.with_suffix(".jpg").rename(path)
     ann = _single_image_set(tmp_path / "src", save, 80, 80)
     manifest = build_shards(load_coco(ann, tmp_path / "src" / "train"), tmp_path / "out", BuildConfig())
-    assert manifest["exif_orientation"] == [{"image_id": 1, "file_name": "a.png", "exif_orientation": 6}]
+    assert manifest.exif_orientation == [{"image_id": 1, "file_name": "a.png", "exif_orientation": 6}]
 
 
 # ---------------------------------------------------------------- COCO-format variants, no flags
@@ -302,7 +302,7 @@ def test_file_names_with_sub_folders_build_without_flags(coco, tmp_path, layout)
             a["isfake"], a["isreflected"] = 0, 0
     (base / "zhiyuan_objv2_train.json").write_text(json.dumps(data))
     manifest = build_shards(load_coco(base / "zhiyuan_objv2_train.json", base), tmp_path / "out", BuildConfig())
-    assert manifest["skipped_images"] == [] and manifest["counts"]["images_used"] == 6
+    assert manifest.skipped_images == [] and manifest.counts["images_used"] == 6
     sources = {m["source"] for m in _samples(tmp_path / "out")}
     assert sources == {im["file_name"] for im in data["images"]}
 

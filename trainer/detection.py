@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +27,8 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from jigsawdata.errors import InputError, first_line
 
+from .checkpoint import FORMAT as PRETRAIN_FORMAT
+from .checkpoint import checkpoint_file
 from .config import ARCHS, DETECTORS, NORMS
 from .model import build_backbone
 
@@ -67,9 +68,7 @@ def read_init(init: str, arch: str) -> "OrderedDict[str, torch.Tensor] | None":
     (a torchvision state dict), a jigsaw run directory / checkpoint, or an exported file."""
     if init == "scratch":
         return None
-    path = Path(init.removeprefix("imagenet:"))
-    if path.is_dir():
-        path = path / "checkpoint.pt"
+    path = checkpoint_file(init.removeprefix("imagenet:"))
     if not path.is_file():
         raise InputError(f"--init {init}: no such file")
     try:
@@ -77,7 +76,7 @@ def read_init(init: str, arch: str) -> "OrderedDict[str, torch.Tensor] | None":
     except Exception as exc:
         reason = first_line(exc, type(exc).__name__)
         raise InputError(f"--init {init}: not a loadable weights file ({reason})") from exc
-    if isinstance(obj, dict) and obj.get("format") == "jigsawdata-pretrain-1":
+    if isinstance(obj, dict) and obj.get("format") == PRETRAIN_FORMAT:
         if obj["arch"] != arch:
             raise InputError(f"--init {init} holds a {obj['arch']} backbone, not {arch} (use --arch {obj['arch']})")
         obj = {k.removeprefix("backbone."): v for k, v in obj["model"].items() if k.startswith("backbone.")}

@@ -25,6 +25,7 @@ import torch
 
 from jigsawdata.errors import InputError
 
+from .checkpoint import CHECKPOINT_NAME
 from .config import LOSSES, FinetuneConfig, PretrainConfig, schedule_epochs
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def _pretrain(cfg: ExperimentConfig, cell: Cell, data: Data, run: Path) -> dict:
     pcfg = replace(base, erf_images=min(base.erf_images, base.batch),
                    checkpoint_every=cfg.pretrain.get("checkpoint_every", max(1, base.iterations // 4)),
                    log_every=cfg.pretrain.get("log_every", max(1, base.iterations // 20)))
-    started = (run / "checkpoint.pt").is_file()
+    started = (run / CHECKPOINT_NAME).is_file()
     if not started or load(run)["iteration"] < pcfg.iterations:
         trainer = Trainer(pcfg, resume=started)
         seconds = _timed(run.parent / "pretrain-time.json", trainer.train)
@@ -196,7 +197,7 @@ def _finetune(cfg: ExperimentConfig, cell: Cell, data: Data, run: Path, init: st
     fcfg = cfg.finetune_config(coco=data.coco, out=str(run), init=init, norm="gn" if cell.init == "scratch" else None,
                                split=data.split, val_split=data.val_split, epochs=epochs,
                                log_every=cfg.finetune.get("log_every", 50))
-    trainer = Finetuner(fcfg, resume=(run / "checkpoint.pt").is_file())
+    trainer = Finetuner(fcfg, resume=(run / CHECKPOINT_NAME).is_file())
     seconds = _timed(run.parent / "finetune-time.json", trainer.train)
     metrics = evaluate_run(run, split=data.val_split, max_images=fcfg.max_images, device=fcfg.device)
     return {"finetune_device_hours": seconds * trainer.dist.world / 3600, "finetune_epochs": trainer.epoch,

@@ -29,7 +29,7 @@ from jigsawdata.errors import InputError
 from jigsawdata.manifest import write_bytes_atomic
 from jigsawdata.pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 
-from .checkpoint import load, save_atomic
+from .checkpoint import checkpoint_file, load, save_atomic
 
 FORMATS = ("torchvision", "detectron2", "mmdet")
 DETECTRON2_SUFFIXES = (".pkl", ".pth")
@@ -107,7 +107,7 @@ def export(checkpoint: Path, fmt: str, out: Path) -> Exported:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     out = Path(out)
-    source = Path(checkpoint) / "checkpoint.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
+    source = checkpoint_file(checkpoint)
     _check_out(fmt, out, source)
     ckpt = load(checkpoint)
     state = backbone_state(ckpt)

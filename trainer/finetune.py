@@ -90,7 +90,7 @@ class Finetuner:
                                  "device_type": self.device.type,
                                  "iteration": self.iteration, "model": self.model.state_dict(),
                                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                                 "rng": rng, "cat_ids": self.train_set.cat_ids}, self.out / "checkpoint.pt")
+                                 "rng": rng, "cat_ids": self.train_set.cat_ids}, self.out / ckpt_io.CHECKPOINT_NAME)
 
     def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
         local = max(1, self.cfg.batch // self.dist.world)
@@ -150,13 +150,7 @@ class Finetuner:
 
 
 def load_run(run_dir: Path) -> dict:
-    path = Path(run_dir) / "checkpoint.pt" if Path(run_dir).is_dir() else Path(run_dir)
-    if not path.is_file():
-        raise InputError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != FORMAT:
-        raise InputError(f"{path} is not a jigsawdata fine-tuning checkpoint")
-    return ckpt
+    return ckpt_io.load(run_dir, fmt=FORMAT, kind="fine-tuning")
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,9 +19,11 @@ import torch
 import torch.distributed as dist
 
 from jigsawdata.errors import InputError
-from jigsawdata.fetch import cache_location, cached_shards, is_url
+from jigsawdata.fetch import cached_shards
+from jigsawdata.location import ShardLocation
 from jigsawdata.pipelines.dali import require_dali
 from jigsawdata.pipelines.integrity import check_shard_set
+from jigsawdata.pipelines.ranks import process_info
 from jigsawdata.pipelines.shardset import open_shard_set
 
 from . import checkpoint as ckpt_io
@@ -60,7 +61,7 @@ class Trainer:
         if cfg.pipeline == "dali":
             require_dali()
         self.cfg, self.on_log, self.on_validate = cfg, on_log, on_validate
-        world = int(os.environ.get("WORLD_SIZE", 1))
+        world = process_info().world
         if cfg.batch % world:
             raise InputError(f"--batch {cfg.batch} is not divisible by the {world} ranks")
         self.dist, self.device = init_distributed(cfg.device)
@@ -68,7 +69,7 @@ class Trainer:
         self.out = claim_run_dir(Path(cfg.out), resume)
         self.shards = self._local_shards()
         shards = open_shard_set(self.shards)
-        if cfg.verify and not is_url(str(self.shards)):
+        if cfg.verify:
             check_shard_set(self.shards, cfg.cache_dir)
         self.class_names = shards.class_names
         self.template = cfg.template
@@ -100,23 +101,22 @@ class Trainer:
                                             state=data_state)
         self._tb = self._tensorboard() if self.dist.main else None
 
-    def _local_shards(self) -> Path | str:
+    def _local_shards(self) -> Path:
         """A URL is fetched (every file checked against the manifest) into the cache by one
         process per node while the others wait, for either pipeline: training never reads
         a byte that was not verified."""
-        if not is_url(self.cfg.shards):
-            return self.cfg.shards
-        if self.dist.local_rank == 0:
+        where = ShardLocation.of(self.cfg.shards)
+        if where.remote and self.dist.local_rank == 0:
             cached_shards(self.cfg.shards, self.cfg.cache_dir)
-        if self.dist.world > 1:
+        if where.remote and self.dist.world > 1:
             dist.barrier()
-        return cache_location(self.cfg.shards, self.cfg.cache_dir)
+        return where.local_copy(self.cfg.cache_dir)
 
     # ------------------------------------------------------------------ state
 
     def _restore(self):
         # Loaded to the CPU: the RNG states must stay CPU tensors; load_state_dict places the rest.
-        ckpt = ckpt_io.load(self.out / "checkpoint.pt", map_location="cpu")
+        ckpt = ckpt_io.load(self.out / ckpt_io.CHECKPOINT_NAME, map_location="cpu")
         check_resume_device(ckpt.get("device_type"), self.device, self.out)
         saved = ckpt["config"]
         diff = sorted(k for k, v in saved_config(saved).items()
@@ -148,7 +148,7 @@ class Trainer:
             "data": {"kind": self.source.kind, "states": data_states},
             "schedule": {"warmup": self.cfg.warmup, "total": self.cfg.iterations,
                          "lr_start": self._lr(0), "lr_peak": scaled(self.cfg.lr_peak, self.cfg.batch)},
-        }, self.out / "checkpoint.pt")
+        }, self.out / ckpt_io.CHECKPOINT_NAME)
 
     def _tensorboard(self):
         try:

@@ -3,7 +3,6 @@ state in checkpoints, and run directories."""
 
 from __future__ import annotations
 
-import os
 import platform
 from importlib import metadata
 from dataclasses import asdict, dataclass, fields
@@ -14,9 +13,11 @@ import torch.distributed as dist
 
 from jigsawdata import __version__
 from jigsawdata.errors import InputError
-from jigsawdata.manifest import write_json_atomic
+from jigsawdata.files import write_json_atomic
+from jigsawdata.pipelines.ranks import DistInfo, process_info
 from jigsawdata.settings import RESOLVED_KEY
 
+from .checkpoint import CHECKPOINT_NAME
 from .config import AMP_MODES
 
 
@@ -45,25 +46,13 @@ class Precision:
         return torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes (if any) and pick this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but torch sees no CUDA GPU")
-    info = DistInfo(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)))
-    if world > 1 and not dist.is_initialized():
+    info = process_info()
+    if info.world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
@@ -123,7 +112,7 @@ def claim_run_dir(out: Path, resume: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a run directory")
-    if not resume and (out / "checkpoint.pt").exists():
+    if not resume and (out / CHECKPOINT_NAME).exists():
         raise InputError(f"{out} holds a run already: pass --resume to continue it, or use another --out")
     if not resume and out.is_dir() and any(out.iterdir()):
         names = ", ".join(sorted(p.name for p in out.iterdir())[:5])

@@ -1,0 +1,103 @@
+"""Where a shard set is: a local directory, or any fsspec URL (``https://``, ``s3://``, ...).
+
+Every shard location a user gives (``--shards``, ``--val-shards``, ``fetch URL``) is read
+here and nowhere else: what counts as a URL (``file://`` is a local directory), where a
+file the manifest names lives, how the manifest itself is read, and which folder of the
+cache holds a fetched copy. The reference pipeline streams a URL's shards in place; DALI
+and training read a local directory, which :func:`jigsawdata.fetch.cached_shards` fills
+from a URL once, verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from .errors import FetchError, InputError, first_line
+from .manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
+
+
+def default_cache_dir() -> Path:
+    """``$JIGSAWDATA_CACHE``, else ``~/.cache/jigsawdata``."""
+    return Path(os.environ.get("JIGSAWDATA_CACHE", Path.home() / ".cache" / "jigsawdata"))
+
+
+def is_url(location: Path | str) -> bool:
+    return "://" in str(location) and not str(location).startswith("file://")
+
+
+_CLOUD_EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+"""Cloud protocol -> (its fsspec backend, the jigsawdata extra that installs it)."""
+
+
+def url_filesystem(url: str):
+    """``(fs, path)`` for ``url``, as ``fsspec.core.url_to_fs``; a protocol whose fsspec
+    backend is not installed (s3fs for ``s3://`` ...) is an :class:`InputError` naming the
+    extra that installs it, rather than fsspec's ImportError deep in a traceback."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        protocols = re.findall(r"([A-Za-z][A-Za-z0-9+.-]*)://", url)
+        known = [_CLOUD_EXTRAS[p.lower()] for p in protocols if p.lower() in _CLOUD_EXTRAS]
+        if known:
+            package, extra = known[0]
+            raise InputError(f"{url}: reading it needs {package}, which is not installed: "
+                             f"pip install 'jigsawdata[{extra}]'") from exc
+        raise InputError(f"{url}: {first_line(exc, 'its fsspec backend is not installed')}") from exc
+    except ValueError as exc:
+        if not str(exc).startswith("Protocol not known"):
+            raise
+        raise InputError(f"{url}: {exc} (use s3://, gs://, http(s)://, file:// or a local path)") from exc
+
+
+def read_remote_manifest(url: str) -> Manifest:
+    """The checked manifest of the shard set at ``url``; a malformed one is a :class:`FetchError`."""
+    fs, root = url_filesystem(url)
+    where = f"{url}/{MANIFEST_NAME}"  # the URL as given: Path would fold its "//"
+    try:
+        data = json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFEST_NAME}"))
+    except FileNotFoundError as exc:
+        raise FetchError(f"no {MANIFEST_NAME} at {url}: not a published shard set") from exc
+    except json.JSONDecodeError as exc:
+        raise FetchError(f"{where} is not valid JSON: {exc}") from exc
+    try:
+        return Manifest.from_json(data, where)
+    except ManifestError as exc:
+        raise FetchError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class ShardLocation:
+    where: str
+    """The URL as given, or the local directory (without ``file://``)."""
+    remote: bool
+
+    @classmethod
+    def of(cls, location: Path | str) -> ShardLocation:
+        text = str(location)
+        return cls(text, True) if is_url(text) else cls(text.removeprefix("file://"), False)
+
+    @property
+    def root(self) -> Path | str:
+        """The URL, or the local directory as a :class:`~pathlib.Path`."""
+        return self.where if self.remote else Path(self.where)
+
+    def file(self, name: str) -> str:
+        """Where a file the manifest names (``S/S-000000.tar``) is: a URL or a local path."""
+        return f"{self.where.rstrip('/')}/{name}" if self.remote else str(Path(self.where) / name)
+
+    def manifest(self) -> Manifest:
+        return read_remote_manifest(self.where) if self.remote else read_manifest(Path(self.where))
+
+    def local_copy(self, cache_dir: Path | str | None = None) -> Path:
+        """The local directory to read: the set itself, or for a URL its folder in the
+        cache (filled by :func:`jigsawdata.fetch.cached_shards`; nothing is checked here)."""
+        if not self.remote:
+            return Path(self.where)
+        return Path(cache_dir or default_cache_dir()) / hashlib.sha256(self.where.encode()).hexdigest()[:16]
