@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-
 from .card import CARD_NAME
 from .errors import FetchError
 from .files import sha256_file, write_bytes_atomic, write_json_atomic

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from jigsawdata.errors import InputError
+from jigsawdata.files import write_json_atomic
 
 from .checkpoint import CHECKPOINT_NAME
 from .config import LOSSES, FinetuneConfig, PretrainConfig, schedule_epochs
@@ -164,7 +165,7 @@ def _timed(stage_file: Path, body: Callable[[], object]) -> float:
     start = time.perf_counter()
     body()
     seconds = before + time.perf_counter() - start
-    stage_file.write_text(json.dumps({"seconds": seconds}) + "\n")
+    write_json_atomic(stage_file, {"seconds": seconds})
     return seconds
 
 
@@ -238,7 +239,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, data: Data, out: Path, done: dic
     log.info("cell %s: fine-tuning from %s", cell.name, init)
     result.update(_finetune(cfg, cell, data, cell_dir / "finetune", init, epochs))
     result["device"] = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
-    (cell_dir / CELL_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(cell_dir / CELL_FILE, result)
     return result
 
 
@@ -250,7 +251,7 @@ def run_experiment(cfg: ExperimentConfig, on_cell: Callable[[str, dict], None] |
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out / "config.json", asdict(cfg))
     data = prepare_data(cfg, out)
     done: dict[str, dict] = {}
     report: dict = {}

@@ -26,7 +26,7 @@ import torch
 
 from jigsawdata import __version__
 from jigsawdata.errors import InputError
-from jigsawdata.manifest import write_bytes_atomic
+from jigsawdata.files import write_bytes_atomic
 from jigsawdata.pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 
 from .checkpoint import checkpoint_file, load, save_atomic
