@@ -243,9 +243,9 @@ def test_hugging_face_datasets_reads_each_group_with_named_labels(built_syntheti
     assert [c["config_name"] for c in meta["configs"]] == ["S", "T", "W"]
     name_of = {c.category_id: c.name for c in synthetic_source.classes} | {0: "background"}
     for group in ("S", "T", "W"):
-        shards = [s["name"] for s in manifest["groups"][group]["shards"]]
+        shards = [s.name for s in manifest.groups[group].shards]
         ds = datasets.load_dataset(str(root), group, split="train", cache_dir=str(tmp_path / "hf"))
-        assert len(ds) == manifest["groups"][group]["samples"] > 0
+        assert len(ds) == manifest.groups[group].samples > 0
         assert ds.features["cls"].names == [c.name for c in synthetic_source.classes] + ["background"]
         rows = ds.select_columns(["cls", "json", "__key__", "__url__"]).to_list()
         assert {Path(r["__url__"]).name for r in rows} == {Path(s).name for s in shards}
