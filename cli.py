@@ -13,12 +13,12 @@ import click
 from click.core import ParameterSource
 
 from jigsawdata import __version__
-from jigsawdata.coco import DEFAULT_MAX_PIXELS
+from jigsawdata.build import BuildConfig
 from jigsawdata.errors import InputError, first_line
 from jigsawdata.settings import field_types, flag, read_config_file, spec_of
 from jigsawdata.pipelines.config import FIT_MODES
 from jigsawdata.pipelines.template import REGION_NAMES
-from jigsawdata.sampling import NEGATIVES_AVOID
+from jigsawdata.sampling import SamplingConfig
 from jigsawdata.trainer.config import DEVICES, LOSSES, PIPELINES, FinetuneConfig, PretrainConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -35,6 +35,17 @@ def parse_size(text: str) -> int:
     if unit not in _UNITS:
         raise click.BadParameter(f"unknown unit in {text!r}")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+class _Size(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, int) else parse_size(value)
+
+
+SIZE = _Size()
+"""A byte count given as 4096, 256MB or 1GiB."""
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -94,13 +105,16 @@ def _evaluation_bar():
     return bar, update
 
 
-def setting_options(cls):
+def setting_options(cls, skip: tuple[str, ...] = (), kinds: dict | None = None, config: bool = True):
     """Click options built from a settings dataclass's fields (flag, default, choices, range,
-    help: see :mod:`jigsawdata.settings`), plus ``--config FILE``."""
+    help: see :mod:`jigsawdata.settings`), except ``skip``; ``kinds`` gives a field its own
+    click type; with ``config``, also ``--config FILE``."""
     def decorate(fn):
         types = field_types(cls)
         for field in reversed(dataclasses.fields(cls)):
             spec = spec_of(field)
+            if field.name in skip:
+                continue
             base, _ = types[field.name]
             required = field.default is dataclasses.MISSING
             default = None if required else field.default
@@ -110,7 +124,9 @@ def setting_options(cls):
                 fn = click.option(f"{flag(field.name)}/--no-{flag(field.name)[2:]}", field.name, default=default,
                                   show_default=shown, help=help_text)(fn)
                 continue
-            if spec.choices is not None:
+            if field.name in (kinds or {}):
+                kind = kinds[field.name]
+            elif spec.choices is not None:
                 kind = click.Choice(spec.choices)
             elif base in (int, float) and (spec.min is not None or spec.max is not None):
                 kind = (click.IntRange if base is int else click.FloatRange)(spec.min, spec.max,
@@ -119,6 +135,8 @@ def setting_options(cls):
                 kind = base
             fn = click.option(flag(field.name), *spec.aliases, field.name, type=kind, default=default,
                               show_default=shown, help=help_text)(fn)
+        if not config:
+            return fn
         return click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                             help="YAML or JSON file of these settings (a run's config.json works); flags given "
                                  "here override it.")(fn)
@@ -179,50 +197,30 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 @click.option("--ann", type=click.Path(dir_okay=False, path_type=Path), help="Annotation file (with --image-dir).")
 @click.option("--image-dir", "images", type=click.Path(file_okay=False, path_type=Path),
               help="Image folder (with --ann).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Seed of all sampling and of the shuffle.")
+@setting_options(BuildConfig, skip=("sampling",), kinds={"shard_size": SIZE}, config=False)
+@setting_options(SamplingConfig, config=False)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=0),
               help="Processes that decode and encode (0 or 1: in this process).")
 @click.option("--part", "part_spec", default="0/1", show_default=True, help="Build only part K of N (K/N), e.g. in a Slurm array.")
-@click.option("--pos-per-neg", default=10.0, show_default=True, help="Positives per negative crop.")
-@click.option("--max-enlarge", default=2.0, show_default=True, help="Largest context growth per axis.")
-@click.option("--min-box-size", default=4, show_default=True, help="Smallest GT box side (px) kept as a positive.")
-@click.option("--negatives-avoid", type=click.Choice(NEGATIVES_AVOID), default="crops", show_default=True,
-              help="What negatives must not touch: the enlarged positive crops (the paper) or only the GT boxes.")
-@click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100),
-              help="JPEG quality of the crops written into the shards.")
-@click.option("--shard-size", default="256MB", show_default=True, help="Largest shard payload.")
-@click.option("--shard-samples", default=10_000, show_default=True, type=click.IntRange(min=1),
-              help="Most samples per shard.")
-@click.option("--chunk-images", default=64, show_default=True, type=click.IntRange(min=1), help="Images per work unit (unit of resumption).")
-@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Largest image (width x height) decoded; larger ones are skipped (decompression bombs).")
 @click.option("--strict/--no-strict", default=False, show_default=True,
               help="A bad box or a file_name outside --image-dir is an error instead of a counted skip.")
 @click.option("--keep-staging/--no-keep-staging", default=False, show_default=True,
               help="Keep the per-chunk staging files after a successful build (for inspection).")
 @click.option("--license", "license_", help="Licence of the source set, for the dataset card "
               "(default: COCO's terms for a COCO-derived set, else 'unknown').")
-def build_shards_cmd(coco_root, out, split, ann, images, seed, workers, part_spec, pos_per_neg,
-                     max_enlarge, min_box_size, negatives_avoid, jpeg_quality, shard_size, shard_samples,
-                     chunk_images, max_pixels, strict, keep_staging, license_) -> None:
+def build_shards_cmd(coco_root, out, split, ann, images, workers, part_spec, strict, keep_staging, license_,
+                     **settings) -> None:
     """Extract positive and negative crops from a COCO set into grouped WebDataset shards.
 
     Rerunning the same command resumes an interrupted build.
     """
-    from jigsawdata.build import BuildConfig, build_shards
+    from jigsawdata.build import build_shards
     from jigsawdata.coco import load_coco
-    from jigsawdata.sampling import SamplingConfig
 
     part, parts = parse_part(part_spec)
-    try:
-        cfg = BuildConfig(seed=seed, sampling=SamplingConfig(max_enlarge=max_enlarge, pos_per_neg=pos_per_neg,
-                                                              min_box_size=min_box_size,
-                                                              negatives_avoid=negatives_avoid),
-                          jpeg_quality=jpeg_quality, shard_size=parse_size(shard_size),
-                          shard_samples=shard_samples, chunk_images=chunk_images, max_pixels=max_pixels)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    sampling = {f.name for f in dataclasses.fields(SamplingConfig)}
+    cfg = BuildConfig(sampling=SamplingConfig(**{k: v for k, v in settings.items() if k in sampling}),
+                      **{k: v for k, v in settings.items() if k not in sampling})
     ann_file, image_dir = _resolve_source(coco_root, split, ann, images)
     source = load_coco(ann_file, image_dir, strict=strict)
     n_images = sum(1 for i in range(len(source.images)) if i % parts == part)

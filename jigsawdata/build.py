@@ -41,6 +41,7 @@ from .outdir import (BuildLock, check_out_location, claim_output, lock_path, rec
                      reusable_shard)
 from .records import Records, index_table, load_records, shuffled_groups, split_shards
 from .sampling import SamplingConfig, image_rng, negative_topups, plan_image, shuffle_rng, topup_rng
+from .settings import check, setting
 from .shards import index_path, write_shard
 
 log = logging.getLogger(__name__)
@@ -52,23 +53,18 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class BuildConfig:
-    seed: int = 0
+    seed: int = setting(0, "Seed of all sampling and of the shuffle.", min=0)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    jpeg_quality: int = 90
-    shard_size: int = 256 * 2**20
-    """Upper bound on a shard's payload bytes (a single larger sample still gets a shard)."""
-    shard_samples: int = 10_000
-    """Upper bound on samples per shard."""
-    chunk_images: int = 64
-    """Images per extraction task: the unit of parallel work and of resumption."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Larger images (width x height) are skipped as ``image_too_large`` (decompression bombs)."""
+    jpeg_quality: int = setting(90, "JPEG quality of the crops written into the shards.", min=1, max=100)
+    shard_size: int = setting(256 * 2**20, "Largest shard payload in bytes, also as 256MB or 1GiB (a single "
+                              "larger sample still gets a shard).", min=1)
+    shard_samples: int = setting(10_000, "Most samples per shard.", min=1)
+    chunk_images: int = setting(64, "Images per work unit: the unit of parallel work and of resumption.", min=1)
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "Largest image (width x height) decoded; larger ones are skipped "
+                              "as image_too_large (decompression bombs).", min=1)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
-        if self.shard_size < 1 or self.shard_samples < 1 or self.chunk_images < 1 or self.max_pixels < 1:
-            raise ValueError("shard_size, shard_samples, chunk_images and max_pixels must be >= 1")
+        check(self)
 
 
 def _shard_name(group: str, part: int, parts: int, index: int) -> str:

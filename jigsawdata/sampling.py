@@ -17,6 +17,7 @@ import numpy as np
 from . import geometry
 from .coco import ImageRecord
 from .grouping import group_of
+from .settings import check, setting
 
 NEGATIVES_AVOID = ("crops", "gt")
 _IMAGE_STREAM = 1  # keeps per-image generators apart from the shuffle's (see shuffle_rng)
@@ -26,33 +27,22 @@ _TOPUP_STREAM = 3
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    max_enlarge: float = 2.0
-    """Largest growth factor per axis of a positive crop (PAPER.md 1: up to 2x)."""
-    pos_per_neg: float = 10.0
-    """Positives per negative, overall (PAPER.md 1: 10:1)."""
-    min_box_size: int = 4
-    """GT boxes narrower or shorter than this (pixels) give no positive [ours]."""
-    negative_tries: int = 40
-    """Sizes tried per negative before giving up on it (each with a few placements)."""
-    negative_shrink: float = 0.9
-    """Each failed size is followed by a size this much smaller, so crowded images still
-    yield background crops (never below ``min_box_size``) [ours]."""
-    negatives_avoid: str = "crops"
-    """What a negative must not touch: ``crops``, the enlarged positive crops and every GT
-    box (PAPER.md 1: negatives exclusive with the positive samples), or ``gt``, the GT boxes
-    only, so a negative may share context pixels with a positive crop [ours, the option]."""
+    max_enlarge: float = setting(2.0, "Largest context growth per axis of a positive crop (PAPER.md 1: up to 2x).",
+                                 min=1.0)
+    pos_per_neg: float = setting(10.0, "Positives per negative crop, overall (PAPER.md 1: 10:1).", min=0.0,
+                                 min_open=True)
+    min_box_size: int = setting(4, "Smallest GT box side (px) kept as a positive.", min=1)
+    negative_tries: int = setting(40, "Sizes tried per negative before giving up on it (each with a few "
+                                  "placements).", min=1)
+    negative_shrink: float = setting(0.9, "Each failed negative size is followed by one this much smaller, so "
+                                     "crowded images still yield background crops (never below --min-box-size).",
+                                     min=0.0, max=1.0, min_open=True)
+    negatives_avoid: str = setting("crops", "What negatives must not touch: the enlarged positive crops and every GT "
+                                   "box (PAPER.md 1: negatives exclusive with the positive samples), or only the GT "
+                                   "boxes.", choices=NEGATIVES_AVOID)
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.max_enlarge) and self.max_enlarge >= 1.0):
-            raise ValueError(f"max_enlarge must be a finite number >= 1, got {self.max_enlarge}")
-        if not (math.isfinite(self.pos_per_neg) and self.pos_per_neg > 0):
-            raise ValueError(f"pos_per_neg must be a finite number > 0, got {self.pos_per_neg}")
-        if not 0 < self.negative_shrink <= 1:
-            raise ValueError(f"negative_shrink must be in (0, 1], got {self.negative_shrink}")
-        if self.min_box_size < 1 or self.negative_tries < 1:
-            raise ValueError("min_box_size and negative_tries must be >= 1")
-        if self.negatives_avoid not in NEGATIVES_AVOID:
-            raise ValueError(f"negatives_avoid must be one of {NEGATIVES_AVOID}, got {self.negatives_avoid!r}")
+        check(self)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,11 @@ RESOLVED_KEY = "resolved"
 not a setting, so it is skipped when that file is read back as ``--config``."""
 
 
+class SettingError(InputError, ValueError):
+    """A setting out of its type, choices or range: a one-line error in the CLI, and a
+    ValueError to Python callers, like any bad argument."""
+
+
 @dataclass(frozen=True)
 class Spec:
     """What the CLI and the checks need to know about one setting."""
@@ -85,7 +90,7 @@ def _range_text(spec: Spec) -> str:
 
 
 def check(cfg) -> None:
-    """Types, choices and ranges of every :func:`setting` of ``cfg``; raises :class:`InputError`
+    """Types, choices and ranges of every :func:`setting` of ``cfg``; raises :class:`SettingError`
     naming the flag. Integers given for float settings become floats."""
     types_ = field_types(type(cfg))
     for field in dataclasses.fields(cfg):
@@ -96,17 +101,17 @@ def check(cfg) -> None:
             continue
         name = flag(field.name)
         if not _type_ok(value, base):
-            raise InputError(f"{name} must be a {base.__name__}, got {value!r}")
+            raise SettingError(f"{name} must be a {base.__name__}, got {value!r}")
         if base is float:
             value = float(value)
             if not math.isfinite(value):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
+                raise SettingError(f"{name} must be a finite number, got {value!r}")
             object.__setattr__(cfg, field.name, value)
         if spec.choices is not None and value not in spec.choices:
-            raise InputError(f"{name} must be one of {', '.join(spec.choices)}, got {value!r}")
+            raise SettingError(f"{name} must be one of {', '.join(spec.choices)}, got {value!r}")
         too_low = spec.min is not None and (value <= spec.min if spec.min_open else value < spec.min)
         if too_low or (spec.max is not None and value > spec.max):
-            raise InputError(f"{name} must be {_range_text(spec)}, got {value!r}")
+            raise SettingError(f"{name} must be {_range_text(spec)}, got {value!r}")
 
 
 def read_config_file(path: Path | str, cls) -> dict[str, Any]:

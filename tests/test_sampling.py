@@ -153,14 +153,14 @@ def test_image_without_free_background_yields_no_negative_and_is_counted():
 
 
 def test_bad_sampling_settings_are_refused():
-    with pytest.raises(ValueError, match="max_enlarge"):
+    with pytest.raises(ValueError, match="--max-enlarge must be >= 1, got 0.5"):
         SamplingConfig(max_enlarge=0.5)
-    with pytest.raises(ValueError, match="pos_per_neg"):
+    with pytest.raises(ValueError, match="--pos-per-neg must be > 0, got 0"):
         SamplingConfig(pos_per_neg=0)
 
 
-@pytest.mark.parametrize("field, value", [("max_enlarge", float("nan")), ("max_enlarge", float("inf")),
-                                          ("pos_per_neg", float("nan")), ("pos_per_neg", float("inf"))])
+@pytest.mark.parametrize("field, value", [("max-enlarge", float("nan")), ("max-enlarge", float("inf")),
+                                          ("pos-per-neg", float("nan")), ("pos-per-neg", float("inf"))])
 def test_non_finite_sampling_settings_are_refused(field, value):
-    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
-        SamplingConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"--{field} must be a finite number"):
+        SamplingConfig(**{field.replace("-", "_"): value})
