@@ -1,5 +1,6 @@
 """Assembled jigsaw images per second: DALI (CPU backend; GPU too where present) versus the
-reference PyTorch DataLoader with as many worker processes as DALI has threads, and versus
+reference PyTorch DataLoader with as many worker processes as DALI has threads (on the CPU:
+as many one-thread DALI pipelines, taking turns like the DataLoader's workers), and versus
 "decode whole": the same workers reading the same four crops per image and only decoding
 each whole with PIL (the work that decoding just the window avoids), in one run.
 
@@ -64,19 +65,26 @@ def one_repeat(make_loader, batch: int, batches: int, warmup: int, sync: bool = 
     """A callable measuring one repeat: images/s of ``batches`` batches from a fresh loader,
     after ``warmup`` batches that empty its prefetch queue (so no pipeline starts the clock
     with work done in advance), and the CPU milliseconds per image its threads and worker
-    processes used meanwhile (``None`` without /proc). The loader is closed afterwards, so
-    that its workers take no CPU from the next pipeline measured."""
+    processes used meanwhile (``None`` without /proc). Each batch is dropped as it arrives,
+    as a training step drops it: held, every batch would need fresh memory (for DALI, whose
+    outputs are its own reused buffers, ~150 page faults per image). The loader is closed
+    afterwards, so that its workers take no CPU from the next pipeline measured."""
     def run() -> tuple[float, float | None]:
         it = iter(make_loader())
         for _ in range(warmup):
             next(it)
         cpu = cpu_seconds()
-        rate = batch * batches / timed(lambda: [next(it) for _ in range(batches)], sync)
+        rate = batch * batches / timed(lambda: _drain(it, batches), sync)
         cpu_ms = None if cpu is None else (cpu_seconds() - cpu) * 1e3 / (batch * batches)
         del it
         gc.collect()
         return rate, cpu_ms
     return run
+
+
+def _drain(batches_of, count: int) -> None:
+    for _ in range(count):
+        next(batches_of)
 
 
 def rn50_consumption(batch: int, steps: int, repeats: int) -> dict:
@@ -109,7 +117,9 @@ def run(coco: Path = DEFAULT_COCO, workers: int = 2, batch: int = 64, batches: i
         # More than any pipeline prefetches: DALI 2 batches, a DataLoader 2 per worker.
         warmup = 2 * workers + 3
         cases = {
-            "dali_cpu": lambda: DaliJigsawLoader(root, batch, cfg, num_threads=workers, rank=0, world_size=1),
+            # As many one-thread pipelines as the DataLoaders have worker processes (see DaliJigsawLoader).
+            "dali_cpu": lambda: DaliJigsawLoader(root, batch, cfg, num_threads=1, pipelines=workers, rank=0,
+                                                 world_size=1),
             "reference": lambda: reference_loader(root, batch, cfg, workers=workers, rank=0, world_size=1),
             "decode_whole": lambda: decode_whole_loader(root, batch, cfg, workers),
         }

@@ -212,6 +212,13 @@ def test_flip_rate_and_resize_range(halves, backend):
     assert abs(flipped.mean().item() - 0.5) < 3 * (0.25 / n) ** 0.5 + 0.02, flipped.mean()
 
 
+def test_several_pipelines_draw_their_own_augmentations(halves):
+    images, _ = take(DaliJigsawLoader(halves, 8, JigsawConfig(initial_fill=16), num_threads=1, pipelines=2,
+                                      rank=0, world_size=1), 2)
+    # Every S, T and W crop looks the same: only the random resize, window and flip can differ.
+    assert not torch.equal(images[:8], images[8:])
+
+
 @pytest.mark.parametrize("fit", ["warp", "resize"])
 @pytest.mark.parametrize("backend", ["dali", "reference"])
 def test_fit_modes(crafted, fit, backend):
@@ -233,6 +240,44 @@ def test_epoch_mode_ends_and_endless_mode_does_not(crafted):
     assert len(list(loader)) == 8 // 4
     endless = iter(DaliJigsawLoader(crafted, 4, cfg, num_threads=1))
     assert len([next(endless) for _ in range(5)]) == 5
+
+
+def test_several_pipelines_take_turns_each_over_its_own_share(built_real):
+    """pipelines=2 gives the batches of two single pipelines over half the samples each (as
+    two ranks would read them, each with its own seed), one from each in turn."""
+    from jigsawdata.pipelines.dali import part_config
+
+    cfg = JigsawConfig(seed=5, initial_fill=64)
+    both = take(DaliJigsawLoader(built_real, 4, cfg, num_threads=1, pipelines=2, rank=0, world_size=1), 4)
+    halves = [take(DaliJigsawLoader(built_real, 4, part_config(cfg, k), num_threads=1, rank=k, world_size=2), 2)
+              for k in range(2)]
+    for i in range(4):
+        images, labels = halves[i % 2]
+        batch = slice(4 * (i // 2), 4 * (i // 2 + 1))
+        assert torch.equal(both[0][4 * i:4 * i + 4], images[batch]) and torch.equal(both[1][4 * i:4 * i + 4],
+                                                                                      labels[batch])
+    assert not torch.equal(halves[0][0][:4], halves[1][0][:4])
+
+
+def test_several_pipelines_resume_where_their_state_was_taken(built_real):
+    cfg = JigsawConfig(seed=2, initial_fill=64)
+    first = DaliJigsawLoader(built_real, 4, cfg, num_threads=1, pipelines=2, rank=0, world_size=1)
+    take(first, 3)  # the next batch is the second pipeline's
+    state = first.state()
+    expected = take(first, 3)
+    resumed = DaliJigsawLoader(built_real, 4, cfg, num_threads=1, pipelines=2, rank=0, world_size=1,
+                               checkpoint=state)
+    got = take(resumed, 3)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(InputError, match=r"2 DALI pipeline\(s\), not 1"):
+        DaliJigsawLoader(built_real, 4, cfg, num_threads=1, rank=0, world_size=1, checkpoint=state)
+
+
+def test_several_pipelines_end_an_epoch_together(crafted):
+    loader = DaliJigsawLoader(crafted, 2, fixed(), num_threads=1, pipelines=2, epoch=True)
+    assert len(list(loader)) == 8 // 2  # two pipelines, 4 S samples and 2 batches each
+    loader.reset()
+    assert len(list(loader)) == 8 // 2
 
 
 def test_too_few_samples_for_the_ranks_is_a_clear_error(crafted):
