@@ -32,6 +32,27 @@ def timed(body, cuda: bool) -> float:
     return time.perf_counter() - start
 
 
+def cpu_seconds() -> float | None:
+    """CPU seconds used so far by this process (all its threads) and its live child processes
+    (DataLoader workers, read from Linux's /proc in clock ticks); ``None`` without /proc.
+    Unlike wall time, it hardly depends on what else the machine is running."""
+    import os
+    import time
+
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():
+        return None
+    me, ticks, children = os.getpid(), os.sysconf("SC_CLK_TCK"), 0
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == me:  # fields[1]: the parent's pid; 11 and 12: user and system time
+            children += int(fields[11]) + int(fields[12])
+    return time.process_time() + children / ticks
+
+
 def interleaved(cases: dict, repeats: int) -> dict:
     """Run ``cases`` (name -> callable doing one measured repeat and returning its figures)
     in turn, ``repeats`` times: A B A B ... rather than A A A B B B, so that a machine

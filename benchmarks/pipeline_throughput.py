@@ -1,5 +1,6 @@
 """Assembled jigsaw images per second: DALI (CPU backend; GPU too where present) versus the
-reference PyTorch DataLoader with as many worker processes as DALI has threads, and versus
+reference PyTorch DataLoader with as many worker processes as DALI has threads (on the CPU:
+as many one-thread DALI pipelines, taking turns like the DataLoader's workers), and versus
 "decode whole": the same workers reading the same four crops per image and only decoding
 each whole with PIL (the work that decoding just the window avoids), in one run.
 
@@ -30,7 +31,7 @@ from jigsawdata.pipelines.dali import DaliJigsawLoader
 from jigsawdata.pipelines.reference import reader_streams, reference_loader, worker_part
 from jigsawdata.pipelines.shardset import open_shard_set
 
-from .common import DEFAULT_COCO, environment, interleaved, report, stats, timed
+from .common import DEFAULT_COCO, cpu_seconds, environment, interleaved, report, stats, timed
 
 
 def build_benchmark_shards(coco: Path, out: Path, split: str = "train2017", shard_samples: int = 100) -> Path:
@@ -63,17 +64,27 @@ def decode_whole_loader(root: Path, batch: int, cfg: JigsawConfig, workers: int)
 def one_repeat(make_loader, batch: int, batches: int, warmup: int, sync: bool = False):
     """A callable measuring one repeat: images/s of ``batches`` batches from a fresh loader,
     after ``warmup`` batches that empty its prefetch queue (so no pipeline starts the clock
-    with work done in advance). The loader is closed afterwards, so that its workers take no
-    CPU from the next pipeline measured."""
-    def run() -> float:
+    with work done in advance), and the CPU milliseconds per image its threads and worker
+    processes used meanwhile (``None`` without /proc). Each batch is dropped as it arrives,
+    as a training step drops it: held, every batch would need fresh memory (for DALI, whose
+    outputs are its own reused buffers, ~150 page faults per image). The loader is closed
+    afterwards, so that its workers take no CPU from the next pipeline measured."""
+    def run() -> tuple[float, float | None]:
         it = iter(make_loader())
         for _ in range(warmup):
             next(it)
-        rate = batch * batches / timed(lambda: [next(it) for _ in range(batches)], sync)
+        cpu = cpu_seconds()
+        rate = batch * batches / timed(lambda: _drain(it, batches), sync)
+        cpu_ms = None if cpu is None else (cpu_seconds() - cpu) * 1e3 / (batch * batches)
         del it
         gc.collect()
-        return rate
+        return rate, cpu_ms
     return run
+
+
+def _drain(batches_of, count: int) -> None:
+    for _ in range(count):
+        next(batches_of)
 
 
 def rn50_consumption(batch: int, steps: int, repeats: int) -> dict:
@@ -106,7 +117,9 @@ def run(coco: Path = DEFAULT_COCO, workers: int = 2, batch: int = 64, batches: i
         # More than any pipeline prefetches: DALI 2 batches, a DataLoader 2 per worker.
         warmup = 2 * workers + 3
         cases = {
-            "dali_cpu": lambda: DaliJigsawLoader(root, batch, cfg, num_threads=workers, rank=0, world_size=1),
+            # As many one-thread pipelines as the DataLoaders have worker processes (see DaliJigsawLoader).
+            "dali_cpu": lambda: DaliJigsawLoader(root, batch, cfg, num_threads=1, pipelines=workers, rank=0,
+                                                 world_size=1),
             "reference": lambda: reference_loader(root, batch, cfg, workers=workers, rank=0, world_size=1),
             "decode_whole": lambda: decode_whole_loader(root, batch, cfg, workers),
         }
@@ -115,11 +128,13 @@ def run(coco: Path = DEFAULT_COCO, workers: int = 2, batch: int = 64, batches: i
             repeats_of["dali_gpu"] = one_repeat(lambda: DaliJigsawLoader(root, batch, cfg, device="gpu", device_id=0,
                                                                          num_threads=workers, rank=0, world_size=1),
                                                 batch, batches, warmup, sync=True)
-        results = {name: stats(runs) for name, runs in interleaved(repeats_of, repeats).items()}
+        runs = interleaved(repeats_of, repeats)
+        results = {name: stats([rate for rate, _ in r]) for name, r in runs.items()}
+        cpu_ms = {name: stats([ms for _, ms in r]) for name, r in runs.items() if None not in (ms for _, ms in r)}
         if torch.cuda.is_available():
             results["rn50_amp_step"] = rn50_consumption(batch, batches, repeats)
     out = {"benchmark": "pipeline_throughput", "workers": workers, "batch": batch, "batches": batches,
-           "repeats": repeats, "images_per_s": results,
+           "repeats": repeats, "images_per_s": results, "cpu_ms_per_image": cpu_ms,
            "ratio_dali_cpu_over_reference": results["dali_cpu"]["median"] / results["reference"]["median"],
            "ratio_dali_cpu_over_decode_whole": results["dali_cpu"]["median"] / results["decode_whole"]["median"],
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -131,9 +146,12 @@ def run(coco: Path = DEFAULT_COCO, workers: int = 2, batch: int = 64, batches: i
 
 def format_table(result: dict) -> str:
     lines = [f"jigsaw pipeline throughput, batch {result['batch']}, {result['workers']} threads/workers, "
-             f"device {result['device']}", f"{'pipeline':<16}{'images/s':>10}{'min':>10}{'max':>10}"]
+             f"device {result['device']}",
+             f"{'pipeline':<16}{'images/s':>10}{'min':>10}{'max':>10}{'CPU ms/image':>14}"]
     for name, s in result["images_per_s"].items():
-        lines.append(f"{name:<16}{s['median']:>10.1f}{s['min']:>10.1f}{s['max']:>10.1f}")
+        cpu = result["cpu_ms_per_image"].get(name)
+        lines.append(f"{name:<16}{s['median']:>10.1f}{s['min']:>10.1f}{s['max']:>10.1f}"
+                     + (f"{cpu['median']:>14.2f}" if cpu else ""))
     lines.append(f"DALI-CPU / reference: {result['ratio_dali_cpu_over_reference']:.2f}x")
     lines.append(f"DALI-CPU / decode whole: {result['ratio_dali_cpu_over_decode_whole']:.2f}x")
     if "ratio_dali_gpu_over_rn50_step" in result:

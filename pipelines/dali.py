@@ -4,15 +4,16 @@ Four webdataset readers — two over the S shards with different seeds, one over
 over W — feed one graph (all readers of a DALI pipeline share a batch size, which is how two
 S crops per image are drawn). Per sample, from the JPEG header alone: draw the random resize
 (aspect kept) and the region window, and order the two S crops by resized area; then decode
-only the source pixels that reach the window, resample them into it with a random
-horizontal flip, and zero-pad the axes smaller than the region. The four pieces are
-concatenated into the canvas and normalised. ``device`` selects where this runs; the graph
-is the same.
+only the source pixels that reach the window and resample them into it with a random
+horizontal flip. The four pieces are pasted onto a zero canvas (which zero-pads the axes
+smaller than a region) and normalised. ``device`` selects where this runs; the graph is the
+same but for the decoder and the stitch (see :func:`_fit_windows` and :func:`_pad_and_cat`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,15 @@ from jigsawdata.location import is_url
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from .ranks import process_info
 from .shardset import GroupShards, check_enough_samples, open_shard_set
-from .template import READER_GROUPS
+from .template import READER_GROUPS, Template
 
 log = logging.getLogger(__name__)
 
 READERS: tuple[tuple[str, str], ...] = tuple(zip(("S0", "S1", "T", "W"), READER_GROUPS))
+_PLACEMENTS = (("S0", "W", "T", "S1"), ("S1", "W", "T", "S0"))
+"""The reader whose piece fills each region (TL, TR, BL, BR): the smaller S crop top-left, the
+larger bottom-right (PAPER.md 3). The first order holds unless S0 is the larger (ties keep
+reader order)."""
 _MAX_LABEL_DIGITS = 9
 _ROI_MARGIN = 4.0
 """Source pixels decoded around a window's ROI: more than the bilinear filter's support at
@@ -70,47 +75,63 @@ def _read(group: GroupShards, name: str, seed: int, cfg: JigsawConfig, shard_id:
     return jpg, _label_bytes(cls)
 
 
-def _resized_size(jpg, cfg: JigsawConfig):
-    """``(source, resized)`` float ``[height, width]`` of each sample, from its JPEG header
-    alone: the random resize is drawn before anything is decoded. Sizes travel as one
-    2-vector: every graph operator costs per batch, so fewer is faster."""
-    import nvidia.dali.math as dmath
-    from nvidia.dali import fn, types
-
-    source = fn.cast(fn.peek_image_shape(jpg), dtype=types.FLOAT)[0:2]
-    lo, hi = cfg.scale
-    if cfg.fit != "pad_crop" or (lo, hi) == (1.0, 1.0):
-        return source, source
-    scale = fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-    return source, dmath.max(dmath.floor(source * scale + 0.5), 1.0)
-
-
-def _hw(values: tuple[float, float]):
+def _constant(values):
+    """A float32 constant tensor (the same for every sample)."""
     from nvidia.dali import types
 
-    return types.Constant(np.array(values, dtype=np.float32))
+    return types.Constant(np.asarray(values, dtype=np.float32))
+
+
+def _source_sizes(jpgs):
+    """``[height, width]`` of each reader's sample as one ``(readers, 2)`` float tensor, from
+    the JPEG headers alone. Every geometry step below is one operator for all four readers:
+    DALI's CPU operators cost about a microsecond per sample each, whatever they compute, so
+    the jigsaw's arithmetic is done on stacked tensors rather than per reader."""
+    from nvidia.dali import fn, types
+
+    return fn.stack(*(fn.peek_image_shape(j, dtype=types.FLOAT) for j in jpgs))[:, 0:2]
+
+
+def _resized_sizes(source, cfg: JigsawConfig):
+    """The random resize (aspect kept), drawn before anything is decoded."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn
+
+    lo, hi = cfg.scale
+    if cfg.fit != "pad_crop" or (lo, hi) == (1.0, 1.0):
+        return source
+    scale = fn.random.uniform(range=[lo, hi], shape=[len(READERS), 1]) if hi > lo else lo
+    return dmath.max(dmath.floor(source * scale + 0.5), 1.0)
+
+
+def _regions(template: Template, swap):
+    """Per reader, the ``[height, width]`` and the canvas origin ``[y, x]`` of its region,
+    under the placement ``swap`` selects (see ``_PLACEMENTS``). The pieces stay in reader
+    order and only their places change, so the comparison routes no image data."""
+    boxes = np.array(template.boxes, dtype=np.float32)  # (x0, y0, x1, y1), region order
+    size, origin = boxes[:, [3, 2]] - boxes[:, [1, 0]], boxes[:, [1, 0]]
+    kept, swapped = ([order.index(name) for name, _ in READERS] for order in _PLACEMENTS)
+    return tuple(_constant(a[kept]) + _constant(a[swapped] - a[kept]) * swap for a in (size, origin))
 
 
 def _positions(cfg: JigsawConfig):
-    """Window positions ``[y, x]`` as fractions of the slack (see :func:`jigsawdata.pipelines.fit.window_anchor`)."""
+    """Window positions ``[y, x]`` per reader, as fractions of the slack (see :func:`jigsawdata.pipelines.fit.window_anchor`)."""
     from nvidia.dali import fn
 
     if cfg.crop_pos is not None:
-        return _hw((cfg.crop_pos, cfg.crop_pos))
-    return fn.random.uniform(range=[0.0, 1.0], shape=[2])
+        return _constant(np.full((len(READERS), 2), cfg.crop_pos))
+    return fn.random.uniform(range=[0.0, 1.0], shape=[len(READERS), 2])
 
 
-def _pad(piece, region: tuple[int, int], pos):
-    """Zero-pad the axes smaller than the region, placed by ``pos`` (a no-op on the others)."""
+def _mirror(cfg: JigsawConfig):
+    """A random horizontal flip per sample (one reader's)."""
     from nvidia.dali import fn
 
-    rw, rh = region
-    return fn.crop(piece, crop_w=rw, crop_h=rh, crop_pos_x=pos[1], crop_pos_y=pos[0],
-                   out_of_bounds_policy="pad", fill_values=0)
+    return fn.random.coin_flip(probability=cfg.flip_p) if cfg.flip_p > 0 else 0
 
 
-def _fit_window(jpg, source, resized, region: tuple[int, int], cfg: JigsawConfig, decoder: str):
-    """pad_crop: resample only the source pixels that can reach the region.
+def _fit_windows(jpgs, source, resized, size, pos, cfg: JigsawConfig, decoder: str):
+    """pad_crop: resample only the source pixels that can reach each region.
 
     The resized sample's region-sized window ``[anchor, anchor + window)`` (per axis,
     ``anchor = round(pos * slack)``, the window clamped to the resized size) maps back to
@@ -120,51 +141,96 @@ def _fit_window(jpg, source, resized, region: tuple[int, int], cfg: JigsawConfig
     decoder's chroma upsampling, is decoded (``decoders.image_slice``: libjpeg-turbo skips
     the rest), and the pixels equal those of a whole decode. nvJPEG decodes whole crops
     faster than it decodes regions with fancy upsampling (measured on an H200: 5,273 vs 3,933
-    images/s), so the GPU decodes them whole.
+    images/s), so the GPU decodes them whole. Returns the pieces (each at most region-sized)
+    and their offsets ``[y, x]`` in their regions: an axis smaller than its region is placed
+    by ``pos`` and the rest of the region stays zero.
     """
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
-    rw, rh = region
-    pos = _positions(cfg)
-    mirror = fn.random.coin_flip(probability=cfg.flip_p) if cfg.flip_p > 0 else 0
-    window = dmath.min(resized, _hw((rh, rw)))
+    window = dmath.min(resized, size)
     anchor = dmath.floor(pos * (resized - window) + 0.5)
     lo = anchor * source / resized
     hi = (anchor + window) * source / resized
     if decoder == "mixed":
-        image = fn.decoders.image(jpg, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
+        images = [fn.decoders.image(j, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
+                  for j in jpgs]
     else:
         start = dmath.max(dmath.floor(lo) - _ROI_MARGIN, 0.0)
         end = dmath.min(dmath.ceil(hi) + _ROI_MARGIN, source)
-        image = fn.decoders.image_slice(jpg, start=fn.cast(start, dtype=types.INT32),
-                                        end=fn.cast(end, dtype=types.INT32), axis_names="HW", device=decoder,
-                                        output_type=types.RGB)
+        first, last = fn.cast(start, dtype=types.INT32), fn.cast(end, dtype=types.INT32)
+        images = [fn.decoders.image_slice(j, start=first[i], end=last[i], axis_names="HW", device=decoder,
+                                          output_type=types.RGB) for i, j in enumerate(jpgs)]
         lo, hi = lo - start, hi - start
-    piece = fn.resize_crop_mirror(image, size=window, roi_start=lo, roi_end=hi, mirror=mirror,
-                                  interp_type=types.INTERP_LINEAR, antialias=True)
-    return _pad(piece, region, pos)
+    pieces = [fn.resize_crop_mirror(image, size=window[i], roi_start=lo[i], roi_end=hi[i], mirror=_mirror(cfg),
+                                    interp_type=types.INTERP_LINEAR, antialias=True)
+              for i, image in enumerate(images)]
+    return pieces, dmath.floor(pos * (size - window) + 0.5)
 
 
-def _fit_whole(jpg, region: tuple[int, int], cfg: JigsawConfig, decoder: str):
-    """The warp / resize ablations: the whole sample is resized to (or into) the region."""
+def _fit_whole(jpgs, size, pos, cfg: JigsawConfig, decoder: str):
+    """The warp / resize ablations: each whole sample is resized to (or into) its region,
+    then padded to it; the pieces fill their regions (offsets zero)."""
     from nvidia.dali import fn, types
 
-    rw, rh = region
-    pos = _positions(cfg)
-    # nvJPEG upsamples chroma like libjpeg-turbo only when asked: the shards are 4:2:0.
-    image = fn.decoders.image(jpg, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
-    mode = "not_larger" if cfg.fit == "resize" else "default"
-    piece = fn.resize(image, resize_x=float(rw), resize_y=float(rh), mode=mode, interp_type=types.INTERP_LINEAR)
-    if cfg.flip_p > 0:
-        piece = fn.flip(piece, horizontal=fn.random.coin_flip(probability=cfg.flip_p))
-    return _pad(piece, region, pos)
+    pieces = []
+    for i, jpg in enumerate(jpgs):
+        # nvJPEG upsamples chroma like libjpeg-turbo only when asked: the shards are 4:2:0.
+        image = fn.decoders.image(jpg, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
+        rh, rw = size[i, 0], size[i, 1]
+        mode = "not_larger" if cfg.fit == "resize" else "default"
+        piece = fn.resize(image, resize_x=rw, resize_y=rh, mode=mode, interp_type=types.INTERP_LINEAR)
+        if cfg.flip_p > 0:
+            piece = fn.flip(piece, horizontal=_mirror(cfg))
+        pieces.append(fn.crop(piece, crop_w=rw, crop_h=rh, crop_pos_x=pos[i, 1], crop_pos_y=pos[i, 0],
+                              out_of_bounds_policy="pad", fill_values=0))
+    return pieces, 0.0
+
+
+def _paste(pieces, origin, offset, template: Template):
+    """The CPU stitch: one ``multi_paste`` of the four pieces onto a zero canvas, which pads
+    and stitches at once, about eight times cheaper than padding each piece and concatenating
+    the regions with DALI's CPU ``crop`` and ``cat`` (which runs on one thread)."""
+    from nvidia.dali import fn, types
+
+    return fn.multi_paste(*pieces, out_anchors=fn.cast(origin + offset, dtype=types.INT32),
+                          output_size=[template.canvas, template.canvas])
+
+
+def _pad_and_cat(pieces, size, pos, swap):
+    """The GPU stitch: pad each piece to its region, placed by ``pos`` as :func:`_fit_windows`
+    places it, then concatenate the regions. Gives the canvas :func:`_paste` gives (a test
+    checks this on the CPU); the GPU uses it because DALI's GPU ``multi_paste`` was never
+    run here with inputs of different shapes."""
+    from nvidia.dali import fn
+
+    s0, s1, tall, wide = (fn.crop(piece, crop_h=size[i, 0], crop_w=size[i, 1], crop_pos_y=pos[i, 0],
+                                  crop_pos_x=pos[i, 1], out_of_bounds_policy="pad", fill_values=0)
+                          for i, piece in enumerate(pieces))
+    if swap:
+        small, large = s1, s0
+    else:
+        small, large = s0, s1
+    return fn.cat(fn.cat(small, wide, axis=1), fn.cat(tall, large, axis=1), axis=0)
+
+
+def _placed_labels(labels, swap):
+    """``(4, digits)`` uint8 labels in region order (see :func:`parse_labels`)."""
+    from nvidia.dali import fn
+
+    by_reader = dict(zip((name for name, _ in READERS), labels))
+    kept, swapped = (fn.stack(*(by_reader[name] for name in order)) for order in _PLACEMENTS)
+    if swap:
+        placed = swapped
+    else:
+        placed = kept
+    return placed
 
 
 def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: str = "cpu",
                     num_threads: int = 4, device_id: int | None = None, shard_id: int = 0,
                     num_shards: int = 1, fp16: bool = False, prefetch_queue_depth: int = 2,
-                    checkpoint: str | None = None, pad_last_batch: bool = False):
+                    checkpoint: bytes | None = None, pad_last_batch: bool = False):
     """Build (not yet started) the DALI pipeline over the shard set at ``root``.
 
     Outputs ``images`` (N, canvas, canvas, 3) float (fp16 on request) and ``labels``
@@ -182,37 +248,35 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
         raise InputError(f"DALI reads local shards only: `jigsawdata fetch {root} --out DIR` first "
                          "(pretrain --shards URL does this into a cache)")
     shards = open_shard_set(root)
-    sizes = cfg.template.sizes
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
                   seed=reader_seed(cfg.seed, len(READERS)), enable_conditionals=True,
                   prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True, enable_checkpointing=True)
     def pipe():
         decoder = "mixed" if device == "gpu" else "cpu"
-        samples = []
-        for i, (name, group) in enumerate(READERS):
-            jpg, label = _read(shards.groups[group], name, reader_seed(cfg.seed, i), cfg, shard_id, num_shards,
-                               pad_last_batch)
-            samples.append((jpg, *_resized_size(jpg, cfg), label))
-        a, b, tall, wide = samples
+        jpgs, labels = zip(*(_read(shards.groups[group], name, reader_seed(cfg.seed, i), cfg, shard_id, num_shards,
+                                   pad_last_batch) for i, (name, group) in enumerate(READERS)))
+        source = _source_sizes(jpgs)
+        resized = _resized_sizes(source, cfg)
         # The smaller S crop goes top-left, the larger bottom-right (ties keep reader order);
         # decided from the JPEG headers, before anything is decoded.
-        if a[2][0] * a[2][1] > b[2][0] * b[2][1]:
-            small, large = b, a
-        else:
-            small, large = a, b
-        placed = (small, wide, tall, large)  # region order
+        area = resized[:, 0] * resized[:, 1]
+        swap = area[0] > area[1]
+        size, origin = _regions(cfg.template, swap)
+        pos = _positions(cfg)
         if cfg.fit == "pad_crop":
-            tl, tr, bl, br = (_fit_window(p[0], p[1], p[2], region, cfg, decoder) for p, region in zip(placed, sizes))
+            pieces, offset = _fit_windows(jpgs, source, resized, size, pos, cfg, decoder)
         else:
-            tl, tr, bl, br = (_fit_whole(p[0], region, cfg, decoder) for p, region in zip(placed, sizes))
-        canvas = fn.cat(fn.cat(tl, tr, axis=1), fn.cat(bl, br, axis=1), axis=0)
+            pieces, offset = _fit_whole(jpgs, size, pos, cfg, decoder)
+        if device == "gpu":
+            image = _pad_and_cat(pieces, size, pos, swap)
+        else:
+            image = _paste(pieces, origin, offset, cfg.template)
         # HWC out, permuted to NCHW on the torch side: channels_last memory without a copy.
         images = fn.crop_mirror_normalize(
-            canvas, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC",
+            image, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC",
             mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
-        labels = fn.stack(*(p[3] for p in placed))  # (4, digits) uint8: see parse_labels
-        return images, labels
+        return images, _placed_labels(labels, swap)
 
     return pipe(checkpoint=checkpoint)
 
@@ -227,6 +291,14 @@ def require_dali() -> None:
                          "nvidia-dali-cuda120 for a CUDA 12 driver), or use --pipeline reference") from exc
 
 
+def part_config(cfg: JigsawConfig, part: int) -> JigsawConfig:
+    """The settings of a loader's ``part``-th pipeline: its own seed (part 0 keeps the
+    loader's), so that the pipelines draw independent augmentations."""
+    if part == 0:
+        return cfg
+    return replace(cfg, seed=int(np.random.SeedSequence([cfg.seed, part]).generate_state(1)[0] & 0x7FFFFFFF))
+
+
 class DaliJigsawLoader:
     """Batches of ``(images, labels)`` torch tensors from the DALI pipeline.
 
@@ -235,39 +307,80 @@ class DaliJigsawLoader:
     In a torchrun job each rank reads its own 1/world share of every group. :meth:`state`
     returns DALI's checkpoint of the readers and random generators; passing it back as
     ``checkpoint`` continues exactly where that state was taken.
+
+    ``pipelines`` > 1 runs that many copies of the graph, each over its own share of the
+    rank's samples (with its own seed), and takes their batches in turn, as a DataLoader
+    takes its workers'. DALI runs a pipeline's CPU operators one at a time, so its threads
+    wait while the executor sets up each of the ~100 operators: on two cores, one pipeline
+    of two threads kept 1.7 cores busy, two pipelines of one thread 2.0 (and gave 1.37x the
+    images/s). :meth:`state` then holds every pipeline's checkpoint and resumes only with as
+    many pipelines.
     """
 
     def __init__(self, root: Path, batch_size: int, cfg: JigsawConfig | None = None, *, device: str = "cpu",
-                 num_threads: int = 4, device_id: int | None = None, rank: int | None = None,
+                 num_threads: int = 4, pipelines: int = 1, device_id: int | None = None, rank: int | None = None,
                  world_size: int | None = None, fp16: bool = False, epoch: bool = False,
-                 checkpoint: str | None = None) -> None:
+                 checkpoint: bytes | dict | None = None) -> None:
         require_dali()
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        if pipelines < 1:
+            raise ValueError(f"pipelines must be >= 1, got {pipelines}")
         cfg = cfg or JigsawConfig()
         if rank is None or world_size is None:
             here = process_info()
             rank, world_size = here.rank, here.world
-        check_enough_samples(open_shard_set(root), world_size)
+        check_enough_samples(open_shard_set(root), world_size * pipelines)
         self.batch_size = batch_size
-        self.pipeline = jigsaw_pipeline(root, batch_size, cfg, device=device, num_threads=num_threads,
-                                        device_id=device_id, shard_id=rank, num_shards=world_size, fp16=fp16,
-                                        checkpoint=checkpoint, pad_last_batch=epoch)
-        self.pipeline.build()
-        self._iterator = DALIGenericIterator(
-            [self.pipeline], ["images", "labels"], reader_name="S0" if epoch else None,
-            last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
-        log.info("DALI jigsaw loader: device=%s rank %d/%d batch %d", device, rank, world_size, batch_size)
+        self._next, states = _split_state(checkpoint, pipelines)
+        self._iterators = []
+        for part, state in enumerate(states):
+            pipe = jigsaw_pipeline(root, batch_size, part_config(cfg, part), device=device, num_threads=num_threads,
+                                   device_id=device_id, shard_id=rank * pipelines + part,
+                                   num_shards=world_size * pipelines, fp16=fp16, checkpoint=state,
+                                   pad_last_batch=epoch)
+            pipe.build()
+            self._iterators.append(DALIGenericIterator(
+                [pipe], ["images", "labels"], reader_name="S0" if epoch else None,
+                last_batch_policy=LastBatchPolicy.DROP, auto_reset=False))
+        self._live = list(range(pipelines))
+        log.info("DALI jigsaw loader: device=%s rank %d/%d batch %d, %d pipeline(s) of %d thread(s)", device, rank,
+                 world_size, batch_size, pipelines, num_threads)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        batch = next(self._iterator)[0]
-        return batch["images"].permute(0, 3, 1, 2), parse_labels(batch["labels"])
+        while self._live:
+            part = self._next
+            live = self._live.index(part)
+            try:
+                batch = next(self._iterators[part])[0]
+            except StopIteration:  # this part's epoch is over; the others may still have batches
+                self._live.remove(part)
+                self._next = self._live[live % len(self._live)] if self._live else 0
+                continue
+            self._next = self._live[(live + 1) % len(self._live)]
+            return batch["images"].permute(0, 3, 1, 2), parse_labels(batch["labels"])
+        raise StopIteration
 
     def reset(self) -> None:
-        self._iterator.reset()
+        for iterator in self._iterators:
+            iterator.reset()
+        self._live, self._next = list(range(len(self._iterators))), 0
 
-    def state(self) -> str:
-        return self._iterator.checkpoints()[0]
+    def state(self) -> bytes | dict:
+        """DALI's checkpoint of the pipeline; with several, each one's and whose batch is next."""
+        parts = [iterator.checkpoints()[0] for iterator in self._iterators]
+        return parts[0] if len(parts) == 1 else {"next": self._next, "parts": parts}
+
+
+def _split_state(checkpoint: bytes | dict | None, pipelines: int) -> tuple[int, list]:
+    """``(next part, checkpoint per part)`` from a :meth:`DaliJigsawLoader.state`."""
+    if checkpoint is None:
+        return 0, [None] * pipelines
+    saved = checkpoint if isinstance(checkpoint, dict) else {"next": 0, "parts": [checkpoint]}
+    if len(saved["parts"]) != pipelines:
+        raise InputError(f"the saved data position is of {len(saved['parts'])} DALI pipeline(s), not {pipelines}: "
+                         "resume with as many")
+    return saved["next"], saved["parts"]

@@ -14,8 +14,38 @@ def test_build_benchmark_runs(real_coco, tmp_path):
 
 def test_pipeline_benchmark_runs(built_synthetic):
     result = bench_pipeline.run(shards=built_synthetic, workers=1, batch=4, batches=1, repeats=1)
-    assert set(result["images_per_s"]) >= {"dali_cpu", "reference"}
-    assert result["ratio_dali_cpu_over_reference"] > 0
+    assert set(result["images_per_s"]) >= {"dali_cpu", "reference", "decode_whole"}
+    assert result["ratio_dali_cpu_over_reference"] > 0 and result["ratio_dali_cpu_over_decode_whole"] > 0
+    # CPU time per image, threads and worker processes together (Linux /proc)
+    assert set(result["cpu_ms_per_image"]) == set(result["images_per_s"])
+    assert result["cpu_ms_per_image"]["dali_cpu"]["median"] > 0
+    assert "CPU ms/image" in bench_pipeline.format_table(result)
+
+
+def test_cpu_seconds_counts_live_worker_processes():
+    import multiprocessing
+    import time
+
+    from jigsawdata.benchmarks.common import cpu_seconds
+
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    worker = context.Process(target=_spin_until, args=(stop,))
+    before, own = cpu_seconds(), time.process_time()
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while cpu_seconds() - before - (time.process_time() - own) < 0.2:  # the worker's share only
+            assert time.monotonic() < deadline, "a worker process's CPU time is not counted"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _spin_until(stop) -> None:
+    while not stop.is_set():
+        pass
 
 
 def test_loss_overhead_benchmark_runs():

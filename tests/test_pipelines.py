@@ -212,6 +212,13 @@ def test_flip_rate_and_resize_range(halves, backend):
     assert abs(flipped.mean().item() - 0.5) < 3 * (0.25 / n) ** 0.5 + 0.02, flipped.mean()
 
 
+def test_several_pipelines_draw_their_own_augmentations(halves):
+    images, _ = take(DaliJigsawLoader(halves, 8, JigsawConfig(initial_fill=16), num_threads=1, pipelines=2,
+                                      rank=0, world_size=1), 2)
+    # Every S, T and W crop looks the same: only the random resize, window and flip can differ.
+    assert not torch.equal(images[:8], images[8:])
+
+
 @pytest.mark.parametrize("fit", ["warp", "resize"])
 @pytest.mark.parametrize("backend", ["dali", "reference"])
 def test_fit_modes(crafted, fit, backend):
@@ -233,6 +240,44 @@ def test_epoch_mode_ends_and_endless_mode_does_not(crafted):
     assert len(list(loader)) == 8 // 4
     endless = iter(DaliJigsawLoader(crafted, 4, cfg, num_threads=1))
     assert len([next(endless) for _ in range(5)]) == 5
+
+
+def test_several_pipelines_take_turns_each_over_its_own_share(built_real):
+    """pipelines=2 gives the batches of two single pipelines over half the samples each (as
+    two ranks would read them, each with its own seed), one from each in turn."""
+    from jigsawdata.pipelines.dali import part_config
+
+    cfg = JigsawConfig(seed=5, initial_fill=64)
+    both = take(DaliJigsawLoader(built_real, 4, cfg, num_threads=1, pipelines=2, rank=0, world_size=1), 4)
+    halves = [take(DaliJigsawLoader(built_real, 4, part_config(cfg, k), num_threads=1, rank=k, world_size=2), 2)
+              for k in range(2)]
+    for i in range(4):
+        images, labels = halves[i % 2]
+        batch = slice(4 * (i // 2), 4 * (i // 2 + 1))
+        assert torch.equal(both[0][4 * i:4 * i + 4], images[batch]) and torch.equal(both[1][4 * i:4 * i + 4],
+                                                                                      labels[batch])
+    assert not torch.equal(halves[0][0][:4], halves[1][0][:4])
+
+
+def test_several_pipelines_resume_where_their_state_was_taken(built_real):
+    cfg = JigsawConfig(seed=2, initial_fill=64)
+    first = DaliJigsawLoader(built_real, 4, cfg, num_threads=1, pipelines=2, rank=0, world_size=1)
+    take(first, 3)  # the next batch is the second pipeline's
+    state = first.state()
+    expected = take(first, 3)
+    resumed = DaliJigsawLoader(built_real, 4, cfg, num_threads=1, pipelines=2, rank=0, world_size=1,
+                               checkpoint=state)
+    got = take(resumed, 3)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(InputError, match=r"2 DALI pipeline\(s\), not 1"):
+        DaliJigsawLoader(built_real, 4, cfg, num_threads=1, rank=0, world_size=1, checkpoint=state)
+
+
+def test_several_pipelines_end_an_epoch_together(crafted):
+    loader = DaliJigsawLoader(crafted, 2, fixed(), num_threads=1, pipelines=2, epoch=True)
+    assert len(list(loader)) == 8 // 2  # two pipelines, 4 S samples and 2 batches each
+    loader.reset()
+    assert len(list(loader)) == 8 // 2
 
 
 def test_too_few_samples_for_the_ranks_is_a_clear_error(crafted):
@@ -330,3 +375,39 @@ def test_pad_crop_decodes_only_the_window(built_synthetic, fit, decoders):
 
     graph = jigsaw_pipeline(built_synthetic, 2, JigsawConfig(fit=fit)).serialize()
     assert {name.decode() for name in re.findall(rb"decoders__\w+", graph)} == decoders
+
+
+def test_gpu_stitch_equals_cpu_stitch():
+    """The GPU assembles the canvas by padding each piece and concatenating the regions, the
+    CPU by one multi_paste; run both on the CPU over random pieces, placements and swaps."""
+    from nvidia.dali import fn, pipeline_def
+
+    from jigsawdata.pipelines import dali as dali_pipeline
+
+    rng = np.random.default_rng(0)
+    template, batch = Template(), 16
+    swaps = rng.random(batch) < 0.5
+    pos = rng.random((batch, 4, 2)).astype(np.float32)
+    pieces, offsets = [[] for _ in dali_pipeline.READERS], np.zeros((batch, 4, 2), dtype=np.float32)
+    for n in range(batch):
+        order = dali_pipeline._PLACEMENTS[int(swaps[n])]
+        for i, (name, _) in enumerate(dali_pipeline.READERS):
+            region_w, region_h = template.sizes[order.index(name)]
+            h, w = rng.integers(1, region_h + 1), rng.integers(1, region_w + 1)
+            pieces[i].append(rng.integers(1, 256, (h, w, 3), dtype=np.uint8))
+            offsets[n, i] = [-window_anchor(h, region_h, pos[n, i, 0]), -window_anchor(w, region_w, pos[n, i, 1])]
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, enable_conditionals=True)
+    def stitch():
+        inputs = [fn.external_source(source=[p], cycle=True, layout="HWC") for p in pieces]
+        swap, where, offset = (fn.external_source(source=[list(a)], cycle=True) for a in (swaps, pos, offsets))
+        size, origin = dali_pipeline._regions(template, swap)
+        return (dali_pipeline._paste(inputs, origin, offset, template),
+                dali_pipeline._pad_and_cat(inputs, size, where, swap))
+
+    pipe = stitch()
+    pipe.build()
+    pasted, concatenated = (np.stack([np.array(out[n]) for n in range(batch)]) for out in pipe.run())
+    assert pasted.shape == (batch, template.canvas, template.canvas, 3)
+    assert (pasted == 0).any() and (pasted > 0).mean() > 0.2, "padding and pieces both present"
+    np.testing.assert_array_equal(pasted, concatenated)

@@ -56,8 +56,8 @@ class PretrainConfig:
     device: str = setting("auto", "Where to train (auto: a CUDA GPU if torch sees one).", choices=DEVICES)
     pipeline: str = setting("dali", "Input pipeline: NVIDIA DALI, or the plain PyTorch reference.",
                             choices=PIPELINES)
-    workers: int = setting(4, "DALI threads (>= 1), or DataLoader workers of the reference pipeline per rank "
-                           "(0: in-process).", min=0)
+    workers: int = setting(4, "Per rank: DALI's one-thread pipelines on the CPU or its threads on a GPU (>= 1), "
+                           "or the reference pipeline's DataLoader workers (0: in-process).", min=0)
     seed: int = setting(0, "Seed of the model, the augmentation and the readers.", min=0)
     erf_every: int = setting(5000, "Iterations between ERF weight refreshes.", min=1)
     erf_images: int = setting(64, "Images the ERF is averaged over.", min=1)

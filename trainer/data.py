@@ -16,7 +16,9 @@ class DaliSource:
 
     The labels always leave DALI on the CPU (they are stacked there), and so do the images
     of the CPU backend: both are moved to the training device here, as the reference
-    source does."""
+    source does. On the CPU, ``workers`` is the number of one-thread pipelines (DALI runs a
+    pipeline's CPU operators one at a time, so separate pipelines keep every core busy, as
+    DataLoader workers do); on a GPU it is one pipeline's threads."""
 
     kind = "dali"
 
@@ -27,7 +29,8 @@ class DaliSource:
         gpu = device.type == "cuda"
         self._device = device
         self._loader = DaliJigsawLoader(shards, batch, cfg, device="gpu" if gpu else "cpu",
-                                        device_id=device.index if gpu else None, num_threads=workers,
+                                        device_id=device.index if gpu else None,
+                                        num_threads=workers if gpu else 1, pipelines=1 if gpu else workers,
                                         rank=rank, world_size=world_size, checkpoint=state)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:

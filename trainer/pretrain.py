@@ -123,6 +123,10 @@ class Trainer:
                       if k not in _RESUMABLE and v != getattr(self.cfg, k, None))
         if diff:
             raise InputError(f"cannot resume {self.out}: settings differ from the saved run in {', '.join(diff)}")
+        if (self.cfg.pipeline == "dali" and self.device.type == "cpu"
+                and saved_config(saved).get("workers", self.cfg.workers) != self.cfg.workers):
+            raise InputError(f"cannot resume {self.out} with --workers {self.cfg.workers}: on the CPU they are DALI "
+                             f"pipelines, each with its own data position; resume with --workers {saved['workers']}")
         if len(ckpt["data"]["states"]) != self.dist.world:
             raise InputError(f"{self.out} was saved by {len(ckpt['data']['states'])} ranks; resume it with as many")
         self.model.load_state_dict(ckpt["model"])
