@@ -169,3 +169,16 @@ def test_gpu_run_interrupted_after_a_checkpoint_resumes_on_the_gpu(built_real, t
     ckpt = load(tmp_path / "gpu")
     assert ckpt["iteration"] == 6 and ckpt["device_type"] == "cuda"
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_dali_cpu_workers_are_part_of_the_data_position(built_real, tmp_path):
+    """On the CPU, --workers is the number of DALI pipelines, each with its own reader state:
+    a resume with another count is refused in one line instead of reading other samples."""
+    out = tmp_path / "run"
+    args = _args(built_real, out, iterations=4)
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert len(load(out)["data"]["states"][0]["parts"]) == 2
+    args[args.index("--workers") + 1] = "1"
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 1 and "resume with --workers 2" in result.output, result.output
+    assert load(out)["iteration"] == 4
