@@ -313,10 +313,10 @@ def verify(root: Path) -> None:
     click.echo(f"OK: {total} shards match the manifest and the index")
 
 
-def _cuda_available() -> bool:
-    import torch
+def _cuda(device: str) -> bool:
+    from jigsawdata.trainer.runtime import use_cuda
 
-    return torch.cuda.is_available()
+    return use_cuda(device)
 
 
 def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
@@ -360,7 +360,7 @@ def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, de
     if pipeline == "dali":
         from jigsawdata.pipelines.dali import DaliJigsawLoader
 
-        gpu = device == "cuda" or (device == "auto" and _cuda_available())
+        gpu = _cuda(device)
         loader = DaliJigsawLoader(shards, count, cfg, device="gpu" if gpu else "cpu", device_id=0 if gpu else None,
                                   rank=0, world_size=1)
     else:

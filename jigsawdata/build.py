@@ -56,7 +56,7 @@ class BuildConfig:
     seed: int = setting(0, "Seed of all sampling and of the shuffle.", min=0)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     jpeg_quality: int = setting(90, "JPEG quality of the crops written into the shards.", min=1, max=100)
-    shard_size: int = setting(256 * 2**20, "Largest shard payload in bytes, also as 256MB or 1GiB (a single "
+    shard_size: int = setting(256_000_000, "Largest shard payload in bytes, also as 256MB or 1GiB (a single "
                               "larger sample still gets a shard).", min=1)
     shard_samples: int = setting(10_000, "Most samples per shard.", min=1)
     chunk_images: int = setting(64, "Images per work unit: the unit of parallel work and of resumption.", min=1)

@@ -25,6 +25,7 @@ from .card import CARD_NAME, attach_card, label_counts
 from .coco import ClassInfo
 from .errors import InputError
 from .files import sha256_file, write_json_atomic, write_text_atomic
+from .grouping import GROUPS
 
 FORMAT_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
@@ -173,6 +174,27 @@ class GroupInfo(_Record):
                    _checked_count(data.get("bytes"), "byte count", f"group {group}"), _unknown(data, cls))
 
 
+def _check_groups(manifest: Manifest) -> None:
+    """Only the S, T and W groups, each listing shards of its own folder: a swapped or
+    invented group would put crops of one shape in another's slots."""
+    unknown = sorted(set(manifest.groups) - set(GROUPS))
+    if unknown:
+        raise ManifestError(f"manifest has groups {', '.join(map(repr, unknown))}; a shard set has only "
+                            f"{', '.join(GROUPS)}: refusing the shard set")
+    for group, info in manifest.groups.items():
+        for shard in info.shards:
+            if shard.name.split("/")[0] != group:
+                raise ManifestError(f"manifest lists {shard.name!r} in group {group}: refusing the shard set")
+
+
+def _check_labels(manifest: Manifest) -> None:
+    """Class labels 0..C-1, each once, and background C: what the trainer's heads assume."""
+    labels = sorted(c.label for c in manifest.classes)
+    if labels != list(range(len(labels))) or manifest.background.label != len(labels):
+        raise ManifestError(f"manifest's class labels are {labels} with background {manifest.background.label}; "
+                            f"they must be 0..C-1 once each and background C: refusing the shard set")
+
+
 @dataclass(frozen=True)
 class ToolInfo(_Record):
     name: str
@@ -297,6 +319,8 @@ class Manifest(_Record):
             if f.name in seen:
                 raise ManifestError(f"manifest lists {f.name!r} twice: refusing the shard set")
             seen.add(f.name)
+        _check_groups(manifest)
+        _check_labels(manifest)
         return manifest
 
     def to_json(self) -> dict:

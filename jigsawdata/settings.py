@@ -101,7 +101,8 @@ def check(cfg) -> None:
             continue
         name = flag(field.name)
         if not _type_ok(value, base):
-            raise SettingError(f"{name} must be a {base.__name__}, got {value!r}")
+            kind = {int: "an integer", float: "a number", bool: "true or false"}.get(base, f"a {base.__name__}")
+            raise SettingError(f"{name} must be {kind}, got {value!r}")
         if base is float:
             value = float(value)
             if not math.isfinite(value):
@@ -138,10 +139,30 @@ def read_config_file(path: Path | str, cls) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise InputError(f"--config {path} must hold a mapping of settings, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = {str(k).replace("-", "_"): v for k, v in data.items() if k != RESOLVED_KEY}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InputError(f"--config {path}: unknown settings {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(known))})")
+    names = {}
+    for f in dataclasses.fields(cls):
+        spec = spec_of(f)
+        for alias in (f.name, *(spec.aliases if spec else ())):
+            names[alias.lstrip("-").replace("-", "_")] = f.name
+    types = field_types(cls)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == RESOLVED_KEY:
+            continue
+        name = names.get(str(key).lstrip("-").replace("-", "_"))
+        if name is None:
+            raise InputError(f"--config {path}: unknown setting {key!r} (known: {', '.join(sorted(set(names)))})")
+        if name in values:
+            raise InputError(f"--config {path}: {flag(name)} is given twice (as {key!r} and before)")
+        values[name] = _number(value) if types[name][0] is float else value
     return values
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as text; a float setting takes it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value

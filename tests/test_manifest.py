@@ -92,6 +92,12 @@ def test_a_group_is_its_shards_totals():
     (lambda m: m.update(background=None), ManifestError, "no valid background"),
     (lambda m: m["source"].update(images="24"), ManifestError, "no valid source.images"),
     (lambda m: m.update(index="../index.parquet"), ManifestError, "unsafe path"),
+    (lambda m: m["classes"][1].update(label=0), ManifestError, "class labels are .* they must be 0..C-1"),
+    (lambda m: m["classes"][0].update(label=99), ManifestError, "class labels are"),
+    (lambda m: m["background"].update(label=0), ManifestError, "with background 0"),
+    (lambda m: m["groups"].update(S=m["groups"]["W"], W=m["groups"]["S"]), ManifestError,
+     "lists 'W/.*' in group S"),
+    (lambda m: m["groups"].update(X=m["groups"].pop("T")), ManifestError, "groups 'X'; a shard set has only S"),
 ])
 def test_malformed_manifests_are_refused(edit, error, message):
     data = json.loads((DATA / WRITTEN[0]).read_text())

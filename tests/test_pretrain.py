@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -75,6 +76,9 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(built_real, t
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert torch.equal(a["erf_weights"], b["erf_weights"])
+    logged = [[json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (straight, killed)]
+    assert logged[0] == logged[1] == sorted(set(logged[0]))  # one record per logged iteration, none repeated
 
 
 def test_run_directory_is_protected(built_real, tmp_path):

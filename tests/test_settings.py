@@ -92,8 +92,9 @@ def test_a_runs_config_json_is_a_config_file(tmp_path, captured):
 
 
 @pytest.mark.parametrize("text, suffix, message", [
-    ("shards: a\nout: b\nlearning_rate: 1\n", ".yaml", "unknown settings learning_rate"),
-    ("shards: a\nout: b\niterations: ten\n", ".yaml", "--iterations must be a int, got 'ten'"),
+    ("shards: a\nout: b\nlearning_rate: 1\n", ".yaml", "unknown setting 'learning_rate'"),
+    ("shards: a\nout: b\niterations: ten\n", ".yaml", "--iterations must be an integer, got 'ten'"),
+    ("shards: a\nout: b\nlr_peak: 0.1\nlr-peak: 0.3\n", ".yaml", "--lr-peak is given twice"),
     ("shards: a\nout: b\ntau: 1.5\n", ".yml", "--tau must be >= 0 and <= 1, got 1.5"),
     ("shards: a\nout: b\nlr_peak: 0\n", ".yaml", "--lr-peak must be > 0, got 0.0"),
     ("shards: a\nout: b\narch: vgg\n", ".yaml", "--arch must be one of resnet18"),
@@ -124,10 +125,14 @@ def test_settings_are_checked_from_python_too():
     assert isinstance(PretrainConfig(shards="a", out="b", tau=1).tau, float)
 
 
-def test_read_config_file_accepts_flags_and_fields(tmp_path):
+def test_read_config_file_accepts_flags_fields_and_aliases(tmp_path):
     conf = tmp_path / "c.json"
-    conf.write_text(json.dumps({"erf-every": 5, "val_images": 8}))
-    assert read_config_file(conf, PretrainConfig) == {"erf_every": 5, "val_images": 8}
+    conf.write_text(json.dumps({"erf-every": 5, "val_images": 8, "--checkpoint-every": 3, "lr": 0.1}))
+    assert read_config_file(conf, PretrainConfig) == {"erf_every": 5, "val_images": 8, "checkpoint_every": 3,
+                                                      "lr_peak": 0.1}
+    conf = tmp_path / "c.yaml"
+    conf.write_text("weight_decay: 1e-4\nmomentum: 0.8\n")  # YAML 1.1 reads 1e-4 as text
+    assert read_config_file(conf, PretrainConfig) == {"weight_decay": 1e-4, "momentum": 0.8}
 
 
 def test_progress_bars_follow_quiet_and_the_terminal(monkeypatch):
@@ -161,3 +166,17 @@ def test_missing_dali_is_one_line_naming_the_fallback(monkeypatch, built_synthet
     result = CliRunner().invoke(main, ["pretrain", "--shards", str(built_synthetic), "--out", str(run)])
     assert result.exit_code == 1 and "pip install nvidia-dali-cuda130" in result.output
     assert not run.exists()
+
+
+@pytest.mark.parametrize("command", [["evaluate-pretrain", "{run}", "--shards", "{run}"], ["evaluate", "{run}"],
+                                     ["preview", "{shards}", "--out", "{run}/p.png", "--no-verify"]])
+def test_device_cuda_without_a_gpu_is_refused_everywhere(monkeypatch, built_synthetic, tmp_path, command):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    run.mkdir()
+    args = [a.format(run=run, shards=built_synthetic) for a in command]
+    result = CliRunner().invoke(main, [*args, "--device", "cuda"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--device cuda, but torch sees no CUDA GPU" in result.output, result.output

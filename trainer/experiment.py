@@ -28,6 +28,7 @@ from jigsawdata.files import write_json_atomic
 
 from .checkpoint import CHECKPOINT_NAME
 from .config import LOSSES, FinetuneConfig, PretrainConfig, schedule_epochs
+from .runtime import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, data: Data, out: Path, done: dic
         init = f"imagenet:{cfg.imagenet}"
     log.info("cell %s: fine-tuning from %s", cell.name, init)
     result.update(_finetune(cfg, cell, data, cell_dir / "finetune", init, epochs))
-    result["device"] = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+    result["device"] = pick_device(cfg.device).type
     write_json_atomic(cell_dir / CELL_FILE, result)
     return result
 

@@ -4,11 +4,12 @@ and a bar chart. Rewritten after every cell, so a partial grid already has its t
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from jigsawdata.files import write_json_atomic, write_text_atomic
 
 _DESCRIPTIONS = {
     "erf": "Jigsaw, ERF-adaptive dense (ours)",
@@ -76,8 +77,8 @@ def write_report(out: Path, cfg, cells: dict[str, dict]) -> dict:
     devices = {c.get("device", "cpu") for c in cells.values()}
     device = "GPU" if devices == {"cuda"} else "CPU" if devices == {"cpu"} else "device"
     report = {"config": asdict(cfg), "cells": cells, "table": rows}
-    (out / "experiment.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "table.md").write_text(format_markdown(rows, device) + "\n")
+    write_json_atomic(out / "experiment.json", report)
+    write_text_atomic(out / "table.md", format_markdown(rows, device) + "\n")
     detector = cfg.finetune_config(coco="", out="").detector
     render_chart(rows, f"COCO-style bbox AP per initialisation ({detector}, {cfg.arch})").save(
         out / "experiment.png")

@@ -20,6 +20,7 @@ import torch
 
 from jigsawdata.coco import resolve_coco_root
 from jigsawdata.errors import InputError
+from jigsawdata.files import write_json_atomic, write_text_atomic
 
 from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
@@ -27,7 +28,7 @@ from .config import FinetuneConfig, schedule_epochs
 from .detection import build_detector, default_norm
 from .evaluate import coco_eval, format_table
 from .runtime import (Precision, check_resume_device, claim_run_dir, config_from, dump_config,
-                      gather, init_distributed, resolved, rng_state, set_rng_state, wrap_ddp)
+                      gather, init_distributed, pick_device, resolved, rng_state, set_rng_state, wrap_ddp)
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +174,17 @@ def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.devic
     metrics = {t: coco_eval(dataset.coco, results[t], t, dataset.ids) for t in iou_types}
     if out is not None:
         for t in iou_types:
-            (out / f"predictions_{t}.json").write_text(json.dumps(results[t]))
-        (out / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (out / "eval.txt").write_text(format_table(metrics) + "\n")
+            write_text_atomic(out / f"predictions_{t}.json", json.dumps(results[t]))
+        write_json_atomic(out / "eval.json", metrics)
+        write_text_atomic(out / "eval.txt", format_table(metrics) + "\n")
     return metrics
 
 
 def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = None, max_images: int | None = None,
                  device: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
+    dev = pick_device(device)
     ckpt = load_run(run_dir)
     cfg = config_from(FinetuneConfig, ckpt["config"])
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     root, split = coco or cfg.coco, split or cfg.val_split or cfg.split
     dataset = _dataset(root, split, train=False, masks=cfg.detector == "mask", max_images=max_images)
     if dataset.cat_ids != list(ckpt["cat_ids"]):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from jigsawdata.errors import InputError
+from jigsawdata.files import write_text_atomic
 from jigsawdata.fetch import cached_shards
 from jigsawdata.location import ShardLocation
 from jigsawdata.pipelines.dali import require_dali
@@ -52,6 +53,22 @@ def saved_config(values: dict) -> dict:
 
 _RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device", "cache_dir", "verify", "val_shards",
               "val_every", "val_images"}
+
+
+def _drop_records_after(path: Path, iteration: int) -> None:
+    """Metrics logged after the checkpoint a run resumes from are logged again by the resumed
+    run (and an interrupted last line is incomplete): keep one record per iteration."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("iteration", 0) <= iteration:
+            kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
 
 
 class Trainer:
@@ -135,6 +152,8 @@ class Trainer:
         self.weights = ckpt["erf_weights"].to(self.device) if ckpt["erf_weights"] is not None else None
         self.iteration = int(ckpt["iteration"])
         set_rng_state(ckpt["rng"][self.dist.rank], self.device)
+        if self.dist.main:
+            _drop_records_after(self.out / "metrics.jsonl", self.iteration)
         log.info("resumed %s at iteration %d", self.out, self.iteration)
         return ckpt["data"]["states"][self.dist.rank]
 

@@ -46,15 +46,26 @@ class Precision:
         return torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
 
 
-def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes (if any) and pick this process's device."""
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+def use_cuda(device: str) -> bool:
+    """What ``--device`` means in every command: ``auto`` is a CUDA GPU when torch sees one,
+    and ``cuda`` without one is refused rather than quietly run on the CPU."""
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but torch sees no CUDA GPU")
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def pick_device(device: str) -> torch.device:
+    """The one device of a single-process command (evaluation, ERF maps)."""
+    return torch.device("cuda" if use_cuda(device) else "cpu")
+
+
+def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes (if any) and pick this process's device."""
+    cuda = use_cuda(device)
     info = process_info()
     if info.world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
         torch.cuda.set_device(info.local_rank)
         return info, torch.device("cuda", info.local_rank)
     return info, torch.device("cpu")

@@ -122,11 +122,11 @@ def evaluate_checkpoint(run: Path | str, shards: Path | str, images: int = 256, 
     from .checkpoint import load
     from .model import DenseClassifier
     from .pretrain import PretrainConfig, saved_config
-    from .runtime import config_from
+    from .runtime import config_from, pick_device
 
+    dev = pick_device(device)
     ckpt = load(Path(run))
     cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     model = DenseClassifier(ckpt["arch"], len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
     data = load_validation_set(shards, cfg.template, images, cfg.fit, tuple(ckpt["class_names"]))
