@@ -186,3 +186,17 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 2
     result = CliRunner().invoke(main, ["evaluate", str(out), "--max-images", "2"])
     assert result.exit_code == 0 and "bbox" in result.output
+
+
+def test_logged_losses_are_means_over_the_steps_since_the_last_record(real_coco, jigsaw_ckpt, tmp_path, monkeypatch):
+    from jigsawdata.trainer.finetune import FinetuneConfig, Finetuner
+
+    scripted = iter([{"loss": 1.0, "loss_a": 0.5}, {"loss": 3.0, "loss_a": 1.5}, {"loss": 10.0, "loss_a": 2.0},
+                     {"loss": 20.0, "loss_a": 4.0}, {"loss": 7.0, "loss_a": 1.0}])
+    monkeypatch.setattr(Finetuner, "step", lambda self, images, targets, factor: next(scripted))
+    cfg = FinetuneConfig(coco=str(real_coco), out=str(tmp_path / "ft"), init=str(jigsaw_ckpt[0]), detector="fpn",
+                         arch="resnet18", batch=2, min_size=96, max_size=128, max_images=16, workers=0,
+                         log_every=2, max_iters=5, device="cpu")
+    logs: list[dict] = []
+    Finetuner(cfg, on_log=logs.append).train()
+    assert [(m["iteration"], m["loss"], m["loss_a"]) for m in logs] == [(2, 2.0, 1.0), (4, 15.0, 3.0), (5, 7.0, 1.0)]

@@ -111,14 +111,23 @@ class Finetuner:
         with open(self.out / "metrics.jsonl", "a") as metrics_file:
             while self.epoch < epochs and not self._done():
                 start, wait, t0 = time.perf_counter(), 0.0, time.perf_counter()
+                window: dict[str, float] = {}
+                steps = 0
                 for images, targets in self._loader(self.epoch):
                     wait += time.perf_counter() - t0
                     losses = self.step(images, targets, lr_factor(self.iteration, self.epoch, self.cfg.warmup, milestones))
+                    for name, value in losses.items():
+                        window[name] = window.get(name, 0.0) + value
+                    steps += 1
                     self.iteration += 1
                     if self.iteration % self.cfg.log_every == 0 or self._done():
+                        # Means over the steps since the last record: one batch of a few images
+                        # swings the detection losses by 2-3x, which would hide the trend.
                         metrics = {"epoch": self.epoch, "iteration": self.iteration,
-                                   "lr": self.optimizer.param_groups[0]["lr"], **losses,
+                                   "lr": self.optimizer.param_groups[0]["lr"],
+                                   **{name: total / steps for name, total in window.items()},
                                    "seconds": time.perf_counter() - start, "data_wait_s": wait}
+                        window, steps = {}, 0
                         if self.dist.main:
                             metrics_file.write(json.dumps(metrics) + "\n")
                             metrics_file.flush()
