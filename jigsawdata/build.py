@@ -5,10 +5,14 @@ Two phases, each resumable:
 1. *extract* — images are cut into chunks (in image-id order); a worker process decodes a
    chunk's images once, encodes their crops and writes them to a staging blob plus a JSON
    record list, renamed into place when complete. Chunks already staged are skipped.
-2. *write* — the staged records are read back as compact columns (:mod:`.records`: memory
-   does not grow by more than ~130 bytes per crop); each aspect-ratio group is sorted,
-   shuffled with a generator seeded from the build seed alone, split into shards by size,
-   and written. Shards already written are kept. The index and the manifest come last.
+2. *write* — the staged records are read back as compact columns (:mod:`.records`, about
+   100 bytes per crop); each aspect-ratio group is sorted, shuffled with a generator seeded
+   from the build seed alone, split into shards by size, and written. Shards already
+   written are kept. The index and the manifest come last.
+
+Nothing is held per image or per crop as a Python object: the source is columns
+(:class:`~.coco.ImageTable`), chunk tasks are made as workers take them, the negative top-up
+keeps a few numbers per image, and the write phase holds the record columns.
 
 Crop bytes depend only on ``(seed, image_id)`` and the shuffle only on the seed, so the output
 is byte-identical whatever the worker count and however often the build was interrupted.
@@ -25,7 +29,7 @@ import shutil
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -133,9 +137,9 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
     return len(task.images), len(records)
 
 
-def _run_extract(tasks: list[_ChunkTask], workers: int, progress: Progress | None) -> None:
-    if not tasks:
-        return
+def _run_extract(tasks: Iterable[_ChunkTask], workers: int, progress: Progress | None) -> None:
+    """Run the tasks, made one at a time as workers take them: a chunk's image records exist
+    only while it waits or runs."""
     def report(done: tuple[int, int]) -> None:
         if progress:
             progress("extract", *done)
@@ -229,68 +233,55 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
     staging.mkdir(parents=True, exist_ok=True)
     write_json_atomic(staging / "build.json", fingerprint)
 
-    mine = [im for i, im in enumerate(source.images) if i % parts == part]
+    mine = source.images[part::parts]  # a view: image records are made chunk by chunk
     if not mine:
         raise InputError(f"part {part} of {parts} holds no images ({len(source.images)} in the set)")
-    chunks = [tuple(mine[i:i + cfg.chunk_images]) for i in range(0, len(mine), cfg.chunk_images)]
-    pending = [i for i in range(len(chunks)) if not _chunk_paths(staging, i)[1].is_file()]
-    staged = set(range(len(chunks))) - set(pending)
-    if progress and staged:
-        progress("extract", sum(len(chunks[i]) for i in staged), 0)
-    log.info("extracting crops from %d images in %d chunks (%d staged already), %d workers",
-             len(mine), len(chunks), len(staged), workers)
-    topups = negative_topups(mine, cfg.sampling, source.background_label, cfg.seed) if pending else {}
-    _run_extract([_ChunkTask(i, chunks[i], source.images_dir, staging, cfg, source.background_label,
-                             tuple(topups.get(im.image_id, 0) for im in chunks[i]) if topups else ())
-                  for i in pending], workers, progress)
+    chunks = -(-len(mine) // cfg.chunk_images)
 
-    records, extras = load_records(len(chunks), lambda i: json.loads(_chunk_paths(staging, i)[1].read_text()),
-                                   staging / "samples-json.bin")
+    def chunk(i: int) -> slice:
+        return slice(i * cfg.chunk_images, (i + 1) * cfg.chunk_images)
+
+    pending = [i for i in range(chunks) if not _chunk_paths(staging, i)[1].is_file()]
+    staged = chunks - len(pending)
+    if progress and staged:
+        progress("extract", len(mine) - sum(len(mine[chunk(i)]) for i in pending), 0)
+    log.info("extracting crops from %d images in %d chunks (%d staged already), %d workers",
+             len(mine), chunks, staged, workers)
+    if pending:
+        topups = negative_topups(mine, cfg.sampling, source.background_label, cfg.seed)
+        _run_extract((_ChunkTask(i, tuple(mine[chunk(i)]), source.images_dir, staging, cfg, source.background_label,
+                                 tuple(topups[chunk(i)].tolist())) for i in pending), workers, progress)
+
     skipped, counts, exif = [], Counter({"images": len(mine)}), []
-    for meta in extras:
+
+    def read_chunk(i: int) -> list[dict]:
+        meta = json.loads(_chunk_paths(staging, i)[1].read_text())
         skipped.extend(meta["skipped_images"])
         counts.update(meta["counts"])
         exif.extend(meta.get("exif", []))
+        return meta["records"]
+
+    records = load_records(chunks, read_chunk, staging / "samples-json.bin")
     if not len(records):
         raise InputError(f"no crops could be extracted from {len(mine)} images "
                          f"({dict(counts)}): check the image folder and the annotations")
 
-    groups, shard_names, index_rows, shard_of_row = {}, [], [], []
-    reader = _BlobReader(staging)
-    try:
-        with open(staging / "samples-json.bin", "rb") as metas:
-            for group, rows in shuffled_groups(records, lambda gi: shuffle_rng(cfg.seed, part, gi)).items():
-                (out / group).mkdir(exist_ok=True)
-                infos = []
-                for si, (start, end) in enumerate(split_shards(records.size[rows], cfg.shard_size, cfg.shard_samples)):
-                    name = _shard_name(group, part, parts, si)
-                    path, shard_rows = out / name, rows[start:end]
-                    info = reusable_shard(staging, name, path, len(shard_rows))
-                    if info is None:
-                        n, nbytes, digest = write_shard(path, _shard_samples(records, shard_rows, reader, metas))
-                        info = ShardInfo(name, n, nbytes, digest, sha256_file(index_path(path)))
-                        record_shard(staging, info)
-                    infos.append(info)
-                    index_rows.append(shard_rows)
-                    shard_of_row.append(np.full(len(shard_rows), len(shard_names), dtype=np.int32))
-                    shard_names.append(name)
-                    if progress:
-                        progress("write", 1, info.samples)
-                groups[group] = GroupInfo.of(infos)
-    finally:
-        reader.close()
-    index_rows, shard_of_row = np.concatenate(index_rows), np.concatenate(shard_of_row)
+    samples = records.samples
+    groups, shard_names, order, shard_of_row = _write_shards(records, out, staging, cfg, part, parts, progress)
+    del records  # the staging locations are done with: let them go before the index is made
+    samples.reorder(order)
+    del order
 
     manifest_path.parent.mkdir(exist_ok=True)
-    write_index_slices(index_file, len(index_rows), lambda start, end: index_table(
-        records, index_rows[start:end], shard_of_row[start:end], shard_names, SCHEMA))
+    write_index_slices(index_file, len(samples), lambda start, end: index_table(
+        samples, slice(start, end), shard_of_row[start:end], shard_names, SCHEMA))
     manifest = replace(identity, part=part if parts > 1 else None, groups=dict(sorted(groups.items())),
                        counts=dict(sorted(counts.items())),
                        skipped_images=sorted(skipped, key=lambda s: s["image_id"]),
                        exif_orientation=sorted(exif, key=lambda e: e["image_id"]) if exif else None,
                        index=os.path.relpath(index_file, out), index_sha256=sha256_file(index_file))
     if parts == 1:
-        manifest, card = attach_card(manifest, label_counts(records.label))
+        manifest, card = attach_card(manifest, label_counts(samples.label))
         write_text_atomic(out / CARD_NAME, card)
     manifest.write(manifest_path)
     if not keep_staging:
@@ -299,13 +290,47 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
     return manifest
 
 
+def _write_shards(records: Records, out: Path, staging: Path, cfg: BuildConfig, part: int, parts: int,
+                  progress: Progress | None) -> tuple[dict, list[str], np.ndarray, np.ndarray]:
+    """Shuffle each group, split it into shards and write those not written already. Returns
+    the manifest's groups, the shard names, and every row in shard order with the number of
+    its shard."""
+    groups, shard_names, shard_sizes = {}, [], []
+    order, spans = shuffled_groups(records.samples, lambda gi: shuffle_rng(cfg.seed, part, gi))
+    reader = _BlobReader(staging)
+    try:
+        with open(staging / "samples-json.bin", "rb") as metas:
+            for group, span in spans.items():
+                (out / group).mkdir(exist_ok=True)
+                rows, infos = order[span], []
+                for si, (start, end) in enumerate(split_shards(records.staged.size[rows], cfg.shard_size,
+                                                               cfg.shard_samples)):
+                    name = _shard_name(group, part, parts, si)
+                    path, shard_rows = out / name, rows[start:end]
+                    info = reusable_shard(staging, name, path, len(shard_rows))
+                    if info is None:
+                        n, nbytes, digest = write_shard(path, _shard_samples(records, shard_rows, reader, metas))
+                        info = ShardInfo(name, n, nbytes, digest, sha256_file(index_path(path)))
+                        record_shard(staging, info)
+                    infos.append(info)
+                    shard_names.append(name)
+                    shard_sizes.append(len(shard_rows))
+                    if progress:
+                        progress("write", 1, info.samples)
+                groups[group] = GroupInfo.of(infos)
+    finally:
+        reader.close()
+    return groups, shard_names, order, np.repeat(np.arange(len(shard_names), dtype=np.int32), shard_sizes)
+
+
 def _shard_samples(records: Records, rows: np.ndarray, reader: _BlobReader,
                    metas) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    samples, staged = records.samples, records.staged
     for r in rows:
-        yield records.key[r].decode("ascii"), [
-            ("jpg", reader.read(int(records.chunk[r]), int(records.offset[r]), int(records.size[r]))),
-            ("cls", str(records.label[r]).encode()),
-            ("json", os.pread(metas.fileno(), int(records.meta_size[r]), int(records.meta_offset[r])))]
+        yield samples.key[r].decode("ascii"), [
+            ("jpg", reader.read(int(staged.chunk[r]), int(staged.offset[r]), int(staged.size[r]))),
+            ("cls", str(samples.label[r]).encode()),
+            ("json", os.pread(metas.fileno(), int(staged.meta_size[r]), int(staged.meta_offset[r])))]
 
 
 def _check_same_build(fingerprint: dict, manifest_path: Path, staged_path: Path, out: Path) -> None:

@@ -3,23 +3,30 @@
 Cleaning follows torchvision's ``references/detection/coco_utils.py``: boxes are clamped to
 the image, zero-size boxes dropped, crowd boxes kept apart. Every dropped or altered box is
 counted on its image so that the counts can travel with the crops into the manifest.
+
+The annotation file is streamed, checked (:mod:`jigsawdata.validate`) and hashed in one read,
+and the set is held as two numpy tables (:class:`ImageTable`): the images in id order, each
+image's annotations one id-ordered run of box rows, 46 bytes per box and 49 plus the file
+name per image. ``source.images[i]`` makes that image's :class:`ImageRecord` when asked, so the
+builder holds Python objects for one chunk of images at a time, whatever the set's size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import logging
-from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .columns import empty
 from .errors import InputError
-from .files import sha256_file
-from .validate import check_coco
+from .jsonstream import InvalidJson, open_document
+from .validate import BOX_PROBLEMS, OUTSIDE_IMAGES, AnnotationColumns, ImageColumns, check_coco
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +64,76 @@ class ImageRecord:
     """Why the image is left out before it is even opened (a path outside the image folder)."""
 
 
+BOX_REASONS = (None, "clipped_boxes", "degenerate_boxes", "outside_boxes") + BOX_PROBLEMS[1:]
+"""What a box row's ``reason`` code stands for; codes up to ``clipped_boxes`` are kept boxes."""
+_CLIPPED = 1
+_PROBLEM_SHIFT = BOX_REASONS.index(BOX_PROBLEMS[1]) - 1
+"""validate's BOX_PROBLEMS code + this = the BOX_REASONS code."""
+
+
+_IMAGE_ROW = np.dtype([("image_id", "<i8"), ("width", "<i8"), ("height", "<i8"), ("name_start", "<i8"),
+                       ("name_end", "<i8"), ("box_end", "<i8"), ("outside", "?")])
+"""An image: its file name is ``names[name_start:name_end]``, its box rows end at ``box_end``
+(and start where the previous image's end), ``outside`` is the OUTSIDE_IMAGES skip."""
+_BOX_ROW = np.dtype([("ann_id", "<i8"), ("bbox", "<f8", (4,)), ("label", "<i4"), ("iscrowd", "?"),
+                     ("reason", "i1")])
+"""An annotation: ``bbox`` is COCO x, y, w, h clamped to the image (NaN when the box was
+unusable), ``reason`` indexes BOX_REASONS. Rows rather than a column per field: an image's
+annotations are one contiguous slice."""
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """A set's images in id order, and their annotations, each image's in annotation-id order."""
+
+    images: np.ndarray  # _IMAGE_ROW
+    names: np.ndarray  # uint8: the file names (UTF-8) in file order
+    boxes: np.ndarray  # _BOX_ROW
+    category_ids: tuple[int, ...]  # by label
+
+    def record(self, i: int) -> ImageRecord:
+        image = self.images[i]
+        rows = self.boxes[(int(self.images["box_end"][i - 1]) if i else 0):int(image["box_end"])]
+        boxes, dropped = [], {}
+        for ann_id, bbox, label, crowd, reason in zip(rows["ann_id"].tolist(), rows["bbox"].tolist(),
+                                                      rows["label"].tolist(), rows["iscrowd"].tolist(),
+                                                      rows["reason"].tolist()):
+            if reason:
+                dropped[BOX_REASONS[reason]] = dropped.get(BOX_REASONS[reason], 0) + 1
+            if reason <= _CLIPPED:
+                boxes.append(GtBox(ann_id, self.category_ids[label], label, tuple(bbox), crowd))
+        name = self.names[int(image["name_start"]):int(image["name_end"])].tobytes().decode("utf-8", "surrogatepass")
+        return ImageRecord(int(image["image_id"]), name, int(image["width"]), int(image["height"]), tuple(boxes),
+                           dropped, OUTSIDE_IMAGES if image["outside"] else None)
+
+
+class ImageTable(Sequence[ImageRecord]):
+    """The images of a set in id order: an item is its :class:`ImageRecord`, made when asked;
+    a slice is a view on the same columns (``images[part::parts]``), never a copy."""
+
+    def __init__(self, columns: _Columns, rows: range | None = None) -> None:
+        self._columns = columns
+        self._rows = range(len(columns.images)) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return ImageTable(self._columns, self._rows[index])
+        return self._columns.record(self._rows[index])
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return map(self._columns.record, self._rows)
+
+
 @dataclass(frozen=True)
 class CocoSource:
     ann_file: Path
     images_dir: Path
     ann_sha256: str
     classes: tuple[ClassInfo, ...]
-    images: tuple[ImageRecord, ...]
+    images: ImageTable
     orphan_annotations: int
     """Annotations whose ``image_id`` names no image; they cannot be used."""
     from_coco: bool = False
@@ -84,17 +154,49 @@ def resolve_coco_root(root: Path, split: str) -> tuple[Path, Path]:
     return ann, root / split
 
 
-def _clean_box(bbox, width: int, height: int) -> tuple[tuple[float, float, float, float] | None, str | None]:
-    """Clamp a COCO box to the image; return ``(box or None, reason or None)``."""
-    x, y, w, h = (float(v) for v in bbox)
-    if not (w > 0 and h > 0):
-        return None, "degenerate_boxes"
-    x0, y0 = max(0.0, x), max(0.0, y)
-    x1, y1 = min(float(width), x + w), min(float(height), y + h)
-    if x1 <= x0 or y1 <= y0:
-        return None, "outside_boxes"
-    clipped = (x0, y0, x1 - x0, y1 - y0)
-    return clipped, ("clipped_boxes" if (x0, y0, x1, y1) != (x, y, x + w, y + h) else None)
+def _clean_boxes(bbox: np.ndarray, width: np.ndarray, height: np.ndarray, problem: np.ndarray) -> np.ndarray:
+    """Clamp COCO boxes to their images, in place; returns each box's BOX_REASONS code. The
+    float operations are those of one box at a time in Python, so the boxes are the same bits."""
+    x, y, w, h = bbox.T
+    with np.errstate(invalid="ignore"):  # NaN rows were unusable already (``problem``)
+        x0, y0 = np.maximum(0.0, x), np.maximum(0.0, y)
+        x1, y1 = np.minimum(width, x + w), np.minimum(height, y + h)
+        reason = np.select([problem > 0, ~((w > 0) & (h > 0)), (x1 <= x0) | (y1 <= y0),
+                            (x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h)],
+                           [problem + _PROBLEM_SHIFT, BOX_REASONS.index("degenerate_boxes"),
+                            BOX_REASONS.index("outside_boxes"), _CLIPPED], 0).astype(np.int8)
+        bbox[:, 0], bbox[:, 1], bbox[:, 2], bbox[:, 3] = x0, y0, x1 - x0, y1 - y0
+    return reason
+
+
+_BLOCK = 1 << 16
+"""Box rows filled at a time: the temporaries of cleaning stay small whatever the set's size."""
+
+
+def _columns(images: ImageColumns, anns: AnnotationColumns, labels: np.ndarray,
+             classes: tuple[ClassInfo, ...]) -> tuple[_Columns, int]:
+    """The checked columns in id order, boxes cleaned; also the number of orphan annotations.
+    The tables live in memory of their own (:mod:`.columns`) and the boxes are filled a block
+    at a time, so that the temporaries freed afterwards leave few holes in the heap."""
+    by_id = np.argsort(images.id, kind="stable")
+    table = empty((len(by_id),), _IMAGE_ROW)
+    table["image_id"], table["width"], table["height"] = images.id[by_id], images.width[by_id], images.height[by_id]
+    table["name_start"] = np.concatenate([[0], images.name_end[:-1]])[by_id]
+    table["name_end"], table["outside"] = images.name_end[by_id], images.outside[by_id]
+    image_id = table["image_id"]
+    row = np.searchsorted(image_id, anns.image_id)
+    kept = np.flatnonzero(image_id[np.minimum(row, len(image_id) - 1)] == anns.image_id)
+    kept = kept[np.lexsort((anns.id[kept], row[kept]))]
+    row = row[kept]
+    table["box_end"] = np.cumsum(np.bincount(row, minlength=len(table)))
+    boxes = empty((len(kept),), _BOX_ROW)
+    for start in range(0, len(kept), _BLOCK):
+        ann, image, part = kept[start:start + _BLOCK], row[start:start + _BLOCK], boxes[start:start + _BLOCK]
+        part["ann_id"], part["label"], part["iscrowd"] = anns.id[ann], labels[ann], anns.iscrowd[ann]
+        part["bbox"] = anns.bbox[ann]
+        part["reason"] = _clean_boxes(part["bbox"], table["width"][image].astype(np.float64),
+                                      table["height"][image].astype(np.float64), anns.problem[ann])
+    return _Columns(table, images.names, boxes, tuple(c.category_id for c in classes)), len(anns) - len(kept)
 
 
 def load_coco(ann_file: Path, images_dir: Path, *, strict: bool = False) -> CocoSource:
@@ -108,45 +210,30 @@ def load_coco(ann_file: Path, images_dir: Path, *, strict: bool = False) -> Coco
         raise InputError(f"annotation file not found: {ann_file}")
     if not images_dir.is_dir():
         raise InputError(f"image folder not found: {images_dir}")
-    try:
-        raw = json.loads(ann_file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{ann_file} is not valid JSON: {exc}") from exc
-    try:
-        checked = check_coco(raw, images_dir, strict=strict)
-    except InputError as exc:
-        raise InputError(f"{ann_file}: {exc}") from exc
+    digest = hashlib.sha256()
+    with open(ann_file, "rb") as fh:  # read to its end (trailing data is an error): the digest is the file's
+        try:
+            checked = check_coco(open_document(fh, digest), images_dir, strict=strict)
+        except (InvalidJson, UnicodeDecodeError) as exc:
+            raise InputError(f"{ann_file} is not valid JSON: {exc}") from exc
+        except InputError as exc:
+            raise InputError(f"{ann_file}: {exc}") from exc
 
     classes = tuple(ClassInfo(i, c.id, c.name) for i, c in enumerate(checked.categories))
-    label_of = {c.category_id: c.label for c in classes}
-    unknown = sorted({a.category_id for a in checked.annotations} - set(label_of))
-    if unknown:
+    category_ids = np.array([c.category_id for c in classes], dtype=np.int64)
+    anns = checked.annotations
+    labels = np.searchsorted(category_ids, anns.category_id)
+    known = category_ids[np.minimum(labels, len(classes) - 1)] == anns.category_id if classes else labels < 0
+    if not known.all():
+        unknown = np.unique(anns.category_id[~known]).tolist()
         raise InputError(f"annotations use category ids missing from 'categories': {unknown}")
-    if not checked.images:
+    if not len(checked.images):
         raise InputError(f"{ann_file} lists no images")
-
-    by_image: dict[int, list] = {im.id: [] for im in checked.images}
-    orphans = 0
-    for ann in checked.annotations:
-        if ann.image_id in by_image:
-            by_image[ann.image_id].append(ann)
-        else:
-            orphans += 1
-    images = []
-    for info in sorted(checked.images, key=lambda im: im.id):
-        boxes, dropped = [], Counter()
-        for ann in sorted(by_image[info.id], key=lambda a: a.id):
-            box, reason = (None, ann.problem) if ann.bbox is None else _clean_box(ann.bbox, info.width, info.height)
-            if reason:
-                dropped[reason] += 1
-            if box is None:
-                continue
-            boxes.append(GtBox(ann.id, ann.category_id, label_of[ann.category_id], box, ann.iscrowd))
-        images.append(ImageRecord(info.id, info.file_name, info.width, info.height, tuple(boxes), dict(dropped),
-                                  info.skip))
+    columns, orphans = _columns(checked.images, anns, labels, classes)
     if orphans:
         log.warning("%d annotations name an image id that is not in 'images'; ignored", orphans)
-    return CocoSource(ann_file, images_dir, sha256_file(ann_file), classes, tuple(images), orphans, checked.from_coco)
+    return CocoSource(ann_file, images_dir, digest.hexdigest(), classes, ImageTable(columns), orphans,
+                      checked.from_coco)
 
 
 DEFAULT_MAX_PIXELS = 100_000_000

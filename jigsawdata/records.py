@@ -1,11 +1,13 @@
 """Every staged crop of a build as numpy columns: what the shuffle, the shard split and the
-index need, in about 130 bytes per crop whatever the size of the set.
+index need, in about 100 bytes per crop whatever the size of the set.
 
 Extraction stages each chunk's records as JSON; :func:`load_records` reads them back one
-chunk at a time, keeps the fixed-size fields as columns and spills each sample's ``.json``
-member (the variable-size provenance) to one staging file, read back by offset when the
-shard is written. Nothing here holds a Python object per crop, so a set of tens of millions
-of crops builds on one ordinary machine.
+chunk at a time, appends the fixed-size fields to columns (:mod:`.columns`) and spills each
+sample's ``.json`` member (the variable-size provenance) to one staging file, read back
+by offset when the shard is written. Once the shards are out, the staging locations are let
+go and the sample columns are put in index order in place, so the index is written from
+views. Nothing here holds a Python object per crop, so a set of tens of millions of crops
+builds on one ordinary machine.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from .columns import Column, empty
 from .files import atomic_path
 from .grouping import GROUPS
 
@@ -30,9 +34,9 @@ def sample_json(record: dict) -> bytes:
     return json.dumps({k: record[k] for k in META_FIELDS}, sort_keys=True, separators=(",", ":")).encode()
 
 
-@dataclass(frozen=True)
-class Records:
-    """Columns, one row per staged crop, in staging order (chunk by chunk)."""
+@dataclass(eq=False)
+class Samples:
+    """What the shuffle and the index need of each crop, one row per crop."""
 
     key: np.ndarray  # bytes (numpy "S"), the tar member stem
     group: np.ndarray  # int8, index into GROUPS
@@ -43,14 +47,40 @@ class Records:
     width: np.ndarray  # int32
     height: np.ndarray  # int32
     crop_box: np.ndarray  # (N, 4) int32
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Put the rows in ``rows`` order, in place and one column at a time, so that the set
+        is held once plus one column (the index is then written from views)."""
+        for name in self.__dataclass_fields__:
+            column = getattr(self, name)
+            ordered = empty((len(rows), *column.shape[1:]), column.dtype)
+            np.take(column, rows, axis=0, out=ordered)
+            setattr(self, name, ordered)
+
+
+@dataclass(frozen=True, eq=False)
+class Staged:
+    """Where each crop's bytes wait in the staging area, one row per crop."""
+
     chunk: np.ndarray  # int32: staging chunk holding the JPEG
     offset: np.ndarray  # int64: the JPEG's offset in the chunk's blob
     size: np.ndarray  # int32: the JPEG's bytes
     meta_offset: np.ndarray  # int64: the ``.json`` member's offset in the spill file
     meta_size: np.ndarray  # int32
 
+
+@dataclass(frozen=True, eq=False)
+class Records:
+    """Every staged crop, in staging order (chunk by chunk)."""
+
+    samples: Samples
+    staged: Staged
+
     def __len__(self) -> int:
-        return len(self.key)
+        return len(self.samples)
 
 
 def _chunk_columns(records: list[dict], chunk: int, meta_start: int) -> tuple[dict, bytes]:
@@ -76,32 +106,34 @@ def _chunk_columns(records: list[dict], chunk: int, meta_start: int) -> tuple[di
     return columns, b"".join(metas)
 
 
-def load_records(chunks: int, read_chunk: Callable[[int], dict], spill: Path) -> tuple[Records, list[dict]]:
-    """Columns of every chunk's records, in chunk order, with the ``.json`` members spilled
-    to ``spill``; also each chunk's JSON without its records (skips and counts)."""
-    parts, extras, written = [], [], 0
+def load_records(chunks: int, read_chunk: Callable[[int], list[dict]], spill: Path) -> Records:
+    """Columns of every chunk's records (``read_chunk(i)``), in chunk order, with the ``.json``
+    members spilled to ``spill``."""
+    columns: dict[str, Column] = {}
+    written = 0
     with atomic_path(spill) as tmp, open(tmp, "wb") as out:
         for i in range(chunks):
-            meta = read_chunk(i)
-            columns, blob = _chunk_columns(meta.pop("records"), i, written)
+            values, blob = _chunk_columns(read_chunk(i), i, written)
             out.write(blob)
             written += len(blob)
-            parts.append(columns)
-            extras.append(meta)
-    columns = {}
-    for name in Records.__dataclass_fields__:  # column by column, freeing the parts as we go
-        columns[name] = np.concatenate([p.pop(name) for p in parts])
-    return Records(**columns), extras
+            for name, column in values.items():
+                columns.setdefault(name, Column()).add(column)
+    arrays = {name: column.array() for name, column in columns.items()}
+    return Records(Samples(**{name: arrays[name] for name in Samples.__dataclass_fields__}),
+                   Staged(**{name: arrays[name] for name in Staged.__dataclass_fields__}))
 
 
-def shuffled_groups(records: Records, order_rng: Callable[[int], np.random.Generator]) -> dict[str, np.ndarray]:
-    """Row numbers of each group, sorted by key, then permuted by that group's generator."""
-    out = {}
+def shuffled_groups(samples: Samples, order_rng: Callable[[int], np.random.Generator]) -> tuple[np.ndarray, dict]:
+    """Every row number, group after group (in GROUPS order), each group's sorted by key and
+    then permuted by that group's generator; and each group's slice of them."""
+    order, spans, start = empty((len(samples),), np.int64), {}, 0
     for gi, group in enumerate(GROUPS):
-        rows = np.flatnonzero(records.group == gi)
-        ordered = rows[np.argsort(records.key[rows], kind="stable")]
-        out[group] = ordered[order_rng(gi).permutation(len(ordered))]
-    return out
+        rows = np.flatnonzero(samples.group == gi)
+        ordered = rows[np.argsort(samples.key[rows], kind="stable")]
+        spans[group] = slice(start, start + len(rows))
+        order[spans[group]] = ordered[order_rng(gi).permutation(len(ordered))]
+        start += len(rows)
+    return order, spans
 
 
 def split_shards(sizes: np.ndarray, max_bytes: int, max_samples: int) -> list[tuple[int, int]]:
@@ -118,21 +150,36 @@ def split_shards(sizes: np.ndarray, max_bytes: int, max_samples: int) -> list[tu
     return bounds
 
 
-def index_table(records: Records, rows: np.ndarray, shard_of_row: np.ndarray, shard_names: Sequence[str],
+def _strings(values: np.ndarray) -> pa.Array:
+    """A numpy bytes column as an Arrow string array built from its buffer (``pa.array``
+    would make a Python object per value); trailing NULs are numpy's padding."""
+    n, width = len(values), values.dtype.itemsize
+    lengths = np.char.str_len(values)
+    if (lengths == width).all():
+        data, offsets = np.ascontiguousarray(values), np.arange(0, (n + 1) * width, width, dtype=np.int32)
+    else:
+        data = values.view(np.uint8).reshape(n, width)[np.arange(width) < lengths[:, None]]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def index_table(samples: Samples, rows: slice, shard_of_row: np.ndarray, shard_names: Sequence[str],
                 schema: pa.Schema) -> pa.Table:
-    """The index rows (``schema``'s columns) of ``rows``, in that order."""
-    names = pa.array(list(shard_names), type=pa.string()).take(pa.array(shard_of_row, type=pa.int32()))
-    ann = records.ann_id[rows]
+    """The index rows (``schema``'s columns) of the ``rows`` of samples already in index
+    order (:meth:`Samples.reorder`): built from views of the columns, not copies."""
+    pool = pa.system_memory_pool()  # reuses what the build freed; Arrow's default keeps twice its use resident
+    ann = samples.ann_id[rows]
     columns = {
-        "shard": names,
-        "key": pa.array(records.key[rows], type=pa.binary()).cast(pa.string()),
-        "image_id": pa.array(records.image_id[rows]),
-        "ann_id": pa.array(ann, mask=ann < 0),
-        "category_id": pa.array(records.category_id[rows]),
-        "label": pa.array(records.label[rows]),
-        "group": pa.array(list(GROUPS), type=pa.string()).take(pa.array(records.group[rows])),
-        "width": pa.array(records.width[rows]),
-        "height": pa.array(records.height[rows]),
-        "crop_box": pa.FixedSizeListArray.from_arrays(pa.array(records.crop_box[rows].reshape(-1)), 4),
+        "shard": pc.take(pa.array(list(shard_names), type=pa.string()), pa.array(shard_of_row, type=pa.int32()),
+                         memory_pool=pool),
+        "key": _strings(samples.key[rows]),
+        "image_id": pa.array(samples.image_id[rows]),
+        "ann_id": pa.array(ann, mask=ann < 0, memory_pool=pool),
+        "category_id": pa.array(samples.category_id[rows]),
+        "label": pa.array(samples.label[rows]),
+        "group": pc.take(pa.array(list(GROUPS), type=pa.string()), pa.array(samples.group[rows]), memory_pool=pool),
+        "width": pa.array(samples.width[rows]),
+        "height": pa.array(samples.height[rows]),
+        "crop_box": pa.FixedSizeListArray.from_arrays(pa.array(samples.crop_box[rows].reshape(-1)), 4),
     }
-    return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
+    return pa.Table.from_arrays([columns[f.name].cast(f.type, memory_pool=pool) for f in schema], schema=schema)

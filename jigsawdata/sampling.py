@@ -131,39 +131,74 @@ def plan_image(image: ImageRecord, cfg: SamplingConfig, background_label: int,
 
 
 def negative_topups(images: Sequence[ImageRecord], cfg: SamplingConfig, background_label: int,
-                    seed: int) -> dict[int, int]:
-    """Extra negative placements per image id that keep the overall ratio at ``pos_per_neg``.
+                    seed: int) -> np.ndarray:
+    """Extra negative placements of each image of ``images`` (in its order) that keep the
+    overall ratio at ``pos_per_neg``.
 
     Under ``negatives_avoid="crops"`` an image whose enlarged crops cover it places fewer
     negatives than it wants; this makes up that deficit, one placement per image per round,
     from images that still have room, visited in a seeded order. It reads annotations only,
     and each image's extra placements come from its own generator (:func:`topup_rng`), so
     the extraction of one image reproduces them alone. ``gt`` is left as it was (no top-up).
+
+    Memory is a few bytes per image: an image's obstacles are planned again when it is
+    visited, and its generator is kept between rounds as its state's numbers.
     """
+    tries = np.zeros(len(images), dtype=np.int32)
     if cfg.negatives_avoid == "gt":
-        return {}
-    contexts, deficit = {}, 0
-    for image in images:
+        return tries
+    deficit, image_ids, with_positives = 0, np.empty(len(images), dtype=np.int64), np.zeros(len(images), dtype=bool)
+    for pos, image in enumerate(images):
         crops, counts = plan_image(image, cfg, background_label, image_rng(seed, image.image_id))
         deficit += counts["negatives_not_placed"]
-        positives = [c for c in crops if c.ann_id is not None]
-        if positives:
-            contexts[image.image_id] = (image, *_negative_context(image, positives, cfg))
-    order = [int(i) for i in np.random.default_rng([seed, _TOPUP_STREAM]).permutation(sorted(contexts))]
-    rngs = {i: topup_rng(seed, i) for i in order}
-    tries: Counter = Counter()
-    while deficit > 0 and order:
-        with_room = []
-        for image_id in order:
+        image_ids[pos], with_positives[pos] = image.image_id, any(c.ann_id is not None for c in crops)
+    if deficit == 0:
+        return tries
+    candidates = np.flatnonzero(with_positives)
+    candidates = candidates[np.argsort(image_ids[candidates], kind="stable")]
+    visit_ids = np.random.default_rng([seed, _TOPUP_STREAM]).permutation(image_ids[candidates])
+    order = candidates[np.searchsorted(image_ids[candidates], visit_ids)]
+    states = _GeneratorStates(len(images))
+    while deficit > 0 and len(order):
+        room = np.zeros(len(order), dtype=bool)
+        for k in range(len(order)):
             if deficit == 0:
                 break
-            image, obstacles, sizes = contexts[image_id]
-            tries[image_id] += 1
-            if _place_negatives(image, obstacles, sizes, cfg, rngs[image_id], 1):
+            pos = int(order[k])
+            image = images[pos]
+            crops, _ = plan_image(image, cfg, background_label, image_rng(seed, image.image_id))
+            obstacles, sizes = _negative_context(image, [c for c in crops if c.ann_id is not None], cfg)
+            rng = topup_rng(seed, image.image_id)
+            if tries[pos]:
+                states.restore(pos, rng)
+            tries[pos] += 1
+            if _place_negatives(image, obstacles, sizes, cfg, rng, 1):
                 deficit -= 1
-                with_room.append(image_id)
-        order = with_room
-    return dict(tries)
+                room[k] = True
+                states.save(pos, rng)
+        order = order[room]
+    return tries
+
+
+class _GeneratorStates:
+    """The PCG64 state of each image's top-up generator between rounds, as numbers: a live
+    generator per image would cost a kilobyte each."""
+
+    def __init__(self, n: int) -> None:
+        self._high, self._low = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64)
+        self._has_uint32, self._uinteger = np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.uint32)
+
+    def save(self, pos: int, rng: np.random.Generator) -> None:
+        state = rng.bit_generator.state
+        self._high[pos], self._low[pos] = divmod(state["state"]["state"], 1 << 64)
+        self._has_uint32[pos], self._uinteger[pos] = state["has_uint32"], state["uinteger"]
+
+    def restore(self, pos: int, rng: np.random.Generator) -> None:
+        """``rng`` is the image's fresh generator: its stream (``inc``) is kept, its state set."""
+        state = rng.bit_generator.state
+        state["state"]["state"] = (int(self._high[pos]) << 64) | int(self._low[pos])
+        state["has_uint32"], state["uinteger"] = int(self._has_uint32[pos]), int(self._uinteger[pos])
+        rng.bit_generator.state = state
 
 
 def topup_rng(seed: int, image_id: int) -> np.random.Generator:

@@ -15,9 +15,9 @@ def _plan_all(source, cfg=CFG, seed=0):
     """Plans as the build makes them: each image's own, plus the seeded negative top-up."""
     plans, counts = {}, Counter()
     topups = negative_topups(source.images, cfg, source.background_label, seed)
-    for image in source.images:
+    for image, extra in zip(source.images, topups.tolist(), strict=True):
         crops, c = plan_image(image, cfg, source.background_label, image_rng(seed, image.image_id),
-                              topups.get(image.image_id, 0), topup_rng(seed, image.image_id))
+                              extra, topup_rng(seed, image.image_id))
         plans[image.image_id] = crops
         counts.update(c)
     return plans, counts
@@ -103,7 +103,7 @@ def test_topup_restores_the_ratio_when_crops_crowd_images_out(real_source):
 
 def test_topup_is_empty_when_no_image_has_room():
     boxes = [GtBox(i, 5, 0, (0, 0, 200, 100), False) for i in range(1, 11)]
-    assert negative_topups([_image(boxes)], CFG, 1, seed=0) == {1: 1}
+    assert negative_topups([_image(boxes)], CFG, 1, seed=0).tolist() == [1]
     crops, counts = plan_image(_image(boxes), CFG, 1, image_rng(0, 1), 1, topup_rng(0, 1))
     assert counts["negatives"] == 0 and counts["negatives_topped_up"] == 0
 
