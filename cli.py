@@ -72,6 +72,32 @@ class _Group(click.Group):
             message = f"{type(exc).__name__}: {first_line(exc)} (rerun with -vv for the traceback)"
             raise click.ClickException(message) from exc
 
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        """Every subcommand takes ``-v`` and ``-q`` too, so they work after its name as well as
+        before it (``jigsawdata build-shards coco/ -q``)."""
+        cmd.params.extend([
+            click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_more_verbose,
+                         help="More log output (-vv for debug); also accepted before the command."),
+            click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_quieter,
+                         help="No progress bars; also accepted before the command.")])
+        super().add_command(cmd, name)
+
+
+def _log_level(verbose: int) -> int:
+    return logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+
+
+def _more_verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    if value:
+        state = ctx.find_root().obj
+        state["verbose"] += value
+        logging.getLogger().setLevel(_log_level(state["verbose"]))
+
+
+def _quieter(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_root().obj["quiet"] = True
+
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="jigsawdata")
@@ -80,9 +106,8 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Cheap object-detection pre-training: jigsaw shards from your own detection data."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = {"quiet": quiet}
+    logging.basicConfig(level=_log_level(verbose), format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 
 def progress_bar(**kwargs):
@@ -452,7 +477,9 @@ def export(checkpoint: Path, fmt: str, out: Path) -> None:
               help="Template region whose cells' fields are drawn.")
 @click.option("--images", default=16, show_default=True, type=click.IntRange(min=1), help="Jigsaw images to average over.")
 @click.option("--shards", type=click.Path(exists=True, file_okay=False), help="Shard set (default: the run's).")
-def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) -> None:
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where to run (auto: a CUDA GPU if torch sees one).")
+def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None, device: str) -> None:
     """Draw the effective receptive field of a region's cells for a run's checkpoint."""
 
     from jigsawdata.pipelines.config import JigsawConfig
@@ -462,15 +489,16 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None) 
     from jigsawdata.trainer.erfviz import render_erf
     from jigsawdata.trainer.model import DenseClassifier
     from jigsawdata.trainer.pretrain import PretrainConfig, saved_config
-    from jigsawdata.trainer.runtime import config_from
+    from jigsawdata.trainer.runtime import config_from, pick_device
 
+    where = pick_device(device)
     ckpt = load(run_dir)
     cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
     model = DenseClassifier(ckpt["arch"], len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
     batch, _ = next(iter(reference_loader(shards or cfg.shards, images, JigsawConfig(template=cfg.template),
                                           workers=0, rank=0, world_size=1)))
-    maps = effective_receptive_fields(model, batch)
+    maps = effective_receptive_fields(model.to(where), batch.to(where)).cpu()
     weights = erf_weights(maps, cfg.template, cfg.tau)
     render_erf(maps, weights, cfg.template, REGION_NAMES.index(region)).save(out)
     click.echo(f"wrote {out} (iteration {ckpt['iteration']}, {images} images)")
@@ -575,9 +603,13 @@ def experiment(out: str, preset: str, coco: str | None, split: str | None, val_s
 def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> None:
     """Throughput and cost benchmarks; `all` runs every one that fits the machine."""
     from jigsawdata.benchmarks.common import DEFAULT_COCO
-    from jigsawdata.benchmarks.report import BENCHMARKS, run_all
+    from jigsawdata.benchmarks.report import BENCHMARKS, NEED_DALI, run_all
+    from jigsawdata.pipelines.dali import require_dali
 
     only = BENCHMARKS if which == "all" else (which,)
+    if set(only) & set(NEED_DALI):
+        others = ", ".join(b for b in BENCHMARKS if b not in NEED_DALI)
+        require_dali(f"run the benchmarks that do not need it: {others}")
     run_all(out, coco or DEFAULT_COCO, split, only, quick, log=click.echo)
     click.echo(f"wrote {out}/report.json and {out}/report.md")
 

@@ -72,7 +72,15 @@ def environment(packages: tuple[str, ...] = ("pillow", "numpy", "torch", "nvidia
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"python": sys.version.split()[0], "machine": platform.machine(), "processor": platform.processor(),
-            "cpus": _cpus(), "packages": versions, "command": " ".join(sys.argv)}
+            "cpus": _cpus(), "packages": versions, "command": command()}
+
+
+def command() -> str:
+    """The command line as it was typed: ``python -m jigsawdata.benchmarks.X ...`` rather than
+    the module's file path, which names the machine's checkout and cannot be rerun elsewhere."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = f"python -m {spec.name}" if spec is not None and spec.name != "__main__" else Path(sys.argv[0]).name
+    return " ".join([head, *sys.argv[1:]])
 
 
 def _cpus() -> int:

@@ -22,10 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from jigsawdata.coco import ClassInfo
 from jigsawdata.fetch import fetch
 from jigsawdata.files import sha256_file
-from jigsawdata.manifest import FORMAT_VERSION, GroupInfo, Manifest, ShardInfo, read_manifest
+from jigsawdata.manifest import FORMAT_VERSION, ClassInfo, GroupInfo, Manifest, ShardInfo, read_manifest
 from jigsawdata.shards import index_path, write_shard
 
 from .common import environment, interleaved, report, stats

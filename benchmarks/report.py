@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,9 +17,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import build_shards, cost_claim, loss_overhead, pipeline_throughput
-from .common import DEFAULT_COCO, environment
+from .common import DEFAULT_COCO, command, environment
 
 BENCHMARKS = ("build", "pipeline", "loss", "cost")
+NEED_DALI = ("pipeline", "cost")
+"""The benchmarks that measure a DALI pipeline."""
 
 
 def settings(quick: bool, cuda: bool) -> dict:
@@ -42,7 +43,7 @@ def run_all(out: Path, coco: Path = DEFAULT_COCO, split: str = "train2017", only
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = settings(quick, torch.cuda.is_available())
-    results: dict = {"command": " ".join(sys.argv), "quick": quick, "environment": environment(),
+    results: dict = {"command": command(), "quick": quick, "environment": environment(),
                      "machine": platform.node(), "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         shards = None

@@ -35,12 +35,12 @@ import numpy as np
 
 from . import __version__
 from .card import CARD_NAME, attach_card, label_counts, license_text
-from .coco import DEFAULT_MAX_PIXELS, ClassInfo, CocoSource, ImageRecord, load_image
+from .coco import DEFAULT_MAX_PIXELS, CocoSource, ImageRecord, load_image
 from .errors import InputError
 from .files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .index import SCHEMA, write_index_slices
-from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, GroupInfo, Manifest, ShardInfo,
-                       SourceInfo, ToolInfo, part_index_path, part_manifest_path, read_manifest)
+from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, ClassInfo, GroupInfo, Manifest,
+                       ShardInfo, SourceInfo, ToolInfo, part_index_path, part_manifest_path, read_manifest)
 from .outdir import (BuildLock, check_out_location, claim_output, lock_path, record_shard,
                      reusable_shard)
 from .records import Records, index_table, load_records, shuffled_groups, split_shards

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .geometry import intersection_area
-from .synthetic import _annotation, _background, _draw
+from .synthetic import _annotation, _background, _draw, place_box
 
 
 @dataclass(frozen=True)
@@ -94,14 +93,10 @@ def make_clutter_coco(root: Path, images: int = 400, seed: int = 0, split: str =
         for _ in range(int(rng.integers(3, 10))):
             k = int(rng.integers(len(cats)))
             shape = SHAPES[k // len(TEXTURES)]
-            aspect = rng.uniform(*shape.aspect)
-            area = rng.uniform(16, 56) ** 2
-            w, h = min(np.sqrt(area * aspect), width * 0.7), min(np.sqrt(area / aspect), height * 0.7)
-            x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-            box = (round(x0, 2), round(y0, 2), round(x0 + w, 2), round(y0 + h, 2))
-            if placed and intersection_area(tuple(map(int, box)), np.array(placed)).max() > 0.2 * w * h:
+            box = place_box(rng, width, height, shape.aspect, side=(16, 56), max_frac=0.7, placed=placed,
+                            max_overlap=0.2)
+            if box is None:
                 continue
-            placed.append(box)
             mask = Image.new("L", (width, height), 0)
             poly = _draw(ImageDraw.Draw(mask), shape, box, 255)
             canvas.paste(_texture(rng, width, height, TEXTURES[k % len(TEXTURES)] == "striped"), mask=mask)

@@ -26,18 +26,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .columns import empty
 from .errors import InputError
 from .jsonstream import InvalidJson, open_document
+from .manifest import ClassInfo
 from .validate import BOX_PROBLEMS, OUTSIDE_IMAGES, AnnotationColumns, ImageColumns, check_coco
 
 log = logging.getLogger(__name__)
 
 _EXIF_ORIENTATION = 0x0112
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    label: int
-    category_id: int
-    name: str
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ and refuses parts that were built from different inputs or settings.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
@@ -22,10 +23,11 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 from .card import CARD_NAME, attach_card, label_counts
-from .coco import ClassInfo
 from .errors import InputError
 from .files import sha256_file, write_json_atomic, write_text_atomic
 from .grouping import GROUPS
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
@@ -185,6 +187,8 @@ def _check_groups(manifest: Manifest) -> None:
         for shard in info.shards:
             if shard.name.split("/")[0] != group:
                 raise ManifestError(f"manifest lists {shard.name!r} in group {group}: refusing the shard set")
+    if manifest.part is None and not any(info.shards for info in manifest.groups.values()):
+        raise ManifestError("manifest lists no shards: an empty shard set, nothing to train on or fetch")
 
 
 def _check_labels(manifest: Manifest) -> None:
@@ -233,11 +237,21 @@ class SourceInfo(_Record):
                    _unknown(data, cls))
 
 
+@dataclass(frozen=True)
+class ClassInfo(_Record):
+    """A class: its label in the shards, the source's category id and name."""
+
+    label: int
+    category_id: int
+    name: str
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
 def _class_info(data, what: str) -> ClassInfo:
     data = _object(data, what)
     return ClassInfo(_checked(data.get("label"), int, f"{what}.label"),
                      _checked(data.get("category_id"), int, f"{what}.category_id"),
-                     _checked(data.get("name"), str, f"{what}.name"))
+                     _checked(data.get("name"), str, f"{what}.name"), _unknown(data, ClassInfo))
 
 
 def major(version) -> int:
@@ -394,6 +408,17 @@ def part_index_path(root: Path, part: int, parts: int) -> Path:
     return root / PARTS_DIR / f"index-{part:03d}-of-{parts:03d}.parquet"
 
 
+def _shared_extra(records: list, what: str) -> dict:
+    """The keys this version does not know (a newer writer's) that every part gives alike:
+    kept in the merged manifest; those the parts disagree on are dropped, with a warning."""
+    first, *rest = [r.extra for r in records]
+    kept = {k: v for k, v in first.items() if all(e.get(k, object()) == v for e in rest)}
+    dropped = sorted(set().union(*(r.extra for r in records)) - set(kept))
+    if dropped:
+        log.warning("the parts' %s keys %s differ: left out of the merged manifest", what, ", ".join(dropped))
+    return kept
+
+
 def merge_parts(root: Path) -> Manifest:
     """Join the partial manifests under ``root/parts`` into ``root/manifest.json``."""
     from .index import merge_index_files, read_index
@@ -403,6 +428,10 @@ def merge_parts(root: Path) -> Manifest:
     if not paths:
         raise InputError(f"no partial manifests under {root / PARTS_DIR}")
     manifests = [read_manifest(p) for p in paths]
+    for p, m in zip(paths, manifests):
+        if m.part is None or not m.parts or part_manifest_path(root, m.part, m.parts).name != p.name:
+            held = "no part number" if m.part is None or not m.parts else f"part {m.part} of {m.parts}"
+            raise InputError(f"{p} holds {held}, not the part its name says: restore it from its build")
     first = manifests[0].build_fields()
     for p, m in zip(paths, manifests):
         shared = m.build_fields()
@@ -415,18 +444,23 @@ def merge_parts(root: Path) -> Manifest:
         missing = sorted(set(range(n_parts)) - set(found))
         raise InputError(f"cannot merge: parts {missing} of {n_parts} are not built yet")
     shards: dict[str, list[ShardInfo]] = {}
+    group_parts: dict[str, list[GroupInfo]] = {}
     counts, skipped, exif = Counter(), [], []
     for m in manifests:
         for g, info in m.groups.items():
             shards.setdefault(g, []).extend(info.shards)
+            group_parts.setdefault(g, []).append(info)
         counts.update(m.counts or {})
         skipped.extend(m.skipped_images or [])
         exif.extend(m.exif_orientation or [])
     merge_index_files([part_index_path(root, k, n_parts) for k in range(n_parts)], root / INDEX_NAME)
-    merged = replace(manifests[0], part=None, groups={g: GroupInfo.of(s) for g, s in sorted(shards.items())},
+    groups = {g: replace(GroupInfo.of(s), extra=_shared_extra(group_parts[g], f"group {g}"))
+              for g, s in sorted(shards.items())}
+    merged = replace(manifests[0], part=None, groups=groups,
                      counts=dict(sorted(counts.items())), skipped_images=sorted(skipped, key=lambda s: s["image_id"]),
                      exif_orientation=sorted(exif, key=lambda e: e["image_id"]) if exif else None,
-                     index=INDEX_NAME, index_sha256=sha256_file(root / INDEX_NAME), card_sha256=None, extra={})
+                     index=INDEX_NAME, index_sha256=sha256_file(root / INDEX_NAME), card_sha256=None,
+                     extra=_shared_extra(manifests, "manifest"))
     labels = read_index(root / INDEX_NAME).column("label").to_numpy()
     merged, card = attach_card(merged, label_counts(labels))
     write_text_atomic(root / CARD_NAME, card)

@@ -84,14 +84,10 @@ def make_synthetic_coco(root: Path, images: int = 48, seed: int = 0, split: str 
         placed: list[tuple[float, float, float, float]] = []
         for _ in range(int(rng.integers(3, 9))):
             kind = KINDS[int(rng.integers(len(KINDS)))]
-            aspect = rng.uniform(*kind.aspect)
-            area = rng.uniform(24, 110) ** 2
-            w, h = min(np.sqrt(area * aspect), width * 0.6), min(np.sqrt(area / aspect), height * 0.6)
-            x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-            box = (round(x0, 2), round(y0, 2), round(x0 + w, 2), round(y0 + h, 2))
-            if placed and intersection_area(tuple(map(int, box)), np.array(placed)).max() > 0.3 * w * h:
+            box = place_box(rng, width, height, kind.aspect, side=(24, 110), max_frac=0.6, placed=placed,
+                            max_overlap=0.3)
+            if box is None:
                 continue
-            placed.append(box)
             color = tuple(int(c) for c in rng.integers(0, 256, 3))
             poly = _draw(draw, kind, box, color)
             annotations.append(_annotation(len(annotations) + 1, image_id, kind.category_id, box, poly, crowd=False))
@@ -117,6 +113,24 @@ def make_synthetic_coco(root: Path, images: int = 48, seed: int = 0, split: str 
     ann_file = root / "annotations" / f"instances_{split}.json"
     ann_file.write_text(json.dumps(dataset))
     return ann_file
+
+
+def place_box(rng: np.random.Generator, width: int, height: int, aspect: tuple[float, float], *,
+              side: tuple[float, float], max_frac: float, placed: list, max_overlap: float) -> tuple | None:
+    """A box of random aspect (width / height in ``aspect``) and area (side in ``side`` px,
+    each side at most ``max_frac`` of the image's), anywhere in the image; added to ``placed``
+    and returned, or None when it covers more than ``max_overlap`` of its area with a box
+    already placed. It always draws the same four numbers, so a generator's sequence does
+    not depend on which boxes were kept."""
+    ratio = rng.uniform(*aspect)
+    area = rng.uniform(*side) ** 2
+    w, h = min(np.sqrt(area * ratio), width * max_frac), min(np.sqrt(area / ratio), height * max_frac)
+    x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    box = (round(x0, 2), round(y0, 2), round(x0 + w, 2), round(y0 + h, 2))
+    if placed and intersection_area(tuple(map(int, box)), np.array(placed)).max() > max_overlap * w * h:
+        return None
+    placed.append(box)
+    return box
 
 
 def _annotation(ann_id: int, image_id: int, category_id: int, box, polygon, crowd: bool) -> dict:

@@ -281,14 +281,14 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
     return pipe(checkpoint=checkpoint)
 
 
-def require_dali() -> None:
-    """Fail with one line that says what to install, or to use the reference pipeline, when
-    DALI (a separate, CUDA-versioned wheel) cannot be imported."""
+def require_dali(instead: str = "use --pipeline reference") -> None:
+    """Fail with one line that says what to install, or what to do ``instead``, when DALI (a
+    separate, CUDA-versioned wheel) cannot be imported."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as exc:
         raise InputError(f"NVIDIA DALI cannot be imported ({exc}): pip install nvidia-dali-cuda130 (or "
-                         "nvidia-dali-cuda120 for a CUDA 12 driver), or use --pipeline reference") from exc
+                         f"nvidia-dali-cuda120 for a CUDA 12 driver), or {instead}") from exc
 
 
 def part_config(cfg: JigsawConfig, part: int) -> JigsawConfig:

@@ -87,3 +87,21 @@ def test_bench_all_quick_writes_the_report(real_coco, tmp_path):
     assert "## cost" in md and "quick" in md
     assert Image.open(tmp_path / "cost.png").size == (640, 360)
     assert Image.open(tmp_path / "pipelines.png").size == (640, 360)
+
+
+def test_reports_name_the_command_as_it_can_be_rerun(monkeypatch):
+    """``python -m jigsawdata.benchmarks.X`` sets sys.argv[0] to the module's file, a path of one
+    checkout: the report names the module instead; a console script by its name."""
+    import sys
+    import types
+
+    from jigsawdata.benchmarks.common import command
+
+    module = types.ModuleType("__main__")
+    module.__spec__ = types.SimpleNamespace(name="jigsawdata.benchmarks.gpu_check")
+    monkeypatch.setitem(sys.modules, "__main__", module)
+    monkeypatch.setattr(sys, "argv", ["/somewhere/benchmarks/gpu_check.py", "--out", "r"])
+    assert command() == "python -m jigsawdata.benchmarks.gpu_check --out r"
+    module.__spec__ = None
+    monkeypatch.setattr(sys, "argv", ["/home/u/.venv/bin/jigsawdata", "bench", "all"])
+    assert command() == "jigsawdata bench all"

@@ -230,6 +230,39 @@ def test_parts_merge_to_the_same_samples(tmp_path, synthetic_source, small_cfg, 
     assert "# Jigsaw pre-training shards" in (out / "README.md").read_text()
 
 
+def test_merge_checks_each_part_file_and_keeps_the_keys_all_parts_share(tmp_path, synthetic_source, small_cfg,
+                                                                          caplog):
+    out = tmp_path / "parts"
+    for k in range(2):
+        build_shards(synthetic_source, out, small_cfg, part=k, parts=2)
+    paths = sorted((out / "parts").glob("manifest-*.json"))
+    originals = [p.read_text() for p in paths]
+
+    def edit(change) -> None:
+        for k, (p, text) in enumerate(zip(paths, originals)):
+            data = json.loads(text)
+            change(k, data)
+            p.write_text(json.dumps(data))
+
+    edit(lambda k, d: d.update(part=None) if k == 0 else None)
+    with pytest.raises(InputError, match="manifest-000-of-002.json holds no part number, not the part its name says"):
+        merge_parts(out)
+    edit(lambda k, d: d.update(part=1))
+    with pytest.raises(InputError, match="manifest-000-of-002.json holds part 1 of 2, not the part its name says"):
+        merge_parts(out)
+
+    def extras(k, d):
+        d.update(provenance="lab-7", batch=f"b{k}")
+        d["groups"]["S"]["note"] = "hand-picked"
+        d["classes"][0]["synonyms"] = ["puck"]
+    edit(extras)
+    merge_parts(out)
+    merged = json.loads((out / "manifest.json").read_text())
+    assert merged["provenance"] == "lab-7" and "batch" not in merged
+    assert merged["groups"]["S"]["note"] == "hand-picked" and merged["classes"][0]["synonyms"] == ["puck"]
+    assert "manifest keys batch differ" in caplog.text
+
+
 def test_merge_refuses_parts_of_different_builds(tmp_path, synthetic_source, small_cfg):
     out = tmp_path / "parts"
     build_shards(synthetic_source, out, small_cfg, part=0, parts=2)

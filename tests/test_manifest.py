@@ -53,7 +53,9 @@ def test_fields_this_version_does_not_know_ride_along(tmp_path):
     data["groups"]["T"]["shards"][0]["md5"] = "0" * 32
     data["source"]["url"] = "https://example.org/coco"
     data["tool"]["commit"] = "abc"
+    data["classes"][0]["synonyms"] = ["puck"]
     manifest = Manifest.from_json(copy.deepcopy(data))
+    assert manifest.classes[0].extra == {"synonyms": ["puck"]} and manifest.classes[1].extra == {}
     assert manifest.extra == {"provenance": {"signed_by": "someone"}}
     assert manifest.groups["T"].shards[0].extra == {"md5": "0" * 32}
     assert manifest.to_json() == data
@@ -153,3 +155,14 @@ def test_rank_and_world_come_from_torchrun_variables(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name)
     assert process_info().main and process_info().world == 1
+
+
+def test_a_set_without_shards_is_refused():
+    data = {"format_version": "1.0", "groups": {"S": {"shards": [], "samples": 0, "bytes": 0}},
+            "classes": [{"label": 0, "category_id": 1, "name": "thing"}],
+            "background": {"label": 1, "category_id": 0, "name": "background"}}
+    with pytest.raises(ManifestError, match="lists no shards"):
+        Manifest.from_json(copy.deepcopy(data))
+    data["groups"] = {}
+    with pytest.raises(ManifestError, match="lists no shards"):
+        Manifest.from_json(data)

@@ -186,3 +186,18 @@ def test_dali_cpu_workers_are_part_of_the_data_position(built_real, tmp_path):
     result = CliRunner().invoke(main, [*args, "--resume"])
     assert result.exit_code == 1 and "resume with --workers 2" in result.output, result.output
     assert load(out)["iteration"] == 4
+
+
+def test_erf_command_draws_a_runs_receptive_fields(built_real, tmp_path):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    args = _args(built_real, run, iterations=2)
+    args[args.index("--erf-every") + 1] = "2"
+    assert CliRunner().invoke(main, args).exit_code == 0
+    out = tmp_path / "erf.png"
+    result = CliRunner().invoke(main, ["erf", str(run), "--out", str(out), "--images", "2", "--region", "BR",
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "iteration 2, 2 images" in result.output
+    assert Image.open(out).size == (2 * 128 + 220, 2 * 128)  # the canvas at 2x, then the weights panel

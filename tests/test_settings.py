@@ -166,10 +166,14 @@ def test_missing_dali_is_one_line_naming_the_fallback(monkeypatch, built_synthet
     result = CliRunner().invoke(main, ["pretrain", "--shards", str(built_synthetic), "--out", str(run)])
     assert result.exit_code == 1 and "pip install nvidia-dali-cuda130" in result.output
     assert not run.exists()
+    result = CliRunner().invoke(main, ["bench", "pipeline", "--quick", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and result.output.strip().endswith(
+        "or run the benchmarks that do not need it: build, loss"), result.output
 
 
 @pytest.mark.parametrize("command", [["evaluate-pretrain", "{run}", "--shards", "{run}"], ["evaluate", "{run}"],
-                                     ["preview", "{shards}", "--out", "{run}/p.png", "--no-verify"]])
+                                     ["preview", "{shards}", "--out", "{run}/p.png", "--no-verify"],
+                                     ["erf", "{run}", "--out", "{run}/erf.png"]])
 def test_device_cuda_without_a_gpu_is_refused_everywhere(monkeypatch, built_synthetic, tmp_path, command):
     import torch
 
@@ -180,3 +184,28 @@ def test_device_cuda_without_a_gpu_is_refused_everywhere(monkeypatch, built_synt
     result = CliRunner().invoke(main, [*args, "--device", "cuda"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--device cuda, but torch sees no CUDA GPU" in result.output, result.output
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_and_verbose_work_before_or_after_the_command(monkeypatch, built_synthetic, where):
+    import logging
+
+    import tqdm
+
+    seen = []
+
+    class Recorder(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("disable"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)  # restored after the test
+    flags, command = ["-q", "-vv"], ["verify", str(built_synthetic)]
+    args = [*flags, *command] if where == "before" else [*command, *flags]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert seen == [True]
+    if where == "after":  # before the command, logging.basicConfig sets it (once per process)
+        assert root.level == logging.DEBUG
