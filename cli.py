@@ -607,6 +607,9 @@ def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> 
     from jigsawdata.pipelines.dali import require_dali
 
     only = BENCHMARKS if which == "all" else (which,)
+    if coco is None and not DEFAULT_COCO.is_dir() and set(only) != {"loss"}:
+        raise InputError(f"bench {which} reads real photographs: give --coco DIR, a COCO-format set "
+                         f"(the default, {DEFAULT_COCO}, exists only beside a source checkout)")
     if set(only) & set(NEED_DALI):
         others = ", ".join(b for b in BENCHMARKS if b not in NEED_DALI)
         require_dali(f"run the benchmarks that do not need it: {others}")

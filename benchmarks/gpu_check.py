@@ -34,7 +34,13 @@ from .common import DEFAULT_COCO, environment
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class _Skipped(Exception):
+    """A step that cannot run here, for the reason given (not a failure)."""
+
+
 def _tests(out: Path, coco: Path) -> dict:
+    if not (ROOT / "tests").is_dir():
+        raise _Skipped("the tests ship with the source checkout, not with the installed package")
     log = out / "pytest-gpu.log"
     with open(log, "w") as f:
         done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider"],
@@ -124,6 +130,8 @@ def run(out: Path, coco: Path = DEFAULT_COCO, only: tuple[str, ...] = tuple(STEP
         start = time.perf_counter()
         try:
             figures, status = STEPS[name](out, coco), "ok"
+        except _Skipped as exc:
+            figures, status = {"reason": str(exc)}, "skipped"
         except Exception as exc:  # every step runs and reports, whatever broke before it
             figures, status = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, "failed"
         summary["steps"][name] = {"status": status, "seconds": time.perf_counter() - start, **figures}
@@ -153,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU is visible to torch; nothing was run.")
         return 0
+    if not args.coco.is_dir():
+        parser.error(f"--coco {args.coco} is not a folder: give a COCO-format set of real photographs")
     summary = run(args.out, args.coco, tuple(args.only))
     print((args.out / "summary.md").read_text())
-    return 1 if any(s["status"] != "ok" for s in summary["steps"].values()) else 0
+    return 1 if any(s["status"] == "failed" for s in summary["steps"].values()) else 0
 
 
 if __name__ == "__main__":

@@ -105,3 +105,25 @@ def test_reports_name_the_command_as_it_can_be_rerun(monkeypatch):
     module.__spec__ = None
     monkeypatch.setattr(sys, "argv", ["/home/u/.venv/bin/jigsawdata", "bench", "all"])
     assert command() == "jigsawdata bench all"
+
+
+def test_bench_outside_a_checkout_asks_for_coco(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from jigsawdata.benchmarks import common
+    from jigsawdata.cli import main
+
+    monkeypatch.setattr(common, "DEFAULT_COCO", tmp_path / "absent")
+    result = CliRunner().invoke(main, ["bench", "build", "--quick", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "bench build reads real photographs: give --coco DIR" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_gpu_check_skips_the_tests_it_cannot_find(monkeypatch, tmp_path):
+    from jigsawdata.benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)  # an installed package: no tests/ beside it
+    summary = gpu_check.run(tmp_path / "report", tmp_path, only=("tests",))
+    assert summary["steps"]["tests"]["status"] == "skipped"
+    assert "source checkout" in summary["steps"]["tests"]["reason"]
+    assert "## tests: skipped" in (tmp_path / "report" / "summary.md").read_text()

@@ -3,7 +3,6 @@ verify's new checks."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil

@@ -3,10 +3,8 @@ input, never adopting files it did not write, one build per part at a time."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import shutil
-import time
 from pathlib import Path
 
 import pytest

@@ -18,6 +18,9 @@ def test_wheel_installs_only_the_jigsawdata_package(tmp_path):
             shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(ROOT / name, src / name)
+    stale = src / "build" / "lib" / "pipelines"  # left by a build of an older layout
+    stale.mkdir(parents=True)
+    (stale / "__init__.py").write_text("")
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

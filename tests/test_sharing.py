@@ -336,10 +336,10 @@ def test_fetch_over_s3_is_byte_identical(built_synthetic, s3_endpoint, tmp_path)
 @pytest.fixture
 def no_s3fs(monkeypatch):
     """s3fs as if it were not installed: fsspec imports it on first use of s3://."""
-    import fsspec
+    from fsspec.registry import _registry  # the backends already imported
 
     monkeypatch.setitem(sys.modules, "s3fs", None)
-    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)  # fsspec.registry: a mapping
+    monkeypatch.delitem(_registry, "s3", raising=False)
 
 
 @pytest.mark.parametrize("command", [["fetch", "s3://bucket/set", "--out", "{tmp}/copy"],

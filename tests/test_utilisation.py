@@ -8,7 +8,6 @@ from PIL import Image
 
 from jigsawdata.pipelines.config import JigsawConfig
 from jigsawdata.pipelines.reference import assemble
-from jigsawdata.pipelines.template import Template
 from jigsawdata.pipelines.utilisation import crop_sizes, padding_share
 
 SIZES = {"S": np.array([[32, 32]]), "T": np.array([[16, 100]]), "W": np.array([[200, 20]])}
