@@ -219,6 +219,14 @@ class _Categories(_List):
         self.names[cid] = name
 
     def categories(self) -> tuple[Category, ...]:
+        ids_of: dict[str, list[int]] = {}
+        for cid in sorted(self.names):
+            ids_of.setdefault(self.names[cid], []).append(cid)
+        shared = {name: ids for name, ids in ids_of.items() if len(ids) > 1}
+        if shared:  # legal, and each keeps its own label, but the names no longer tell the classes apart
+            log.warning("categories share a name: %s; each keeps its own label, and the dataset card "
+                        "adds the category id to those names",
+                        "; ".join(f"{name!r} (ids {', '.join(map(str, ids))})" for name, ids in shared.items()))
         return tuple(Category(cid, self.names[cid]) for cid in sorted(self.names))
 
 

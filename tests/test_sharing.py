@@ -223,6 +223,24 @@ def test_dataset_card(built_synthetic, built_real, synthetic_source, tmp_path):
     assert coco["license"] == "other" and coco["license_link"] == "https://cocodataset.org/#termsofuse"
 
 
+def test_card_class_labels_stay_unique_when_categories_share_a_name(built_synthetic):
+    from dataclasses import replace
+
+    import yaml
+
+    from jigsawdata.card import front_matter
+    from jigsawdata.manifest import read_manifest
+
+    manifest = read_manifest(built_synthetic)
+    first, second = manifest.classes[:2]
+    manifest = replace(manifest, classes=(first, replace(second, name=first.name), *manifest.classes[2:]))
+    meta = yaml.safe_load(front_matter(manifest).removeprefix("---\n").removesuffix("---\n"))
+    names = meta["dataset_info"][0]["features"][1]["dtype"]["class_label"]["names"]
+    assert names["0"] == f"{first.name} (category {first.category_id})"
+    assert names["1"] == f"{first.name} (category {second.category_id})"
+    assert len(set(names.values())) == len(names) == len(manifest.classes) + 1
+
+
 def _front_matter(root: Path) -> dict:
     import yaml
 

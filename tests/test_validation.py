@@ -85,6 +85,15 @@ def test_duplicate_category_ids_are_an_error_naming_both_names(coco):
         load_coco(ann, root / "train")
 
 
+def test_categories_sharing_a_name_keep_their_labels_with_a_warning(coco, caplog):
+    root, data, ann = coco
+    data["categories"].append({"id": 99, "name": "pole"})
+    _save(ann, data)
+    source = load_coco(ann, root / "train")
+    assert [c.name for c in source.classes].count("pole") == 2 and len(source.classes) == len(data["categories"])
+    assert "categories share a name: 'pole' (ids 3, 99)" in caplog.text
+
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda d: d["images"][0].update(width="abc"), r"images\[0\] \(id 1\): 'width' must be an integer, got 'abc'"),
     (lambda d: d["images"][0].update(height=0), r"images\[0\] \(id 1\): 'height' must be >= 1, got 0"),
