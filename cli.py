@@ -44,6 +44,9 @@ class _Size(click.ParamType):
         return value if isinstance(value, int) else parse_size(value)
 
 
+SHOWN_PROBLEMS = 20
+"""The problems ``verify`` prints by default: a damaged shard can fail every one of its samples."""
+
 SIZE = _Size()
 """A byte count given as 4096, 256MB or 1GiB."""
 
@@ -323,7 +326,8 @@ def info(root: Path, as_json: bool, padding: bool) -> None:
 
 @main.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def verify(root: Path) -> None:
+@click.option("--all", "show_all", is_flag=True, help=f"Print every problem, not the first {SHOWN_PROBLEMS}.")
+def verify(root: Path, show_all: bool) -> None:
     """Re-hash every shard and check counts against the manifest and the index."""
     from jigsawdata.manifest import read_manifest
     from jigsawdata.verify import verify_shard_set
@@ -332,8 +336,12 @@ def verify(root: Path) -> None:
     with progress_bar(total=total, unit="shard", desc="verify") as bar:
         problems = verify_shard_set(root, on_shard=lambda _: bar.update(1))
     if problems:
-        for problem in problems:
+        shown = problems if show_all else problems[:SHOWN_PROBLEMS]
+        for problem in shown:
             click.echo(f"FAIL {problem}", err=True)
+        if len(shown) < len(problems):
+            click.echo(f"FAIL ... and {len(problems) - len(shown)} more problems ({len(problems)} in all; "
+                       "--all prints every one)", err=True)
         sys.exit(1)
     click.echo(f"OK: {total} shards match the manifest and the index")
 
@@ -604,15 +612,19 @@ def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> 
     """Throughput and cost benchmarks; `all` runs every one that fits the machine."""
     from jigsawdata.benchmarks.common import DEFAULT_COCO
     from jigsawdata.benchmarks.report import BENCHMARKS, NEED_DALI, run_all
-    from jigsawdata.pipelines.dali import require_dali
+    from jigsawdata.pipelines.dali import INSTALL_DALI, dali_missing, require_dali
 
     only = BENCHMARKS if which == "all" else (which,)
     if coco is None and not DEFAULT_COCO.is_dir() and set(only) != {"loss"}:
         raise InputError(f"bench {which} reads real photographs: give --coco DIR, a COCO-format set "
                          f"(the default, {DEFAULT_COCO}, exists only beside a source checkout)")
-    if set(only) & set(NEED_DALI):
-        others = ", ".join(b for b in BENCHMARKS if b not in NEED_DALI)
-        require_dali(f"run the benchmarks that do not need it: {others}")
+    others = tuple(b for b in BENCHMARKS if b not in NEED_DALI)
+    if which == "all" and dali_missing():  # "all" is every benchmark that fits the machine
+        click.echo(f"NVIDIA DALI cannot be imported: skipping {', '.join(NEED_DALI)} ({INSTALL_DALI} to run them)",
+                   err=True)
+        only = others
+    elif which in NEED_DALI:
+        require_dali(f"run the benchmarks that do not need it: {', '.join(others)}")
     run_all(out, coco or DEFAULT_COCO, split, only, quick, log=click.echo)
     click.echo(f"wrote {out}/report.json and {out}/report.md")
 

@@ -79,7 +79,8 @@ def command() -> str:
     """The command line as it was typed: ``python -m jigsawdata.benchmarks.X ...`` rather than
     the module's file path, which names the machine's checkout and cannot be rerun elsewhere."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    head = f"python -m {spec.name}" if spec is not None and spec.name != "__main__" else Path(sys.argv[0]).name
+    module = spec.name.removesuffix(".__main__") if spec is not None else "__main__"
+    head = f"python -m {module}" if module != "__main__" else Path(sys.argv[0]).name
     return " ".join([head, *sys.argv[1:]])
 
 

@@ -207,6 +207,9 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
     """
     if not 0 <= part < parts:
         raise InputError(f"part must be in [0, {parts}), got {part}")
+    if part >= len(source.images):  # before anything is written: such a part could never be merged
+        raise InputError(f"part {part} of {parts} holds no images ({len(source.images)} in the set): "
+                         f"use at most {len(source.images)} parts")
     out = Path(out)
     check_out_location(out, source)
     claim_output(out)
@@ -234,8 +237,6 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
     write_json_atomic(staging / "build.json", fingerprint)
 
     mine = source.images[part::parts]  # a view: image records are made chunk by chunk
-    if not mine:
-        raise InputError(f"part {part} of {parts} holds no images ({len(source.images)} in the set)")
     chunks = -(-len(mine) // cfg.chunk_images)
 
     def chunk(i: int) -> slice:
@@ -340,7 +341,12 @@ def _check_same_build(fingerprint: dict, manifest_path: Path, staged_path: Path,
     others = sorted((out / PARTS_DIR).glob("manifest-*-of-*.json")) + sorted(out.glob(".staging-*-of-*/build.json"))
     for path in (manifest_path, staged_path, out / MANIFEST_NAME, *others):
         if path.is_file():
-            previous = json.loads(path.read_text())
+            try:
+                previous = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+                raise InputError(f"{path} is not valid JSON ({exc}): restore it, or use another --out") from exc
+            if not isinstance(previous, dict):
+                raise InputError(f"{path} is not a manifest (a JSON object): restore it, or use another --out")
             previous = {k: previous.get(k) for k in fingerprint}
             diff = _differences(previous, fingerprint)
             if diff:

@@ -152,7 +152,9 @@ def _clean_boxes(bbox: np.ndarray, width: np.ndarray, height: np.ndarray, proble
     """Clamp COCO boxes to their images, in place; returns each box's BOX_REASONS code. The
     float operations are those of one box at a time in Python, so the boxes are the same bits."""
     x, y, w, h = bbox.T
-    with np.errstate(invalid="ignore"):  # NaN rows were unusable already (``problem``)
+    # NaN rows were unusable already (``problem``); x + w of huge finite numbers overflows to
+    # inf, which the clamp to the image then handles.
+    with np.errstate(invalid="ignore", over="ignore"):
         x0, y0 = np.maximum(0.0, x), np.maximum(0.0, y)
         x1, y1 = np.minimum(width, x + w), np.minimum(height, y + h)
         reason = np.select([problem > 0, ~((w > 0) & (h > 0)), (x1 <= x0) | (y1 <= y0),
@@ -220,9 +222,13 @@ def load_coco(ann_file: Path, images_dir: Path, *, strict: bool = False) -> Coco
     known = category_ids[np.minimum(labels, len(classes) - 1)] == anns.category_id if classes else labels < 0
     if not known.all():
         unknown = np.unique(anns.category_id[~known]).tolist()
-        raise InputError(f"annotations use category ids missing from 'categories': {unknown}")
+        first = int(np.flatnonzero(~known)[0])
+        raise InputError(f"{ann_file}: annotations use category ids missing from 'categories': {unknown} "
+                         f"(first: the annotation with id {int(anns.id[first])})")
     if not len(checked.images):
         raise InputError(f"{ann_file} lists no images")
+    if not classes:
+        raise InputError(f"{ann_file} lists no categories: there is nothing to pre-train on")
     columns, orphans = _columns(checked.images, anns, labels, classes)
     if orphans:
         log.warning("%d annotations name an image id that is not in 'images'; ignored", orphans)
@@ -284,7 +290,11 @@ def decode_image(path: Path, width: int, height: int, max_pixels: int = DEFAULT_
     refer to (the rotated view when both have it, recorded in ``exif_orientation``). An
     image larger than ``max_pixels`` is skipped from its header, before any decoding.
     """
-    if not path.is_file():
+    try:
+        present = path.is_file()
+    except OSError:  # a name longer than the filesystem allows: no such file can exist
+        present = False
+    if not present:
         return Decoded(None, "image_missing")
     try:
         with _own_pixel_limit():

@@ -28,6 +28,18 @@ after what ``raw_decode`` took: a value that ends this close to the end is read 
 the next block."""
 
 
+_CUT_REACH = 16
+"""How far before the window's end a decoding error can come from the end cutting a valid
+value: the longest literal (``-Infinity``), a ``\\uXXXX`` escape, a number's tail."""
+
+
+def _may_be_cut(buf: str, exc: json.JSONDecodeError) -> bool:
+    """Whether more text could make the value at the error valid: a string still open at the
+    window's end, or an error close to it. Any other error is in the text already read, and
+    is raised at once rather than after reading (and holding) the rest of the file."""
+    return exc.msg.startswith("Unterminated string") or len(buf) - exc.pos < _CUT_REACH
+
+
 class InvalidJson(ValueError):
     """The document is not valid JSON; the message is ``json``'s, positioned in the whole file."""
 
@@ -87,7 +99,7 @@ class _Text:
             try:
                 value, end = _DECODER.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as exc:
-                if self.read_more():
+                if _may_be_cut(self.buf, exc) and self.read_more():
                     continue
                 raise self.error(exc.msg, exc.pos) from None
             except ValueError as exc:  # an integer longer than Python converts

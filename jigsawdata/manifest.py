@@ -453,14 +453,26 @@ def merge_parts(root: Path) -> Manifest:
         counts.update(m.counts or {})
         skipped.extend(m.skipped_images or [])
         exif.extend(m.exif_orientation or [])
-    merge_index_files([part_index_path(root, k, n_parts) for k in range(n_parts)], root / INDEX_NAME)
+    indexes = [part_index_path(root, m.part, n_parts) for m in sorted(manifests, key=lambda m: m.part)]
+    for m, index in zip(sorted(manifests, key=lambda m: m.part), indexes):
+        again = (f"delete {part_manifest_path(root, m.part, n_parts)} and rerun build-shards with "
+                 f"--part {m.part}/{n_parts} to make it again")
+        if not index.is_file():
+            raise InputError(f"{index} is missing: {again}")
+        if sha256_file(index) != m.index_sha256:
+            raise InputError(f"{index} is not the index its part manifest records (sha256 differs): {again}")
     groups = {g: replace(GroupInfo.of(s), extra=_shared_extra(group_parts[g], f"group {g}"))
               for g, s in sorted(shards.items())}
     merged = replace(manifests[0], part=None, groups=groups,
                      counts=dict(sorted(counts.items())), skipped_images=sorted(skipped, key=lambda s: s["image_id"]),
                      exif_orientation=sorted(exif, key=lambda e: e["image_id"]) if exif else None,
-                     index=INDEX_NAME, index_sha256=sha256_file(root / INDEX_NAME), card_sha256=None,
-                     extra=_shared_extra(manifests, "manifest"))
+                     index=INDEX_NAME, card_sha256=None, extra=_shared_extra(manifests, "manifest"))
+    try:  # every check a reader makes, before anything is written
+        Manifest.from_json(merged.to_json(), "the merged manifest")
+    except InputError as exc:
+        raise InputError(f"the parts do not merge into a valid shard set: {exc}") from exc
+    merge_index_files(indexes, root / INDEX_NAME)
+    merged = replace(merged, index_sha256=sha256_file(root / INDEX_NAME))
     labels = read_index(root / INDEX_NAME).column("label").to_numpy()
     merged, card = attach_card(merged, label_counts(labels))
     write_text_atomic(root / CARD_NAME, card)

@@ -40,11 +40,12 @@ def check_out_location(out: Path, source: CocoSource) -> None:
     """Refuse an output that is the image folder, the annotation folder or the set's root
     (a new folder inside the root, e.g. ``coco/jigsaw-shards``, is fine)."""
     inputs = {"the image folder": source.images_dir, "the annotation folder": source.ann_file.parent}
+    beside = Path(source.images_dir).parent  # a folder next to the images, none of them inside it
     if source.ann_file.parent.name == "annotations":
-        inputs["the data set's root"] = source.ann_file.parent.parent
+        inputs["the data set's root"] = beside = source.ann_file.parent.parent
     for what, path in inputs.items():
         if _same(Path(out), Path(path)):
-            raise InputError(f"--out {out} is {what}: choose a new folder, e.g. {Path(path) / 'jigsaw-shards'}")
+            raise InputError(f"--out {out} is {what}: choose a new folder, e.g. {beside / 'jigsaw-shards'}")
 
 
 def _json_from_jigsawdata(path: Path) -> bool:

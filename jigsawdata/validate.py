@@ -140,9 +140,9 @@ def inside_name(file_name: str, images_dir: Path) -> str | None:
         return None
     if posixpath.isabs(file_name) or os.path.isabs(file_name):
         for base in {os.path.abspath(images_dir), os.path.realpath(images_dir)}:
-            rel = os.path.relpath(os.path.normpath(file_name), base)
-            if not rel.startswith(".."):
-                return Path(rel).as_posix()
+            rel = Path(os.path.relpath(os.path.normpath(file_name), base))
+            if rel.parts and rel.parts[0] != "..":  # "..x.jpg" is a file inside, not a way out
+                return rel.as_posix()
         return None
     name = posixpath.normpath(file_name)
     if name in (".", "") or name == ".." or name.startswith("../"):
@@ -214,6 +214,9 @@ class _Categories(_List):
         name = cat.get("name")
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"{_where(*at)}: 'name' must be a non-empty string, got {name!r}")
+        if not name.isprintable():  # no newlines or control characters, no lone surrogates
+            raise InputError(f"{_where(*at)}: 'name' must be printable text (it names the class in the "
+                             f"manifest and the dataset card), got {name!r}")
         if cid in self.names:
             raise InputError(f"{_where(*at)}: category id {cid} is used twice ({self.names[cid]!r} and {name!r})")
         self.names[cid] = name
@@ -263,7 +266,9 @@ class _IdList(_List):
 
     def add_id(self, record: dict, at: _At) -> None:
         value = record.get("id")
-        self.ids.append(_int(value, at, "id"))
+        # >= 0: an image id seeds that image's random generator, and a negative annotation id
+        # marks a background crop in the index.
+        self.ids.append(_int(value, at, "id", minimum=0))
         self.float_ids.append(isinstance(value, float))
 
     def duplicate(self, index: int, first: int, rid: int) -> InputError:

@@ -281,14 +281,23 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
     return pipe(checkpoint=checkpoint)
 
 
-def require_dali(instead: str = "use --pipeline reference") -> None:
-    """Fail with one line that says what to install, or what to do ``instead``, when DALI (a
-    separate, CUDA-versioned wheel) cannot be imported."""
+INSTALL_DALI = "pip install nvidia-dali-cuda130 (or nvidia-dali-cuda120 for a CUDA 12 driver)"
+
+
+def dali_missing() -> str | None:
+    """Why DALI (a separate, CUDA-versioned wheel) cannot be imported; None when it can."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as exc:
-        raise InputError(f"NVIDIA DALI cannot be imported ({exc}): pip install nvidia-dali-cuda130 (or "
-                         f"nvidia-dali-cuda120 for a CUDA 12 driver), or {instead}") from exc
+        return str(exc)
+    return None
+
+
+def require_dali(instead: str = "use --pipeline reference") -> None:
+    """Fail with one line that says what to install, or what to do ``instead``, without DALI."""
+    missing = dali_missing()
+    if missing:
+        raise InputError(f"NVIDIA DALI cannot be imported ({missing}): {INSTALL_DALI}, or {instead}")
 
 
 def part_config(cfg: JigsawConfig, part: int) -> JigsawConfig:

@@ -89,6 +89,21 @@ def test_bench_all_quick_writes_the_report(real_coco, tmp_path):
     assert Image.open(tmp_path / "pipelines.png").size == (640, 360)
 
 
+def test_bench_all_without_dali_runs_the_benchmarks_that_fit(real_coco, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from click.testing import CliRunner
+
+    from jigsawdata.cli import main
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    result = CliRunner().invoke(main, ["bench", "all", "--quick", "--out", str(tmp_path), "--coco", str(real_coco)])
+    assert result.exit_code == 0, result.output
+    assert "NVIDIA DALI cannot be imported: skipping pipeline, cost (pip install nvidia-dali-cuda130" in result.output
+    assert set(json.loads((tmp_path / "report.json").read_text())["results"]) == {"build", "loss"}
+
+
 def test_reports_name_the_command_as_it_can_be_rerun(monkeypatch):
     """``python -m jigsawdata.benchmarks.X`` sets sys.argv[0] to the module's file, a path of one
     checkout: the report names the module instead; a console script by its name."""
@@ -102,6 +117,9 @@ def test_reports_name_the_command_as_it_can_be_rerun(monkeypatch):
     monkeypatch.setitem(sys.modules, "__main__", module)
     monkeypatch.setattr(sys, "argv", ["/somewhere/benchmarks/gpu_check.py", "--out", "r"])
     assert command() == "python -m jigsawdata.benchmarks.gpu_check --out r"
+    module.__spec__ = types.SimpleNamespace(name="jigsawdata.__main__")  # python -m jigsawdata bench ...
+    monkeypatch.setattr(sys, "argv", ["/x/jigsawdata/__main__.py", "bench", "all"])
+    assert command() == "python -m jigsawdata bench all"
     module.__spec__ = None
     monkeypatch.setattr(sys, "argv", ["/home/u/.venv/bin/jigsawdata", "bench", "all"])
     assert command() == "jigsawdata bench all"

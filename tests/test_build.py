@@ -263,6 +263,51 @@ def test_merge_checks_each_part_file_and_keeps_the_keys_all_parts_share(tmp_path
     assert "manifest keys batch differ" in caplog.text
 
 
+def test_merge_checks_the_part_indexes_and_the_merged_manifest_before_writing(tmp_path, synthetic_source,
+                                                                                small_cfg):
+    out = tmp_path / "parts"
+    for k in range(2):
+        build_shards(synthetic_source, out, small_cfg, part=k, parts=2)
+    first, second = sorted((out / "parts").glob("manifest-*.json"))
+    index0, index1 = sorted((out / "parts").glob("index-*.parquet"))
+    original = first.read_text()
+    data, other = json.loads(original), json.loads(second.read_text())
+    group, extra = data["groups"]["S"], other["groups"]["S"]  # a shard listed by both parts
+    group.update(shards=group["shards"] + extra["shards"][:1], samples=group["samples"] + extra["shards"][0]["samples"],
+                 bytes=group["bytes"] + extra["shards"][0]["bytes"])
+    first.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"the parts do not merge into a valid shard set: .*'S/S-p001-\d+\.tar' twice"):
+        merge_parts(out)
+    assert not (out / "manifest.json").exists() and not (out / "index.parquet").exists()
+    first.write_text(original)
+
+    def swap() -> None:
+        index0.rename(tmp_path / "i")
+        index1.rename(index0)
+        (tmp_path / "i").rename(index1)
+
+    swap()
+    with pytest.raises(InputError, match="index-000-of-002.parquet is not the index its part manifest records"):
+        merge_parts(out)
+    swap()
+    index1.unlink()
+    with pytest.raises(InputError, match=r"index-001-of-002.parquet is missing: delete .*manifest-001-of-002\.json "
+                                         r"and rerun build-shards with --part 1/2"):
+        merge_parts(out)
+
+
+def test_a_damaged_part_manifest_is_named_when_another_part_builds(tmp_path, synthetic_source, small_cfg):
+    out = tmp_path / "parts"
+    for k in range(2):
+        build_shards(synthetic_source, out, small_cfg, part=k, parts=3)
+    (out / "parts" / "manifest-000-of-003.json").write_text("[1]")
+    with pytest.raises(InputError, match=r"manifest-000-of-003.json is not a manifest \(a JSON object\)"):
+        build_shards(synthetic_source, out, small_cfg, part=2, parts=3)
+    (out / "parts" / "manifest-000-of-003.json").write_text("{")
+    with pytest.raises(InputError, match=r"manifest-000-of-003.json is not valid JSON \(Expecting"):
+        build_shards(synthetic_source, out, small_cfg, part=2, parts=3)
+
+
 def test_merge_refuses_parts_of_different_builds(tmp_path, synthetic_source, small_cfg):
     out = tmp_path / "parts"
     build_shards(synthetic_source, out, small_cfg, part=0, parts=2)
@@ -394,3 +439,10 @@ def test_negatives_avoid_gt_writes_the_bytes_of_the_previous_release(tmp_path):
     assert _shards_digest(crops) != _shards_digest(gt)
     assert crops.params["sampling"]["negatives_avoid"] == "crops"
     assert {"negatives_wanted", "negatives"} <= set(crops.counts)
+
+
+def test_a_part_beyond_the_images_is_refused_before_anything_is_written(tmp_path, synthetic_source, small_cfg):
+    n = len(synthetic_source.images)
+    with pytest.raises(InputError, match=rf"part {n} of {n + 1} holds no images \({n} in the set\): use at most {n} parts"):
+        build_shards(synthetic_source, tmp_path / "out", small_cfg, part=n, parts=n + 1)
+    assert not (tmp_path / "out").exists()

@@ -50,15 +50,22 @@ def test_unknown_category_ids_are_named(coco):
     data["annotations"][0]["category_id"] = 999
     data["annotations"][1]["category_id"] = 555
     _save(ann, data)
-    with pytest.raises(InputError, match=r"\[555, 999\]"):
+    first = data["annotations"][0]["id"]
+    with pytest.raises(InputError, match=rf"instances_train.json: .*\[555, 999\] \(first: the annotation with id "
+                                         rf"{first}\)"):
         load_coco(ann, root / "train")
 
 
 def test_empty_dataset_is_an_error(coco):
     root, data, ann = coco
+    images = data["images"]
     data["images"], data["annotations"] = [], []
     _save(ann, data)
     with pytest.raises(InputError, match="lists no images"):
+        load_coco(ann, root / "train")
+    data["images"], data["categories"] = images, []
+    _save(ann, data)
+    with pytest.raises(InputError, match="lists no categories: there is nothing to pre-train on"):
         load_coco(ann, root / "train")
 
 
@@ -89,11 +96,13 @@ def test_missing_and_corrupt_images_are_skipped_counted_and_named(tmp_path, coco
     (root / "train" / names[0]).unlink()
     (root / "train" / names[1]).write_bytes(b"\xff\xd8\xff\xe0 truncated")
     data["images"][2]["width"] += 7  # annotation disagrees with the pixels
+    data["images"][3]["file_name"] = "x" * 300 + ".jpg"  # longer than a file name can be: no such file
     _save(ann, data)
     manifest = build_shards(load_coco(ann, root / "train"), tmp_path / "out", BuildConfig())
     reasons = {s["file_name"]: s["reason"] for s in manifest.skipped_images}
-    assert reasons == {names[0]: "image_missing", names[1]: "image_corrupt", names[2]: "image_size_mismatch"}
-    assert manifest.counts["images_used"] == 3 and manifest.counts["image_missing"] == 1
+    assert reasons == {names[0]: "image_missing", names[1]: "image_corrupt", names[2]: "image_size_mismatch",
+                       "x" * 300 + ".jpg": "image_missing"}
+    assert manifest.counts["images_used"] == 2 and manifest.counts["image_missing"] == 2
 
 
 def test_no_usable_image_is_an_error(tmp_path, coco):

@@ -187,6 +187,19 @@ def test_an_unexpected_failure_is_one_line_not_a_traceback(built_synthetic, monk
     assert "Traceback" not in result.output
 
 
+def test_verify_prints_the_first_problems_and_how_many_more(built_synthetic, monkeypatch):
+    import jigsawdata.verify
+
+    problems = [f"S/S-000000.tar: sample {i:06d} is wrong" for i in range(25)]
+    monkeypatch.setattr(jigsawdata.verify, "verify_shard_set", lambda *args, **kwargs: problems)
+    result = CliRunner().invoke(main, ["verify", str(built_synthetic)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines[:20] == [f"FAIL {p}" for p in problems[:20]]
+    assert lines[20:] == ["FAIL ... and 5 more problems (25 in all; --all prints every one)"]
+    result = CliRunner().invoke(main, ["verify", str(built_synthetic), "--all"])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [f"FAIL {p}" for p in problems]
+
+
 def test_a_bad_canvas_is_a_one_line_error(built_synthetic, tmp_path):
     result = CliRunner().invoke(main, ["pretrain", "--shards", str(built_synthetic), "--out", str(tmp_path / "r"),
                                        "--canvas", "100", "--device", "cpu", "--arch", "resnet18"])

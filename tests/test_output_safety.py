@@ -39,6 +39,7 @@ def test_out_equal_to_the_input_is_refused_but_a_folder_inside_the_root_is_fine(
                       (synthetic_root / "annotations", "the annotation folder")):
         result = runner.invoke(main, ["build-shards", str(synthetic_root), "--out", str(out)])
         assert result.exit_code == 1 and f"is {what}" in result.output, result.output
+        assert f"e.g. {synthetic_root / 'jigsaw-shards'}" in result.output  # beside the images, not inside them
     assert _files(synthetic_root) == before, "the data set's own README and files are untouched"
     inside = tmp_path / "copy"
     shutil.copytree(synthetic_root, inside)

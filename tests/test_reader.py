@@ -29,8 +29,8 @@ DOC = {
 }
 
 
-def _read(data: bytes):
-    doc = open_document(io.BytesIO(data))
+def _read(data: bytes | io.BytesIO):
+    doc = open_document(data if isinstance(data, io.BytesIO) else io.BytesIO(data))
     if isinstance(doc, ObjectStream):
         return {key: list(value) if isinstance(value, ArrayStream) else value for key, value in doc}
     return doc
@@ -57,7 +57,8 @@ def test_a_top_level_that_is_not_an_object_is_named(tmp_path):
 @pytest.mark.parametrize("text", [
     '{"images": [{"id": 1},\n {"id": 2,\n "x": }]}', '{"a": [1, 2', '{"a": 1} {"b": 2}', '', '  \n ',
     '{"a" 1}', '{"a": 1 "b": 2}', '{1: 2}', '{"a": [1 2]}', '{"a": [1e]}', '{"a": tru}', '{"a": "\\x"}',
-    '{"a": 1,\n\n "b": [3,\n 4,\n}', '[1, 2] 3',
+    '{"a": 1,\n\n "b": [3,\n 4,\n}', '[1, 2] 3', '{"a": [1.]}', '{"a": "\\u12zz"}', '{"a": -Inf}',
+    '{"a": [{"id": 1,, "b": 2}]}',
 ])
 def test_invalid_json_is_placed_in_the_whole_file_as_json_places_it(monkeypatch, text):
     monkeypatch.setattr(jsonstream, "_BLOCK", 3)
@@ -66,6 +67,20 @@ def test_invalid_json_is_placed_in_the_whole_file_as_json_places_it(monkeypatch,
     with pytest.raises(InvalidJson) as raised:
         _read(text.encode())
     assert str(raised.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("block", [5, 1 << 20])
+def test_an_error_early_in_a_large_file_is_raised_without_reading_the_rest(monkeypatch, block):
+    """Retrying with more text is for values the window's end cut; an error in the middle
+    of the text read is final, so memory stays at a block or two, not the file."""
+    monkeypatch.setattr(jsonstream, "_BLOCK", block)
+    good = ", ".join(json.dumps({"id": i, "bbox": [1, 2, 3, 4], "name": "x" * 40}) for i in range(2, 200_000))
+    data = ('{"annotations": [{"id": 1,, "bbox": [1, 2, 3, 4]}, ' + good + "]}").encode()
+    assert len(data) > 16 * (1 << 20)
+    fh = io.BytesIO(data)
+    with pytest.raises(InvalidJson, match=r"Expecting property name enclosed in double quotes: line 1 column 27"):
+        _read(fh)
+    assert fh.tell() <= 1 << 20  # one block at most, of a file of over 16 MiB
 
 
 def test_a_file_cut_short_is_one_line_error(tmp_path):

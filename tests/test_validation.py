@@ -107,6 +107,11 @@ def test_categories_sharing_a_name_keep_their_labels_with_a_warning(coco, caplog
     (lambda d: d["annotations"][4].update(id=1), r"annotations\[4\] \(id 1\): annotation id 1 is used twice"),
     (lambda d: d["annotations"][4].update(iscrowd="yes"), r"annotations\[4\] \(id 5\): 'iscrowd' must be 0 or 1"),
     (lambda d: d["annotations"].append(7), r"annotations\[\d+\] must be an object, got int"),
+    # ids seed the per-image generator, and a negative annotation id marks background in the index
+    (lambda d: d["images"][1].update(id=-2), r"images\[1\] \(id -2\): 'id' must be >= 0, got -2"),
+    (lambda d: d["annotations"][4].update(id=-5), r"annotations\[4\] \(id -5\): 'id' must be >= 0, got -5"),
+    (lambda d: d["categories"][1].update(name="\ud800"), r"categories\[1\] \(id 3\): 'name' must be printable text"),
+    (lambda d: d["categories"][1].update(name="two\nlines"), r"categories\[1\] \(id 3\): 'name' must be printable"),
 ])
 def test_structural_defects_are_one_line_errors_naming_record_and_field(coco, tmp_path, mutate, message):
     root, data, ann = coco
