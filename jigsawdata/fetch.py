@@ -35,7 +35,7 @@ from typing import Callable
 
 from .card import CARD_NAME
 from .errors import FetchError
-from .files import sha256_file, write_bytes_atomic, write_json_atomic
+from .files import exchange_paths, sha256_file, write_bytes_atomic, write_json_atomic
 from .location import ShardLocation, read_remote_manifest, url_filesystem
 from .manifest import MANIFEST_NAME, ListedFile, Manifest
 from .shards import header_problem, mapped, walk_members
@@ -226,7 +226,12 @@ def _target(out: Path, fingerprint: str, force: bool) -> Path:
 
 
 def _swap_in(new: Path, out: Path) -> None:
-    """Replace the directory ``out`` with ``new`` (two renames; the old one is then deleted)."""
+    """Replace the directory ``out`` with ``new``, then delete the old set: one atomic exchange
+    where the system has it, so that ``out`` holds a whole set at every moment, else two
+    renames (a crash between them leaves both sets beside ``out``)."""
+    if exchange_paths(new, out):
+        shutil.rmtree(new)  # the old set, now under the temporary name
+        return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.replace(out, old)
     os.replace(new, out)

@@ -159,8 +159,16 @@ def _other_set(tmp_path: Path, synthetic_source) -> Path:
     return other
 
 
+@pytest.mark.parametrize("exchange", ["atomic", "two renames"])
 def test_fetch_into_another_set_is_refused_and_force_replaces_it_only_when_complete(plain_server, tmp_path,
-                                                                                   synthetic_source):
+                                                                                   synthetic_source, monkeypatch,
+                                                                                   exchange):
+    import jigsawdata.fetch
+
+    swaps = []
+    real = jigsawdata.fetch.exchange_paths
+    monkeypatch.setattr(jigsawdata.fetch, "exchange_paths",
+                        lambda a, b: swaps.append(exchange) or (real(a, b) if exchange == "atomic" else False))
     src, url, httpd = plain_server
     out = _other_set(tmp_path, synthetic_source)
     before = _tree(out)
@@ -178,6 +186,22 @@ def test_fetch_into_another_set_is_refused_and_force_replaces_it_only_when_compl
     fetch(url, out, force=True)
     assert _tree(out) == _tree(src) and verify_shard_set(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "www"]
+    assert swaps == [exchange]
+
+
+def test_exchange_paths_swaps_two_trees_in_one_step(tmp_path):
+    from jigsawdata.files import exchange_paths
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("A")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "y").write_text("B")
+    if not exchange_paths(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("no renameat2 RENAME_EXCHANGE on this system or file system")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["y"]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["x"]
+    with pytest.raises(FileNotFoundError):
+        exchange_paths(tmp_path / "a", tmp_path / "missing")
 
 
 def test_fetch_into_a_folder_without_a_set_is_refused_even_with_force(plain_server, tmp_path):
