@@ -41,8 +41,8 @@ from .files import atomic_path, sha256_file, write_json_atomic, write_text_atomi
 from .index import SCHEMA, write_index_slices
 from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, ClassInfo, GroupInfo, Manifest,
                        ShardInfo, SourceInfo, ToolInfo, part_index_path, part_manifest_path, read_manifest)
-from .outdir import (BuildLock, check_out_location, claim_output, lock_path, record_shard,
-                     reusable_shard)
+from .outdir import (BuildLock, check_out_location, claim_output, forget_written_shards, lock_path,
+                     record_shard, reusable_shard)
 from .records import Records, index_table, load_records, shuffled_groups, split_shards
 from .sampling import SamplingConfig, image_rng, negative_topups, plan_image, shuffle_rng, topup_rng
 from .settings import check, setting
@@ -95,6 +95,29 @@ def _chunk_paths(staging: Path, index: int) -> tuple[Path, Path]:
     return staging / f"chunk-{index:06d}.bin", staging / f"chunk-{index:06d}.json"
 
 
+def _skips_path(staging: Path, index: int) -> Path:
+    return staging / f"chunk-{index:06d}.skips.json"
+
+
+def _file_state(path: Path) -> list[int] | None:
+    """Size and modification time of a file, or None when there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _skips_still_hold(staging: Path, index: int, images_dir: Path) -> bool:
+    """Whether every image a staged chunk skipped for its file (missing, corrupt, ...) is as
+    it was then. A build resumed after the images were copied in, fixed or pointed to with
+    another --image-dir extracts such a chunk again instead of keeping its skips."""
+    path = _skips_path(staging, index)
+    if not path.is_file():
+        return True
+    return all(_file_state(images_dir / name) == state for name, state in json.loads(path.read_text()))
+
+
 def _encode_jpeg(image, quality: int) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
@@ -104,7 +127,7 @@ def _encode_jpeg(image, quality: int) -> bytes:
 def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
     """Decode a chunk's images, encode their crops, stage them. Returns (images, crops)."""
     blob_path, meta_path = _chunk_paths(task.staging, task.index)
-    records, skipped, counts, exif = [], [], Counter(), []
+    records, skipped, counts, exif, files = [], [], Counter(), [], []
     with atomic_path(blob_path) as tmp_blob, open(tmp_blob, "wb") as blob:
         for i, image in enumerate(task.images):
             decoded = load_image(image, task.images_dir, task.cfg.max_pixels)
@@ -115,6 +138,8 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
             if pixels is None:
                 counts[reason] += 1
                 skipped.append({"image_id": image.image_id, "file_name": image.file_name, "reason": reason})
+                if not image.skip:  # skipped for its file, not for its name: a later run may find it changed
+                    files.append([image.file_name, _file_state(Path(task.images_dir) / image.file_name)])
                 continue
             counts["images_used"] += 1
             crops, image_counts = plan_image(image, task.cfg.sampling, task.background_label,
@@ -132,6 +157,11 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
                     "offset": blob.tell(), "size": len(data),
                 })
                 blob.write(data)
+    skips = _skips_path(task.staging, task.index)
+    if files:
+        write_text_atomic(skips, json.dumps(files))
+    else:
+        skips.unlink(missing_ok=True)
     write_text_atomic(meta_path, json.dumps({"records": records, "skipped_images": skipped, "counts": dict(counts),
                                              "exif": exif}, separators=(",", ":")))
     return len(task.images), len(records)
@@ -242,6 +272,13 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
     def chunk(i: int) -> slice:
         return slice(i * cfg.chunk_images, (i + 1) * cfg.chunk_images)
 
+    stale = [i for i in range(chunks) if _chunk_paths(staging, i)[1].is_file()
+             and not _skips_still_hold(staging, i, source.images_dir)]
+    if stale:
+        log.info("%d staged chunks skipped images whose files have changed since: extracting them again", len(stale))
+        forget_written_shards(staging)  # their records change, and with them every shard
+        for i in stale:
+            _chunk_paths(staging, i)[1].unlink()
     pending = [i for i in range(chunks) if not _chunk_paths(staging, i)[1].is_file()]
     staged = chunks - len(pending)
     if progress and staged:

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .coco import CocoSource
@@ -121,6 +122,11 @@ def lock_path(out: Path, staging: Path) -> Path:
 
 def _record_path(staging: Path, name: str) -> Path:
     return staging / _WRITTEN / (name.replace("/", "__") + ".json")
+
+
+def forget_written_shards(staging: Path) -> None:
+    """Make every shard of this build count as unwritten (its samples changed)."""
+    shutil.rmtree(staging / _WRITTEN, ignore_errors=True)
 
 
 def record_shard(staging: Path, info: ShardInfo) -> None:
