@@ -618,14 +618,14 @@ def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> 
     if coco is None and not DEFAULT_COCO.is_dir() and set(only) != {"loss"}:
         raise InputError(f"bench {which} reads real photographs: give --coco DIR, a COCO-format set "
                          f"(the default, {DEFAULT_COCO}, exists only beside a source checkout)")
-    others = tuple(b for b in BENCHMARKS if b not in NEED_DALI)
+    others, skipped = tuple(b for b in BENCHMARKS if b not in NEED_DALI), {}
     if which == "all" and dali_missing():  # "all" is every benchmark that fits the machine
-        click.echo(f"NVIDIA DALI cannot be imported: skipping {', '.join(NEED_DALI)} ({INSTALL_DALI} to run them)",
-                   err=True)
-        only = others
+        why = f"NVIDIA DALI cannot be imported ({dali_missing()}); {INSTALL_DALI} to run it."
+        click.echo(f"skipping {', '.join(NEED_DALI)}: {why}", err=True)
+        only, skipped = others, dict.fromkeys(NEED_DALI, why)
     elif which in NEED_DALI:
         require_dali(f"run the benchmarks that do not need it: {', '.join(others)}")
-    run_all(out, coco or DEFAULT_COCO, split, only, quick, log=click.echo)
+    run_all(out, coco or DEFAULT_COCO, split, only, quick, log=click.echo, skipped=skipped)
     click.echo(f"wrote {out}/report.json and {out}/report.md")
 
 

@@ -39,12 +39,13 @@ def settings(quick: bool, cuda: bool) -> dict:
 
 
 def run_all(out: Path, coco: Path = DEFAULT_COCO, split: str = "train2017", only: tuple[str, ...] = BENCHMARKS,
-            quick: bool = False, log=print) -> dict:
+            quick: bool = False, log=print, skipped: dict[str, str] | None = None) -> dict:
+    """Run the ``only`` benchmarks into one report; ``skipped`` names those left out, and why."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = settings(quick, torch.cuda.is_available())
     results: dict = {"command": command(), "quick": quick, "environment": environment(),
-                     "machine": platform.node(), "results": {}}
+                     "machine": platform.node(), "results": {}, "skipped": dict(skipped or {})}
     with tempfile.TemporaryDirectory() as tmp:
         shards = None
         if {"pipeline", "cost"} & set(only):
@@ -90,6 +91,8 @@ def _markdown(results: dict) -> str:
              ", ".join(f"{k} {v}" for k, v in env["packages"].items()), ""]
     for name, item in results["results"].items():
         lines += [f"## {name}", "", "```", item["table"], "```", ""]
+    for name, why in results["skipped"].items():
+        lines += [f"## {name}: not run", "", why, ""]
     return "\n".join(lines)
 
 

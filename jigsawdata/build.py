@@ -47,6 +47,7 @@ from .records import Records, index_table, load_records, shuffled_groups, split_
 from .sampling import SamplingConfig, image_rng, negative_topups, plan_image, shuffle_rng, topup_rng
 from .settings import check, setting
 from .shards import index_path, write_shard
+from .validate import BACKGROUND_NAME
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def _identity(source: CocoSource, cfg: BuildConfig, parts: int, license: str | N
     """The manifest's fields that identify this build (``build_fields``), before any shard."""
     return Manifest(
         FORMAT_VERSION, groups={}, classes=source.classes,
-        background=ClassInfo(source.background_label, 0, "background"),
+        background=ClassInfo(source.background_label, 0, BACKGROUND_NAME),
         tool=ToolInfo("jigsawdata", __version__),
         source=SourceInfo(source.ann_file.name, source.ann_sha256, len(source.images), source.orphan_annotations,
                           license_text(source.from_coco, license), bool(license)),
@@ -237,8 +238,8 @@ def build_shards(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: in
     """
     if not 0 <= part < parts:
         raise InputError(f"part must be in [0, {parts}), got {part}")
-    if part >= len(source.images):  # before anything is written: such a part could never be merged
-        raise InputError(f"part {part} of {parts} holds no images ({len(source.images)} in the set): "
+    if parts > len(source.images):  # before anything is written: a part without images could never be merged
+        raise InputError(f"{parts} parts of {len(source.images)} images would leave parts without images: "
                          f"use at most {len(source.images)} parts")
     out = Path(out)
     check_out_location(out, source)

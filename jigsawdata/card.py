@@ -103,18 +103,10 @@ def _features(names: Sequence[str]) -> list[dict]:
     ]
 
 
-def label_names(manifest: Manifest) -> list[str]:
-    """Every label's name, the background last, unique as a ``ClassLabel`` needs them: a
-    name that several categories share gets each one's category id."""
-    records = [*sorted(manifest.classes, key=lambda c: c.label), manifest.background]
-    uses = Counter(c.name for c in records)
-    return [c.name if uses[c.name] == 1 else f"{c.name} (category {c.category_id})" for c in records]
-
-
 def front_matter(manifest: Manifest) -> str:
     """The card's YAML header: Hugging Face dataset-card metadata (no YAML aliases: each
     config spells its features out)."""
-    names = label_names(manifest)
+    names = list(manifest.label_names.values())
     groups = [(g, v) for g, v in manifest.groups.items() if v.shards]
     meta = {
         **_license_metadata(manifest.source),

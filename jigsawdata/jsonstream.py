@@ -50,7 +50,7 @@ class _Text:
     def __init__(self, fh: BinaryIO, digest: Any = None) -> None:
         self._fh, self._digest = fh, digest
         self._decoder: codecs.IncrementalDecoder | None = None
-        self.buf, self.pos, self.eof = "", 0, False
+        self.buf, self.pos, self.eof, self._bytes = "", 0, False, 0
         self._base, self._lines, self._last_newline = 0, 0, -1  # what was dropped before buf
 
     def read_more(self) -> bool:
@@ -62,8 +62,20 @@ class _Text:
         if self._digest is not None:
             self._digest.update(data)
         if self._decoder is None:  # as json.loads detects it for bytes
-            self._decoder = codecs.getincrementaldecoder(json.detect_encoding(data))("surrogatepass")
-        text = self._decoder.decode(data, final=not data)
+            encoding = json.detect_encoding(data)
+            self._decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")
+            # utf-8-sig places decoding errors after its mark, as json.loads reports them
+            self._bytes = -len(codecs.BOM_UTF8) if encoding == "utf-8-sig" else 0
+        first = self._bytes <= 0
+        before = 0 if first else self._bytes - len(self._decoder.getstate()[0])  # where the decoder's input starts
+        self._bytes += len(data)
+        try:
+            text = self._decoder.decode(data, final=not data)
+        except UnicodeDecodeError as exc:  # placed in the whole file, worded as json.loads words it
+            start, end = before + exc.start, before + exc.end
+            at = (f"byte 0x{exc.object[exc.start]:02x} in position {start}" if exc.end - exc.start == 1
+                  else f"bytes in position {start}-{end - 1}")
+            raise InvalidJson(f"'{exc.encoding}' codec can't decode {at}: {exc.reason}") from None
         self.eof = not data
         self._drop()
         self.buf += text
@@ -103,6 +115,8 @@ class _Text:
                     continue
                 raise self.error(exc.msg, exc.pos) from None
             except ValueError as exc:  # an integer longer than Python converts
+                if self.buf[-1:].isdigit() and self.read_more():  # whole, for the message's digit count
+                    continue
                 raise self.error(str(exc), self.pos) from None
             if len(self.buf) - end < _NUMBER_TAIL and self.read_more():
                 continue

@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 from .card import CARD_NAME, attach_card, label_counts
-from .errors import InputError
-from .files import sha256_file, write_json_atomic, write_text_atomic
+from .errors import InputError, first_line
+from .files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .grouping import GROUPS
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,22 @@ def _checked(value, kind: type, what: str, optional: bool = False):
 
 def _object(value, what: str) -> dict:
     return _checked(value, dict, what)
+
+
+def _counts(value) -> dict | None:
+    counts = _checked(value, dict, "'counts'", optional=True)
+    if counts is not None:
+        for key, n in counts.items():
+            _checked(n, int, f"count {key!r}")
+    return _plain(counts)
+
+
+def _image_list(value, what: str) -> list | None:
+    """``skipped_images`` or ``exif_orientation``: objects that each name an ``image_id``."""
+    records = _checked(value, list, what, optional=True)
+    for i, record in enumerate(records or ()):
+        _checked(_object(record, f"{what}[{i}]").get("image_id"), int, f"{what}[{i}].image_id")
+    return _plain(records)
 
 
 def _plain(value):
@@ -322,12 +338,15 @@ class Manifest(_Record):
             params=_plain(_checked(data.get("params"), dict, "'params'", optional=True)),
             parts=_checked(data.get("parts"), int, "'parts'", optional=True),
             part=_checked(data.get("part"), int, "'part'", optional=True),
-            counts=_plain(_checked(data.get("counts"), dict, "'counts'", optional=True)),
-            skipped_images=_plain(_checked(data.get("skipped_images"), list, "'skipped_images'", optional=True)),
-            exif_orientation=_plain(_checked(data.get("exif_orientation"), list, "'exif_orientation'", optional=True)),
+            counts=_counts(data.get("counts")),
+            skipped_images=_image_list(data.get("skipped_images"), "'skipped_images'"),
+            exif_orientation=_image_list(data.get("exif_orientation"), "'exif_orientation'"),
             index=index, index_sha256=index_sha,
             card_sha256=(_checked_sha(data["card_sha256"], CARD_NAME) if "card_sha256" in data else None),
             extra=_unknown(data, cls))
+        if manifest.parts is not None and not (manifest.parts >= 1 and (
+                manifest.part is None or 0 <= manifest.part < manifest.parts)):
+            raise ManifestError(f"manifest gives part {manifest.part} of {manifest.parts}: refusing the shard set")
         seen: set[str] = set()
         for f in manifest.files():
             if f.name in seen:
@@ -359,7 +378,18 @@ class Manifest(_Record):
 
     @property
     def label_names(self) -> dict[int, str]:
-        return {**{c.label: c.name for c in self.classes}, self.background.label: self.background.name}
+        """Every label's name, unique as tables, counts and a ``ClassLabel`` need them: a name
+        that several classes share (the background's too) gets each one's category id, and
+        the label as well while the names still repeat."""
+        records = [*self.classes, self.background]
+        names = [c.name for c in records]
+        for suffix in (lambda c: f" (category {c.category_id})", lambda c: f" (label {c.label})"):
+            uses = Counter(names)
+            names = [n if uses[n] == 1 else n + suffix(c) for n, c in zip(names, records)]
+        while len(set(names)) < len(names):  # only when a class is literally named like another's suffix
+            uses = Counter(names)
+            names = [n if uses[n] == 1 else f"{n} (label {c.label})" for n, c in zip(names, records)]
+        return dict(sorted((c.label, n) for c, n in zip(records, names)))
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -421,13 +451,20 @@ def _shared_extra(records: list, what: str) -> dict:
 
 def merge_parts(root: Path) -> Manifest:
     """Join the partial manifests under ``root/parts`` into ``root/manifest.json``."""
+    import pyarrow as pa
+
     from .index import merge_index_files, read_index
 
     root = Path(root)
     paths = sorted((root / PARTS_DIR).glob("manifest-*-of-*.json"))
     if not paths:
         raise InputError(f"no partial manifests under {root / PARTS_DIR}")
-    manifests = [read_manifest(p) for p in paths]
+    manifests = []
+    for p in paths:
+        try:
+            manifests.append(read_manifest(p))
+        except ManifestError as exc:  # its messages speak of "the manifest": say which one
+            raise InputError(f"{p}: {exc}") from exc
     for p, m in zip(paths, manifests):
         if m.part is None or not m.parts or part_manifest_path(root, m.part, m.parts).name != p.name:
             held = "no part number" if m.part is None or not m.parts else f"part {m.part} of {m.parts}"
@@ -471,10 +508,17 @@ def merge_parts(root: Path) -> Manifest:
         Manifest.from_json(merged.to_json(), "the merged manifest")
     except InputError as exc:
         raise InputError(f"the parts do not merge into a valid shard set: {exc}") from exc
-    merge_index_files(indexes, root / INDEX_NAME)
-    merged = replace(merged, index_sha256=sha256_file(root / INDEX_NAME))
-    labels = read_index(root / INDEX_NAME).column("label").to_numpy()
-    merged, card = attach_card(merged, label_counts(labels))
+    with atomic_path(root / INDEX_NAME) as index:  # takes its name only once all of it is checked
+        try:
+            merge_index_files(indexes, index)
+            labels = read_index(index).column("label").to_numpy()
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise InputError(f"the part indexes cannot be merged ({first_line(exc)}): rebuild the parts") from exc
+        outside = labels[(labels < 0) | (labels >= merged.num_labels)]
+        if len(outside):
+            raise InputError(f"the part indexes hold label {int(outside[0])}, outside the manifest's "
+                             f"{merged.num_labels} labels: rebuild the parts")
+        merged, card = attach_card(replace(merged, index_sha256=sha256_file(index)), label_counts(labels))
     write_text_atomic(root / CARD_NAME, card)
     merged.write(root / MANIFEST_NAME)
     return merged

@@ -41,9 +41,9 @@ def check_out_location(out: Path, source: CocoSource) -> None:
     """Refuse an output that is the image folder, the annotation folder or the set's root
     (a new folder inside the root, e.g. ``coco/jigsaw-shards``, is fine)."""
     inputs = {"the image folder": source.images_dir, "the annotation folder": source.ann_file.parent}
-    beside = Path(source.images_dir).parent  # a folder next to the images, none of them inside it
+    beside = Path(source.images_dir).resolve().parent  # a folder next to the images, not inside them
     if source.ann_file.parent.name == "annotations":
-        inputs["the data set's root"] = beside = source.ann_file.parent.parent
+        inputs["the data set's root"] = beside = source.ann_file.resolve().parent.parent
     for what, path in inputs.items():
         if _same(Path(out), Path(path)):
             raise InputError(f"--out {out} is {what}: choose a new folder, e.g. {beside / 'jigsaw-shards'}")

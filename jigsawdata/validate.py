@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import posixpath
+import unicodedata
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,15 @@ def _int(value: Any, at: _At, field: str, *, minimum: int | None = None) -> int:
     if not -2**63 <= value < 2**63:
         raise InputError(f"{_where(*at)}: '{field}' must fit in 64 bits, got {value!r}")
     return int(value)
+
+
+_UNPRINTABLE = frozenset({"Cc", "Cs", "Zl", "Zp"})
+"""Unicode categories a class name may not hold: control characters (newlines, tabs), lone
+surrogates (which no UTF-8 file can hold) and line or paragraph separators. Joiners and
+other format characters (Persian, Hindi, emoji) and every space are fine."""
+
+BACKGROUND_NAME = "background"
+"""The name of the shards' background class."""
 
 
 def _name_from_url(url: str, images_dir: Path) -> str:
@@ -214,7 +224,7 @@ class _Categories(_List):
         name = cat.get("name")
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"{_where(*at)}: 'name' must be a non-empty string, got {name!r}")
-        if not name.isprintable():  # no newlines or control characters, no lone surrogates
+        if any(unicodedata.category(ch) in _UNPRINTABLE for ch in name):
             raise InputError(f"{_where(*at)}: 'name' must be printable text (it names the class in the "
                              f"manifest and the dataset card), got {name!r}")
         if cid in self.names:
@@ -226,6 +236,10 @@ class _Categories(_List):
         for cid in sorted(self.names):
             ids_of.setdefault(self.names[cid], []).append(cid)
         shared = {name: ids for name, ids in ids_of.items() if len(ids) > 1}
+        if BACKGROUND_NAME in ids_of:
+            log.warning("category %s is named %r, as the shards' background class is; each keeps its own label, "
+                        "and the dataset card adds the category id to both names", ids_of[BACKGROUND_NAME][0],
+                        BACKGROUND_NAME)
         if shared:  # legal, and each keeps its own label, but the names no longer tell the classes apart
             log.warning("categories share a name: %s; each keeps its own label, and the dataset card "
                         "adds the category id to those names",

@@ -100,8 +100,11 @@ def test_bench_all_without_dali_runs_the_benchmarks_that_fit(real_coco, tmp_path
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     result = CliRunner().invoke(main, ["bench", "all", "--quick", "--out", str(tmp_path), "--coco", str(real_coco)])
     assert result.exit_code == 0, result.output
-    assert "NVIDIA DALI cannot be imported: skipping pipeline, cost (pip install nvidia-dali-cuda130" in result.output
-    assert set(json.loads((tmp_path / "report.json").read_text())["results"]) == {"build", "loss"}
+    assert "skipping pipeline, cost: NVIDIA DALI cannot be imported (" in result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["results"]) == {"build", "loss"} and set(report["skipped"]) == {"pipeline", "cost"}
+    assert "pip install nvidia-dali-cuda130" in report["skipped"]["cost"]
+    assert "## pipeline: not run" in (tmp_path / "report.md").read_text()
 
 
 def test_reports_name_the_command_as_it_can_be_rerun(monkeypatch):

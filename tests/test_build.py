@@ -441,10 +441,12 @@ def test_negatives_avoid_gt_writes_the_bytes_of_the_previous_release(tmp_path):
     assert {"negatives_wanted", "negatives"} <= set(crops.counts)
 
 
-def test_a_part_beyond_the_images_is_refused_before_anything_is_written(tmp_path, synthetic_source, small_cfg):
+@pytest.mark.parametrize("part", ["first", "last"])
+def test_more_parts_than_images_are_refused_before_anything_is_written(tmp_path, synthetic_source, small_cfg, part):
     n = len(synthetic_source.images)
-    with pytest.raises(InputError, match=rf"part {n} of {n + 1} holds no images \({n} in the set\): use at most {n} parts"):
-        build_shards(synthetic_source, tmp_path / "out", small_cfg, part=n, parts=n + 1)
+    with pytest.raises(InputError, match=rf"{n + 1} parts of {n} images would leave parts without images: "
+                                         rf"use at most {n} parts"):
+        build_shards(synthetic_source, tmp_path / "out", small_cfg, part=0 if part == "first" else n, parts=n + 1)
     assert not (tmp_path / "out").exists()
 
 

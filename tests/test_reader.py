@@ -83,6 +83,20 @@ def test_an_error_early_in_a_large_file_is_raised_without_reading_the_rest(monke
     assert fh.tell() <= 1 << 20  # one block at most, of a file of over 16 MiB
 
 
+@pytest.mark.parametrize("block", [3, 7, 1 << 20])
+@pytest.mark.parametrize("data", [
+    b'{"a": [' + b'1, ' * 400_000 + b'"x\xff"]}', b'\xef\xbb\xbf{"a": [' + b'1, ' * 100 + b'"\xe2\x82"]}',
+    b'{"a": "ok\xe2\x82', b'{"a": [' + b'9' * 9000 + b']}',
+], ids=["utf-8 far in", "utf-8-sig", "cut sequence at the end", "integer of 9000 digits"])
+def test_undecodable_input_is_placed_in_the_whole_file_as_json_places_it(monkeypatch, block, data):
+    monkeypatch.setattr(jsonstream, "_BLOCK", block)
+    with pytest.raises(ValueError) as expected:
+        json.loads(data)
+    with pytest.raises(InvalidJson) as raised:
+        _read(data)
+    assert str(raised.value).startswith(str(expected.value))  # the integer's message also gets its place
+
+
 def test_a_file_cut_short_is_one_line_error(tmp_path):
     root = tmp_path / "set"
     (root / "train").mkdir(parents=True)

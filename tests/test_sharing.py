@@ -239,6 +239,15 @@ def test_card_class_labels_stay_unique_when_categories_share_a_name(built_synthe
     assert names["0"] == f"{first.name} (category {first.category_id})"
     assert names["1"] == f"{first.name} (category {second.category_id})"
     assert len(set(names.values())) == len(names) == len(manifest.classes) + 1
+    # a class named "background", and one named like the suffix another class gets
+    third = manifest.classes[2]
+    manifest = replace(manifest, classes=(replace(first, name="background"), replace(second, name="x"),
+                                          replace(third, name=f"x (category {second.category_id})"),
+                                          *manifest.classes[3:]))
+    names = manifest.label_names
+    assert names[0] == f"background (category {first.category_id})" and names[manifest.background.label] == \
+        "background (category 0)"
+    assert len(set(names.values())) == manifest.num_labels
 
 
 def _front_matter(root: Path) -> dict:

@@ -20,7 +20,9 @@ from jigsawdata.cli import main
 from jigsawdata.build import BuildConfig, build_shards
 from jigsawdata.coco import decode_image, load_coco
 from jigsawdata.errors import InputError
+from jigsawdata.manifest import read_manifest
 from jigsawdata.synthetic import make_synthetic_coco
+from jigsawdata.verify import summarize
 
 
 @pytest.fixture
@@ -85,13 +87,21 @@ def test_duplicate_category_ids_are_an_error_naming_both_names(coco):
         load_coco(ann, root / "train")
 
 
-def test_categories_sharing_a_name_keep_their_labels_with_a_warning(coco, caplog):
+def test_categories_sharing_a_name_keep_their_labels_with_a_warning(coco, caplog, tmp_path):
     root, data, ann = coco
     data["categories"].append({"id": 99, "name": "pole"})
+    _save(ann, data)
+    data["categories"][0]["name"] = "background"  # the shards' own background class is named so
     _save(ann, data)
     source = load_coco(ann, root / "train")
     assert [c.name for c in source.classes].count("pole") == 2 and len(source.classes) == len(data["categories"])
     assert "categories share a name: 'pole' (ids 3, 99)" in caplog.text
+    assert f"category {data['categories'][0]['id']} is named 'background'" in caplog.text
+    out = tmp_path / "out"
+    build_shards(source, out, BuildConfig())
+    classes = summarize(out)["classes"]  # counted per label, whatever the names
+    assert sum(classes.values()) == sum(g.samples for g in read_manifest(out).groups.values())
+    assert "background (category 0)" in classes
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -112,6 +122,7 @@ def test_categories_sharing_a_name_keep_their_labels_with_a_warning(coco, caplog
     (lambda d: d["annotations"][4].update(id=-5), r"annotations\[4\] \(id -5\): 'id' must be >= 0, got -5"),
     (lambda d: d["categories"][1].update(name="\ud800"), r"categories\[1\] \(id 3\): 'name' must be printable text"),
     (lambda d: d["categories"][1].update(name="two\nlines"), r"categories\[1\] \(id 3\): 'name' must be printable"),
+    (lambda d: d["categories"][1].update(name="tab\tbed"), r"categories\[1\] \(id 3\): 'name' must be printable"),
 ])
 def test_structural_defects_are_one_line_errors_naming_record_and_field(coco, tmp_path, mutate, message):
     root, data, ann = coco
@@ -327,3 +338,14 @@ def test_category_id_zero_is_refused_because_it_marks_background(tmp_path):
     raw = {"images": [], "annotations": [], "categories": [{"id": 0, "name": "disc"}]}
     with pytest.raises(InputError, match=r"categories\[0\].*'id' must be >= 1, got 0"):
         check_coco(raw, tmp_path)
+
+
+def test_class_names_in_any_script_are_accepted(coco):
+    """Joiners (Persian, Hindi, emoji sequences), no-break and ideographic spaces are text."""
+    root, data, ann = coco
+    names = ["\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\u0915\u094d\u200d\u0937", "a\u00a0b",
+             "\u6771\u3000\u4eac", "\U0001f469\u200d\U0001f4bb"]
+    for cat, name in zip(data["categories"], names):
+        cat["name"] = name
+    _save(ann, data)
+    assert [c.name for c in load_coco(ann, root / "train").classes][:len(names)] == names
