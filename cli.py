@@ -251,7 +251,7 @@ def build_shards_cmd(coco_root, out, split, ann, images, workers, part_spec, str
                       **{k: v for k, v in settings.items() if k not in sampling})
     ann_file, image_dir = _resolve_source(coco_root, split, ann, images)
     source = load_coco(ann_file, image_dir, strict=strict)
-    n_images = sum(1 for i in range(len(source.images)) if i % parts == part)
+    n_images = len(source.images[part::parts])  # the images of this part, as build_shards takes them
     bars: dict = {}
 
     def progress(stage: str, items: int, crops: int) -> None:
@@ -619,8 +619,9 @@ def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> 
         raise InputError(f"bench {which} reads real photographs: give --coco DIR, a COCO-format set "
                          f"(the default, {DEFAULT_COCO}, exists only beside a source checkout)")
     others, skipped = tuple(b for b in BENCHMARKS if b not in NEED_DALI), {}
-    if which == "all" and dali_missing():  # "all" is every benchmark that fits the machine
-        why = f"NVIDIA DALI cannot be imported ({dali_missing()}); {INSTALL_DALI} to run it."
+    missing = dali_missing() if which == "all" else None
+    if missing:  # "all" is every benchmark that fits the machine
+        why = f"NVIDIA DALI cannot be imported ({missing}); {INSTALL_DALI} to run it."
         click.echo(f"skipping {', '.join(NEED_DALI)}: {why}", err=True)
         only, skipped = others, dict.fromkeys(NEED_DALI, why)
     elif which in NEED_DALI:

@@ -39,15 +39,15 @@ from .coco import DEFAULT_MAX_PIXELS, CocoSource, ImageRecord, load_image
 from .errors import InputError
 from .files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from .index import SCHEMA, write_index_slices
-from .manifest import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, ClassInfo, GroupInfo, Manifest,
-                       ShardInfo, SourceInfo, ToolInfo, part_index_path, part_manifest_path, read_manifest)
+from .manifest import (BACKGROUND_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, PARTS_DIR, ClassInfo,
+                       GroupInfo, Manifest, ShardInfo, SourceInfo, ToolInfo, part_index_path, part_manifest_path,
+                       read_manifest)
 from .outdir import (BuildLock, check_out_location, claim_output, forget_written_shards, lock_path,
                      record_shard, reusable_shard)
 from .records import Records, index_table, load_records, shuffled_groups, split_shards
 from .sampling import SamplingConfig, image_rng, negative_topups, plan_image, shuffle_rng, topup_rng
 from .settings import check, setting
 from .shards import index_path, write_shard
-from .validate import BACKGROUND_NAME
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def _check_same_build(fingerprint: dict, manifest_path: Path, staged_path: Path,
         if path.is_file():
             try:
                 previous = json.loads(path.read_text())
-            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 raise InputError(f"{path} is not valid JSON ({exc}): restore it, or use another --out") from exc
             if not isinstance(previous, dict):
                 raise InputError(f"{path} is not a manifest (a JSON object): restore it, or use another --out")

@@ -210,7 +210,7 @@ def load_coco(ann_file: Path, images_dir: Path, *, strict: bool = False) -> Coco
     with open(ann_file, "rb") as fh:  # read to its end (trailing data is an error): the digest is the file's
         try:
             checked = check_coco(open_document(fh, digest), images_dir, strict=strict)
-        except (InvalidJson, UnicodeDecodeError) as exc:
+        except InvalidJson as exc:  # undecodable bytes too (jsonstream words them as json.loads does)
             raise InputError(f"{ann_file} is not valid JSON: {exc}") from exc
         except InputError as exc:
             raise InputError(f"{ann_file}: {exc}") from exc

@@ -66,8 +66,7 @@ class _Text:
             self._decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")
             # utf-8-sig places decoding errors after its mark, as json.loads reports them
             self._bytes = -len(codecs.BOM_UTF8) if encoding == "utf-8-sig" else 0
-        first = self._bytes <= 0
-        before = 0 if first else self._bytes - len(self._decoder.getstate()[0])  # where the decoder's input starts
+        before = max(self._bytes, 0) - len(self._decoder.getstate()[0])  # where the decoder's input starts
         self._bytes += len(data)
         try:
             text = self._decoder.decode(data, final=not data)
@@ -206,4 +205,3 @@ def open_document(fh: BinaryIO, digest: Any = None) -> ObjectStream | Any:
     if text.peek():
         raise text.error("Extra data", text.pos)
     return value
-

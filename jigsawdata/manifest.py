@@ -253,6 +253,10 @@ class SourceInfo(_Record):
                    _unknown(data, cls))
 
 
+BACKGROUND_NAME = "background"
+"""The name of the shards' background class (label C, category id 0)."""
+
+
 @dataclass(frozen=True)
 class ClassInfo(_Record):
     """A class: its label in the shards, the source's category id and name."""
@@ -382,13 +386,9 @@ class Manifest(_Record):
         that several classes share (the background's too) gets each one's category id, and
         the label as well while the names still repeat."""
         records = [*self.classes, self.background]
-        names = [c.name for c in records]
-        for suffix in (lambda c: f" (category {c.category_id})", lambda c: f" (label {c.label})"):
-            uses = Counter(names)
-            names = [n if uses[n] == 1 else n + suffix(c) for n, c in zip(names, records)]
-        while len(set(names)) < len(names):  # only when a class is literally named like another's suffix
-            uses = Counter(names)
-            names = [n if uses[n] == 1 else f"{n} (label {c.label})" for n, c in zip(names, records)]
+        names = _suffix_repeated([c.name for c in records], [f" (category {c.category_id})" for c in records])
+        while len(set(names)) < len(names):  # labels differ: more than once only for a class named like a suffix
+            names = _suffix_repeated(names, [f" (label {c.label})" for c in records])
         return dict(sorted((c.label, n) for c, n in zip(records, names)))
 
     @property
@@ -436,6 +436,12 @@ def part_manifest_path(root: Path, part: int, parts: int) -> Path:
 
 def part_index_path(root: Path, part: int, parts: int) -> Path:
     return root / PARTS_DIR / f"index-{part:03d}-of-{parts:03d}.parquet"
+
+
+def _suffix_repeated(names: list[str], suffixes: list[str]) -> list[str]:
+    """Each name that occurs more than once gets its suffix; the others stay as they are."""
+    uses = Counter(names)
+    return [name if uses[name] == 1 else name + suffix for name, suffix in zip(names, suffixes)]
 
 
 def _shared_extra(records: list, what: str) -> dict:
@@ -490,8 +496,9 @@ def merge_parts(root: Path) -> Manifest:
         counts.update(m.counts or {})
         skipped.extend(m.skipped_images or [])
         exif.extend(m.exif_orientation or [])
-    indexes = [part_index_path(root, m.part, n_parts) for m in sorted(manifests, key=lambda m: m.part)]
-    for m, index in zip(sorted(manifests, key=lambda m: m.part), indexes):
+    by_part = sorted(manifests, key=lambda m: m.part)
+    indexes = [part_index_path(root, m.part, n_parts) for m in by_part]
+    for m, index in zip(by_part, indexes):
         again = (f"delete {part_manifest_path(root, m.part, n_parts)} and rerun build-shards with "
                  f"--part {m.part}/{n_parts} to make it again")
         if not index.is_file():

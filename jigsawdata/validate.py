@@ -45,6 +45,7 @@ import numpy as np
 from .columns import Column
 from .errors import InputError
 from .jsonstream import ArrayStream, ObjectStream
+from .manifest import BACKGROUND_NAME
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,6 @@ _UNPRINTABLE = frozenset({"Cc", "Cs", "Zl", "Zp"})
 """Unicode categories a class name may not hold: control characters (newlines, tabs), lone
 surrogates (which no UTF-8 file can hold) and line or paragraph separators. Joiners and
 other format characters (Persian, Hindi, emoji) and every space are fine."""
-
-BACKGROUND_NAME = "background"
-"""The name of the shards' background class."""
-
 
 def _name_from_url(url: str, images_dir: Path) -> str:
     """LVIS names an image by its COCO URL (``.../train2017/000000391895.jpg``): the image is
