@@ -200,3 +200,19 @@ def test_logged_losses_are_means_over_the_steps_since_the_last_record(real_coco,
     logs: list[dict] = []
     Finetuner(cfg, on_log=logs.append).train()
     assert [(m["iteration"], m["loss"], m["loss_a"]) for m in logs] == [(2, 2.0, 1.0), (4, 15.0, 3.0), (5, 7.0, 1.0)]
+
+
+def test_a_resume_keeps_one_metrics_record_per_iteration(real_coco, jigsaw_ckpt, tmp_path):
+    """A run killed after its checkpoint has logged iterations the resumed run logs again."""
+    out = tmp_path / "ft"
+    args = ["finetune", "--coco", str(real_coco), "--out", str(out), "--init", str(jigsaw_ckpt[0]),
+            "--detector", "fpn", "--arch", "resnet18", "--batch", "2", "--min-size", "96", "--max-size", "128",
+            "--max-images", "8", "--workers", "0", "--log-every", "1", "--device", "cpu"]
+    assert CliRunner().invoke(main, [*args, "--max-iters", "2"]).exit_code == 0
+    metrics = out / "metrics.jsonl"
+    with open(metrics, "a") as f:  # what the killed run logged after the checkpoint at iteration 2
+        f.write(json.dumps({"iteration": 3, "loss": 9.0}) + "\n" + '{"iteration": 4, "lo')
+    result = CliRunner().invoke(main, [*args, "--max-iters", "3", "--resume"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3] and records[-1]["loss"] != 9.0

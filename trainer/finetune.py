@@ -27,8 +27,9 @@ from .coco_data import CocoDetection, collate, to_coco_results
 from .config import FinetuneConfig, schedule_epochs
 from .detection import build_detector, default_norm
 from .evaluate import coco_eval, format_table
-from .runtime import (Precision, check_resume_device, claim_run_dir, config_from, dump_config,
-                      gather, init_distributed, pick_device, resolved, rng_state, set_rng_state, wrap_ddp)
+from .runtime import (Precision, check_resume_device, claim_run_dir, config_from, drop_records_after,
+                      dump_config, gather, init_distributed, pick_device, resolved, rng_state, set_rng_state,
+                      wrap_ddp)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class Finetuner:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
         set_rng_state(ckpt["rng"][self.dist.rank], self.device)
+        if self.dist.main:
+            drop_records_after(self.out / "metrics.jsonl", self.iteration)
 
     def save(self) -> None:
         rng = gather(rng_state(self.device), self.dist)

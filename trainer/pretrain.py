@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from jigsawdata.errors import InputError
-from jigsawdata.files import write_text_atomic
 from jigsawdata.fetch import cached_shards
 from jigsawdata.location import ShardLocation
 from jigsawdata.pipelines.dali import require_dali
@@ -33,7 +32,7 @@ from .data import SOURCES
 from .erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
 from .losses import blockwise_loss, erf_dense_loss, global_loss
 from .model import DenseClassifier
-from .runtime import (Precision, check_resume_device, claim_run_dir, dump_config, gather,
+from .runtime import (Precision, check_resume_device, claim_run_dir, drop_records_after, dump_config, gather,
                       init_distributed, resolved, rng_state, set_rng_state, wrap_ddp)
 from .schedule import learning_rate, scaled
 from .validate import load_validation_set, validate
@@ -53,22 +52,6 @@ def saved_config(values: dict) -> dict:
 
 _RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device", "cache_dir", "verify", "val_shards",
               "val_every", "val_images"}
-
-
-def _drop_records_after(path: Path, iteration: int) -> None:
-    """Metrics logged after the checkpoint a run resumes from are logged again by the resumed
-    run (and an interrupted last line is incomplete): keep one record per iteration."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("iteration", 0) <= iteration:
-            kept.append(line + "\n")
-    write_text_atomic(path, "".join(kept))
 
 
 class Trainer:
@@ -153,7 +136,7 @@ class Trainer:
         self.iteration = int(ckpt["iteration"])
         set_rng_state(ckpt["rng"][self.dist.rank], self.device)
         if self.dist.main:
-            _drop_records_after(self.out / "metrics.jsonl", self.iteration)
+            drop_records_after(self.out / "metrics.jsonl", self.iteration)
         log.info("resumed %s at iteration %d", self.out, self.iteration)
         return ckpt["data"]["states"][self.dist.rank]
 

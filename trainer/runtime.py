@@ -3,6 +3,7 @@ state in checkpoints, and run directories."""
 
 from __future__ import annotations
 
+import json
 import platform
 from importlib import metadata
 from dataclasses import asdict, dataclass, fields
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 from jigsawdata import __version__
 from jigsawdata.errors import InputError
-from jigsawdata.files import write_json_atomic
+from jigsawdata.files import write_json_atomic, write_text_atomic
 from jigsawdata.pipelines.ranks import DistInfo, process_info
 from jigsawdata.settings import RESOLVED_KEY
 
@@ -114,6 +115,22 @@ def config_from(cls, values: dict):
     """A config dataclass from saved values, ignoring fields this version does not know."""
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def drop_records_after(path: Path, iteration: int) -> None:
+    """Metrics logged after the checkpoint a run resumes from are logged again by the resumed
+    run (and an interrupted last line is incomplete): keep one record per iteration."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("iteration", 0) <= iteration:
+            kept.append(line + "\n")
+    write_text_atomic(path, "".join(kept))
 
 
 def claim_run_dir(out: Path, resume: bool) -> Path:
