@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: install demo test bench clean gpu-check
+.PHONY: install demo test bench clean gpu-check gpu-experiment
 
 install: $(VENV)/.installed
 
@@ -47,3 +47,8 @@ GPU_PYTHON ?=
 GPU_REPORT ?= gpu-report
 gpu-check: $(if $(GPU_PYTHON),,install)
 	$(or $(GPU_PYTHON),$(BIN)/python) -m jigsawdata.benchmarks.gpu_check --out $(GPU_REPORT)
+
+# The gpu experiment preset (erf vs random init vs cost-matched scratch, 2 seeds) on one GPU.
+GPU_EXPERIMENT ?= gpu-experiment
+gpu-experiment: $(if $(GPU_PYTHON),,install)
+	$(or $(GPU_PYTHON),$(BIN)/python) -m jigsawdata experiment --preset gpu --out $(GPU_EXPERIMENT)

@@ -19,7 +19,7 @@ from jigsawdata.settings import field_types, flag, read_config_file, spec_of
 from jigsawdata.pipelines.config import FIT_MODES
 from jigsawdata.pipelines.template import REGION_NAMES
 from jigsawdata.sampling import SamplingConfig
-from jigsawdata.trainer.config import DEVICES, LOSSES, PIPELINES, FinetuneConfig, PretrainConfig
+from jigsawdata.trainer.config import ARCHS, DETECTORS, DEVICES, PIPELINES, FinetuneConfig, PretrainConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -550,54 +550,94 @@ def evaluate(run_dir: Path, coco: str | None, split: str | None, max_images: int
     click.echo(format_table(metrics))
 
 
+def _comma_list(option: str, text: str, convert=str) -> tuple:
+    try:
+        return tuple(convert(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise click.BadParameter(f"{option} takes a comma-separated list, got {text!r}") from None
+
+
+def _multiple(text: str) -> float:
+    """``2x`` (or ``2``) -> 2.0."""
+    return float(text.removesuffix("x"))
+
+
 @main.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Experiment directory (resumable).")
-@click.option("--preset", type=click.Choice(["tiny", "paper"]), default="tiny", show_default=True,
-              help="tiny: a cluttered synthetic set, ResNet-18, a 2-core CPU; paper: COCO, ResNet-50, GPUs.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Experiment folder: new or empty, or this grid's own (continued where it stopped).")
+@click.option("--preset", type=click.Choice(["tiny", "gpu", "paper"]), default="tiny", show_default=True,
+              help="tiny: a cluttered synthetic set, ResNet-18, a 2-core CPU; gpu: a larger one on one H100/H200; "
+                   "paper: COCO, ResNet-50, the paper's settings (GPUs, torchrun).")
 @click.option("--coco", type=click.Path(exists=True, file_okay=False), help="COCO root (the paper preset's data).")
 @click.option("--split", help="Training split (paper preset: train2017).")
 @click.option("--val-split", help="Held-out split: pre-training validation and detection evaluation (val2017).")
-@click.option("--losses", default="erf,blockwise,global", show_default=True,
-              help="Pre-training losses, one cell each (Table 2).")
-@click.option("--fits", default="", help="Extra fit modes pre-trained with the ERF loss, e.g. warp,resize (Table 1).")
+@click.option("--losses", default="erf", show_default=True,
+              help="Jigsaw arms, one per pre-training loss: erf, blockwise, global (Table 2).")
+@click.option("--taus", default="", help="Extra ERF arms at these tau, e.g. 0.5,0.6,0.8,1 (Fig. 7a).")
+@click.option("--pretrain-iterations", "lengths", default="",
+              help="Extra ERF arms pre-trained for these multiples of a quarter of the preset's iterations, e.g. "
+                   "1x,2x (Fig. 7b: 16k units; the preset's length is 4x).")
+@click.option("--fits", default="", help="Extra block-wise arms with these fit modes, e.g. warp,resize (Table 1, "
+                                        "run with the block-wise loss; the block-wise arm is their pad & crop row).")
+@click.option("--no-context", is_flag=True, help="An ERF arm pre-trained on positives that are not enlarged "
+                                                 "(the paper's context ablation).")
 @click.option("--imagenet", type=click.Path(exists=True, dir_okay=False),
-              help="A torchvision ResNet state dict: adds an ImageNet-initialised cell.")
+              help="A torchvision ResNet state dict: an arm fine-tuned from ImageNet weights.")
+@click.option("--random/--no-random", default=True, show_default=True,
+              help="The control: random weights, fine-tuned with the same detector, head and schedule.")
 @click.option("--scratch/--no-scratch", default=True, show_default=True,
-              help="The from-scratch GN cell, cost-matched to the erf cell (Table 5).")
-@click.option("--iterations", type=int, help="Pre-training iterations per cell (default: the preset's).")
-@click.option("--epochs", type=int, help="Fine-tuning epochs per cell (default: the preset's schedule).")
+              help="The from-scratch arm (GN in backbone, FPN and a 4conv1fc head: Table 5), given the --match "
+                   "arm's measured total cost.")
+@click.option("--match", default="erf", show_default=True, help="The jigsaw arm whose cost scratch is given.")
+@click.option("--baseline", help="The arm AP differences are taken against (default: random, else the first).")
+@click.option("--detector", type=click.Choice(DETECTORS), help="Detector of every arm (Table 3; default: the "
+                                                               "preset's).")
+@click.option("--arch", type=click.Choice(ARCHS), help="Backbone of every arm (Table 4; default: the preset's).")
+@click.option("--schedules", default="1x", show_default=True,
+              help="Fine-tuning schedules, each a multiple of the preset's 1x, e.g. 1x,2x (Table 5).")
+@click.option("--epochs-1x", type=click.IntRange(min=1), help="Epochs of the 1x schedule (default: the preset's; "
+                                                              "the paper's is 13).")
+@click.option("--seeds", type=click.IntRange(min=1), help="Seeds per arm (default: the preset's).")
+@click.option("--seed", type=click.IntRange(min=0), help="The first seed (seed k is --seed + k); also the data's.")
+@click.option("--iterations", type=click.IntRange(min=1), help="Pre-training iterations of a full-length arm "
+                                                               "(default: the preset's).")
 @click.option("--device", type=click.Choice(DEVICES), help="Default: the preset's.")
-@click.option("--smoke", is_flag=True, help="A few iterations and images per cell: checks the grid runs.")
+@click.option("--smoke", is_flag=True, help="A few iterations and images per run: checks the grid runs.")
 def experiment(out: str, preset: str, coco: str | None, split: str | None, val_split: str | None, losses: str,
-               fits: str,
-               imagenet: str | None, scratch: bool, iterations: int | None, epochs: int | None, device: str | None,
-               smoke: bool) -> None:
-    """The paper's ablation grid end to end: pre-train each loss (and fit mode), a
-    cost-matched scratch baseline, fine-tune and evaluate each; writes table.md,
-    experiment.json and experiment.png. Finished cells are not rerun."""
+               taus: str, lengths: str, fits: str, no_context: bool, imagenet: str | None, random: bool,
+               scratch: bool, match: str, baseline: str | None, detector: str | None, arch: str | None,
+               schedules: str, epochs_1x: int | None, seeds: int | None, seed: int | None, iterations: int | None,
+               device: str | None, smoke: bool) -> None:
+    """The paper's comparisons end to end, under one protocol: every initialisation arm
+    fine-tuned with the same detector, head and schedule, a cost-matched scratch arm, N seeds.
+    Writes table.md, experiment.json and experiment.png; finished runs are not redone."""
     from jigsawdata.trainer.experiment import preset as make_preset
     from jigsawdata.trainer.experiment import run_experiment
 
-    chosen = tuple(name for name in losses.split(",") if name)
-    if any(name not in LOSSES for name in chosen):
-        raise click.BadParameter(f"--losses takes a comma-separated subset of {', '.join(LOSSES)}")
-    extra = tuple(f for f in fits.split(",") if f)
-    if any(f not in FIT_MODES for f in extra):
-        raise click.BadParameter(f"--fits takes a comma-separated subset of {', '.join(FIT_MODES)}")
-    pretrain, finetune = {"iterations": iterations}, {"epochs": epochs}
-    sizes = {}
+    pretrain: dict = {"iterations": iterations}
+    finetune: dict = {}
+    sizes: dict = {}
     if smoke:
-        sizes = {"synthetic_images": 12}
-        pretrain = dict(iterations=iterations or 1, batch=2, warmup=1, erf_every=1, erf_images=2, val_every=1,
-                        val_images=2, pipeline="reference", workers=0)
-        finetune = dict(epochs=epochs or 1, max_iters=1, max_images=2, batch=2, min_size=64, max_size=96,
-                        rois_per_image=8, workers=0)
+        sizes = dict(synthetic_images=12, synthetic_val_images=6, knn_train=16, knn_val=8, probe_iterations=2)
+        epochs_1x = epochs_1x or 1
+        pretrain = dict(iterations=iterations or 2, batch=2, warmup=1, erf_every=2, erf_images=2, val_every=2,
+                        val_images=2, pipeline="reference", workers=0, log_every=1)
+        finetune = dict(max_images=2, batch=2, warmup=1, min_size=64, max_size=96, rois_per_image=8, workers=0)
     cfg = make_preset(preset, out, pretrain=pretrain, finetune=finetune, coco=coco, split=split, val_split=val_split,
-                      losses=chosen, fits=extra, imagenet=imagenet, scratch=scratch, device=device, **sizes)
-    report = run_experiment(cfg, on_cell=lambda name, cell: click.echo(
-        f"cell {name}: AP {100 * cell['eval']['bbox']['AP']:.1f}"))
-    click.echo((Path(out) / "table.md").read_text().rstrip())
-    click.echo(f"wrote {out}/table.md, experiment.json and experiment.png ({len(report['cells'])} cells)")
+                      losses=_comma_list("--losses", losses), taus=_comma_list("--taus", taus, float),
+                      lengths=_comma_list("--pretrain-iterations", lengths, _multiple),
+                      fits=_comma_list("--fits", fits), no_context=no_context, imagenet=imagenet, random=random,
+                      scratch=scratch, match=match, baseline=baseline, detector=detector, arch=arch,
+                      schedules=_comma_list("--schedules", schedules), epochs_1x=epochs_1x, seeds=seeds, seed=seed,
+                      device=device, **sizes)
+
+    def on_result(row: dict) -> None:
+        click.echo(f"{row['arm']}, seed {row['seed']}, {row['schedule']}: AP {100 * row['eval']['bbox']['AP']:.1f}")
+
+    report = run_experiment(cfg, on_result=on_result, on_progress=lambda line: click.echo(line, err=True))
+    if report:
+        click.echo((Path(out) / "table.md").read_text().rstrip())
+        click.echo(f"wrote {out}/table.md, experiment.json and experiment.png ({len(report['results'])} runs)")
 
 
 @main.command()

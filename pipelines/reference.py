@@ -59,10 +59,16 @@ def _checked(files: Iterator[dict]) -> Iterator[dict]:
         yield item
 
 
+def read_samples(tars: Sequence[str]) -> Iterator[dict]:
+    """Every sample of ``tars``, in order, once: webdataset's ``{"jpg": bytes, "cls": bytes, ...}``."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return group_by_keys(_checked(tar_file_expander(_open_streams(tars))))
+
+
 def _samples(tars: Sequence[str], cfg: JigsawConfig, part: int, parts: int, stream: int) -> Iterator[tuple[bytes, int]]:
     """Endless ``(jpeg bytes, label)`` of one group for one reader, epoch after epoch."""
     import webdataset as wds
-    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     by_shard = len(tars) >= parts
     mine = list(tars[part::parts]) if by_shard else list(tars)
@@ -70,7 +76,7 @@ def _samples(tars: Sequence[str], cfg: JigsawConfig, part: int, parts: int, stre
         order = list(mine)
         if cfg.shuffle:
             random.Random(f"{cfg.seed}/{stream}/{part}/{epoch}").shuffle(order)
-        samples = group_by_keys(_checked(tar_file_expander(_open_streams(order))))
+        samples = read_samples(order)
         if cfg.shuffle:
             samples = wds.shuffle(cfg.initial_fill, rng=random.Random(f"{cfg.seed}/{stream}/{part}/{epoch}/buffer"))(samples)
         for i, sample in enumerate(samples):

@@ -95,6 +95,61 @@ def test_scratch_with_group_norm_everywhere(detector, train_set):
     assert model.backbone.body.conv1.weight.grad is not None
 
 
+def test_random_init_control_has_gn_in_the_backbone_only_and_the_2fc_head(train_set):
+    """The experiment grid's control: the transferred arms' detector, with GroupNorm where
+    there are no statistics to freeze."""
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+
+    model = build_detector("fpn", "resnet18", 80, norm="gn", box_head="2fc", fpn_channels=64, min_size=96,
+                           max_size=128, rois_per_image=16)
+    assert isinstance(model.backbone.body.layer1[0].bn1, nn.GroupNorm)
+    assert not any(isinstance(m, nn.GroupNorm) for m in model.backbone.fpn.modules())
+    assert isinstance(model.roi_heads.box_head, TwoMLPHead) and model.backbone.out_channels == 64
+    assert all(p.requires_grad for p in model.parameters())
+    images, targets = collate([train_set[0], train_set[1]])
+    model.train()
+    losses = model(list(images), [{k: v for k, v in t.items() if k != "masks"} for t in targets])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("box_head", ["2fc", "4conv1fc"])
+def test_fpn_channels_size_the_pyramid_and_its_heads(box_head):
+    model = build_detector("fpn", "resnet18", 80, box_head=box_head, fpn_channels=96)
+    out = model.backbone(torch.zeros(1, 3, 64, 64))
+    assert {v.shape[1] for v in out.values()} == {96} and model.rpn.head.conv[0][0].in_channels == 96
+    convs = [m for m in model.roi_heads.box_head.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.in_channels == c.out_channels == 96 for c in convs) and len(convs) == (4 if box_head == "4conv1fc"
+                                                                                        else 0)
+    stock = build_detector("fpn", "resnet18", 80)
+    assert {v.shape[1] for v in stock.backbone(torch.zeros(1, 3, 64, 64)).values()} == {256}
+
+
+@pytest.mark.parametrize("detector", ["c4", "fpn"])
+def test_trainable_layers_choose_the_stages_that_learn(detector, jigsaw_ckpt):
+    def learning(model) -> set[str]:
+        body = _body(model, detector)
+        stages = {n.split(".")[0] for n, p in body.named_parameters() if p.requires_grad}
+        if detector == "c4":
+            stages |= {"layer4"} if any(p.requires_grad for p in model.roi_heads.box_head.parameters()) else set()
+        return stages
+
+    transferred = build_detector(detector, "resnet18", 80, init=str(jigsaw_ckpt[0]))
+    assert learning(transferred) == {"layer2", "layer3", "layer4"}  # stem and layer1 frozen by default
+    everything = build_detector(detector, "resnet18", 80, init=str(jigsaw_ckpt[0]), trainable_layers=5)
+    assert learning(everything) == {"conv1", "layer1", "layer2", "layer3", "layer4"}  # frozen BN has no parameters
+    assert learning(build_detector(detector, "resnet18", 80, init=str(jigsaw_ckpt[0]), trainable_layers=1)) == {
+        "layer4"}
+
+
+def test_box_head_and_fpn_channels_are_checked():
+    from jigsawdata.trainer.config import FinetuneConfig
+
+    with pytest.raises(InputError, match="--box-head is for the fpn and mask detectors"):
+        FinetuneConfig(coco="c", out="o", detector="c4", box_head="2fc")
+    with pytest.raises(InputError, match="--fpn-channels 48 is not a multiple of 32"):
+        FinetuneConfig(coco="c", out="o", detector="fpn", fpn_channels=48)
+
+
 def test_imagenet_weights_from_a_local_file(tmp_path):
     tv = torchvision.models.resnet18()
     torch.save(tv.state_dict(), tmp_path / "r18.pth")
@@ -181,9 +236,11 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
     assert (resolved["device"], resolved["precision"], resolved["world_size"]) == ("cpu", "fp32", 1)
     assert resolved["versions"]["torch"] == torch.__version__ and resolved["versions"]["jigsawdata"]
     assert CliRunner().invoke(main, [*args, "--max-iters", "1"]).exit_code == 1  # run exists, no --resume
+    first = torch.load(out / "checkpoint.pt", weights_only=True)["train_device_seconds"]
     result = CliRunner().invoke(main, [*args, "--max-iters", "2", "--resume"])
     assert result.exit_code == 0, result.output
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 2
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert resumed["iteration"] == 2 and resumed["train_device_seconds"] > first > 0  # the clock continues
     result = CliRunner().invoke(main, ["evaluate", str(out), "--max-images", "2"])
     assert result.exit_code == 0 and "bbox" in result.output
 
@@ -216,3 +273,22 @@ def test_a_resume_keeps_one_metrics_record_per_iteration(real_coco, jigsaw_ckpt,
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3] and records[-1]["loss"] != 9.0
+
+
+def test_training_time_leaves_out_checkpoint_writes(real_coco, jigsaw_ckpt, tmp_path, monkeypatch):
+    """The experiment grid's cost: a slow checkpoint write costs the run nothing."""
+    import time
+
+    from jigsawdata.trainer.finetune import FinetuneConfig, Finetuner
+
+    monkeypatch.setattr(Finetuner, "step", lambda self, images, targets, factor: {"loss": 1.0})
+    save = Finetuner.save
+    monkeypatch.setattr(Finetuner, "save", lambda self: (time.sleep(0.5), save(self)))
+    cfg = FinetuneConfig(coco=str(real_coco), out=str(tmp_path / "ft"), init=str(jigsaw_ckpt[0]), detector="fpn",
+                         arch="resnet18", batch=2, min_size=96, max_size=128, max_images=4, workers=0, epochs=2,
+                         device="cpu")
+    trainer = Finetuner(cfg)
+    start = time.perf_counter()
+    trainer.train()
+    assert trainer.iteration == 4 and trainer.clock.seconds < time.perf_counter() - start - 2 * 0.5
+    assert torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["train_device_seconds"] > 0

@@ -67,12 +67,15 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(built_real, t
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    at_kill = load(killed)["iteration"]
+    at_kill, seconds_at_kill = load(killed)["iteration"], load(killed)["train_device_seconds"]
     assert 4 <= at_kill < 12
     result = CliRunner().invoke(main, [*_args(built_real, killed), "--resume"])
     assert result.exit_code == 0, result.output
     a, b = load(straight), load(killed)
     assert a["iteration"] == b["iteration"] == 12
+    # The clock goes on from the checkpoint; the steps redone after the kill are counted once
+    # (double counting would come near twice the uninterrupted run's time).
+    assert seconds_at_kill < b["train_device_seconds"] < 1.7 * a["train_device_seconds"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert torch.equal(a["erf_weights"], b["erf_weights"])

@@ -385,3 +385,26 @@ def test_a_file_that_is_not_a_checkpoint_gets_a_one_line_reason(tmp_path):
     with pytest.raises(InputError) as err:
         ckpt_io.load(bad)
     assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
+
+
+def test_train_clock_counts_only_while_running():
+    import time
+
+    from jigsawdata.trainer.runtime import TrainClock
+
+    clock = TrainClock(torch.device("cpu"), processes=2, seconds=10.0)
+    clock.start()
+    time.sleep(0.05)
+    with clock.paused():
+        time.sleep(0.5)
+        frozen = clock.seconds
+        time.sleep(0.05)
+        assert clock.seconds == frozen
+    time.sleep(0.05)
+    clock.stop()
+    assert 10.2 <= clock.seconds < 11.0  # 2 processes x 0.1 s running; the paused 0.5 s x 2 not counted
+    stopped = clock.seconds
+    with clock.paused():  # pausing a stopped clock does not start it
+        pass
+    time.sleep(0.02)
+    assert clock.seconds == stopped

@@ -24,6 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 """Every command's --device values; auto picks a CUDA GPU when torch sees one."""
 DETECTORS = ("c4", "fpn", "mask")
 NORMS = ("frozen_bn", "bn", "gn")
+BOX_HEADS = ("2fc", "4conv1fc")
 
 
 @dataclass
@@ -105,11 +106,16 @@ def schedule_epochs(schedule: str = "1x", epochs: int | None = None) -> tuple[in
         if epochs < 1:
             raise InputError("--epochs must be >= 1")
         return epochs, (round(epochs * 9 / 13), round(epochs * 12 / 13))
+    n = schedule_multiple(schedule)
+    return max(1, round(13 * n)), (round(9 * n), round(12 * n))
+
+
+def schedule_multiple(schedule: str, what: str = "--schedule") -> float:
+    """N of an ``Nx`` schedule (``1x``, ``2x``, ``0.5x``)."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)x", schedule)
     if not match or float(match.group(1)) <= 0:
-        raise InputError(f"--schedule must look like 1x, 2x or 3x, got {schedule!r}")
-    n = float(match.group(1))
-    return max(1, round(13 * n)), (round(9 * n), round(12 * n))
+        raise InputError(f"{what} must look like 1x, 2x or 3x, got {schedule!r}")
+    return float(match.group(1))
 
 
 @dataclass
@@ -126,6 +132,15 @@ class FinetuneConfig:
     norm: str | None = setting(None, "Normalisation (default: frozen_bn with pretrained weights, bn from scratch); gn "
                                "also puts GroupNorm in the FPN and a 4conv1fc box head (the paper's scratch "
                                "baseline).", choices=NORMS)
+    box_head: str | None = setting(None, "Box head of the fpn and mask detectors: 2fc (torchvision's), or 4conv1fc "
+                                   "with GroupNorm in it and in the FPN (He et al. 2019). Default: 4conv1fc with "
+                                   "--norm gn, else 2fc.", choices=BOX_HEADS)
+    trainable_layers: int | None = setting(None, "Backbone stages trained, counted from layer4 (torchvision's "
+                                           "trainable_backbone_layers): default 3 with transferred weights (stem and "
+                                           "layer1 frozen, as torchvision and Detectron2), 5 (all) otherwise.",
+                                           min=0, max=5)
+    fpn_channels: int = setting(256, "Channels of the FPN and of its heads' convolutions (fpn, mask); torchvision's "
+                                "and the paper's are 256. A multiple of 32 (GroupNorm's groups).", min=32)
     split: str = setting("train2017", "Training split of --coco.")
     val_split: str | None = setting(None, "Split evaluated after training (default: --split).")
     schedule: str = setting("1x", "Nx = N times 13 epochs with drops after 9N and 12N: 1x, 2x, 3x, ...")
@@ -154,3 +169,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check(self)
         schedule_epochs(self.schedule, self.epochs)
+        if self.fpn_channels % 32:
+            raise InputError(f"--fpn-channels {self.fpn_channels} is not a multiple of 32 (GroupNorm's 32 groups)")
+        if self.box_head is not None and self.detector == "c4":
+            raise InputError("--box-head is for the fpn and mask detectors: c4's box head is the ResNet's layer4")

@@ -9,6 +9,8 @@
 Transferred weights go with frozen BatchNorm (``FrozenBatchNorm2d``). ``norm="gn"`` is the
 from-scratch baseline of the paper's Table 5 as He et al. 2019 ran it: GroupNorm in the
 backbone, in the FPN and in a 4conv1fc box head (and the 4conv mask head), all trainable.
+``box_head="2fc"`` with ``norm="gn"`` keeps GroupNorm in the backbone only, with the
+detector and heads the transferred backbones get: the experiment grid's random-init control.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from jigsawdata.errors import InputError, first_line
 
@@ -43,7 +46,8 @@ def _norm_layer(norm: str):
     return nn.BatchNorm2d
 
 
-def _resnet(arch: str, norm: str) -> nn.Module:
+def resnet_with_norm(arch: str, norm: str) -> nn.Module:
+    """A randomly initialised torchvision ResNet with ``norm``: frozen_bn, bn or gn."""
     backbone = build_backbone(arch)
     if norm == "bn":
         return backbone
@@ -108,16 +112,39 @@ class _Res5Head(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.layer4(x), 1), 1)
 
 
-def _freeze_stem_and_layer1(resnet: nn.Module) -> None:
-    """As torchvision (trainable_layers=3) and Detectron2 (FREEZE_AT=2) do for transfer."""
-    for module in (resnet.conv1, resnet.bn1, resnet.layer1):
-        for p in module.parameters():
+_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+
+def _freeze(resnet: nn.Module, trainable: int) -> None:
+    """Train only the last ``trainable`` stages (torchvision's ``trainable_backbone_layers``
+    rule, which its FPN builder applies too; 3 freezes the stem and layer1, as Detectron2's
+    FREEZE_AT=2). For C4, whose layer4 is the box head, the same stages count."""
+    train = _STAGES[:trainable] + (("bn1",) if trainable == 5 else ())
+    for name, p in resnet.named_parameters():
+        if not name.startswith(train):
             p.requires_grad_(False)
 
 
+def _fpn_backbone(resnet: nn.Module, trainable: int, channels: int, norm_layer) -> BackboneWithFPN:
+    """torchvision's ResNet-FPN (its layer freezing, its ``FeaturePyramidNetwork``) with
+    ``channels`` in the pyramid instead of its fixed 256. torchvision's own builder does the
+    freezing (rather than a copy of its rules here); its 256-channel pyramid is then replaced,
+    a few milliseconds of construction."""
+    backbone = _resnet_fpn_extractor(resnet, trainable, norm_layer=norm_layer)
+    if channels == backbone.out_channels:
+        return backbone
+    stage2 = resnet.inplanes // 8
+    return BackboneWithFPN(resnet, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+                           [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)], channels, extra_blocks=LastLevelMaxPool(),
+                           norm_layer=norm_layer)
+
+
 def build_detector(detector: str, arch: str, num_classes: int, *, init: str = "scratch", norm: str | None = None,
+                   box_head: str | None = None, fpn_channels: int = 256, trainable_layers: int | None = None,
                    min_size: int = 800, max_size: int = 1333, rois_per_image: int = 512) -> nn.Module:
-    """``num_classes`` counts foreground classes; torchvision's heads add background."""
+    """``num_classes`` counts foreground classes; torchvision's heads add background.
+    ``box_head`` (fpn, mask): ``2fc``, or ``4conv1fc`` with GroupNorm in it and in the FPN;
+    by default 4conv1fc with GroupNorm, 2fc otherwise."""
     if detector not in DETECTORS:
         raise InputError(f"--detector must be one of {DETECTORS}")
     if arch not in ARCHS:
@@ -126,16 +153,16 @@ def build_detector(detector: str, arch: str, num_classes: int, *, init: str = "s
     norm = norm or default_norm(init)
     if norm not in NORMS:
         raise InputError(f"--norm must be one of {NORMS}")
-    resnet = _resnet(arch, norm)
+    resnet = resnet_with_norm(arch, norm)
     if weights is not None:
         load_backbone_weights(resnet, weights, init)
-        _freeze_stem_and_layer1(resnet)
+    trainable = trainable_layers if trainable_layers is not None else 3 if weights is not None else 5
+    _freeze(resnet, trainable)
     sizes = dict(min_size=min_size, max_size=max_size, box_batch_size_per_image=rois_per_image)
     if detector in ("fpn", "mask"):
-        trainable = 3 if weights is not None else 5
-        if norm == "gn":
-            return _gn_fpn_detector(detector, resnet, trainable, num_classes, sizes)
-        backbone = _resnet_fpn_extractor(resnet, trainable, norm_layer=None)
+        if (box_head or ("4conv1fc" if norm == "gn" else "2fc")) == "4conv1fc":
+            return _gn_fpn_detector(detector, resnet, trainable, fpn_channels, num_classes, sizes)
+        backbone = _fpn_backbone(resnet, trainable, fpn_channels, norm_layer=None)
         cls = MaskRCNN if detector == "mask" else FasterRCNN
         return cls(backbone, num_classes=num_classes + 1, **sizes)
     body = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in
@@ -150,16 +177,17 @@ def build_detector(detector: str, arch: str, num_classes: int, *, init: str = "s
                       box_predictor=FastRCNNPredictor(head_channels, num_classes + 1), **sizes)
 
 
-def _gn_fpn_detector(detector: str, resnet: nn.Module, trainable: int, num_classes: int, sizes: dict) -> nn.Module:
+def _gn_fpn_detector(detector: str, resnet: nn.Module, trainable: int, channels: int, num_classes: int,
+                     sizes: dict) -> nn.Module:
     """He et al. 2019's scratch setting: GN in the FPN and a 4conv1fc GN box head (4conv GN
-    mask head for Mask R-CNN), as torchvision's ``fasterrcnn_resnet50_fpn_v2`` builds them."""
+    mask head for Mask R-CNN), as torchvision's ``fasterrcnn_resnet50_fpn_v2`` builds them;
+    the head's convolutions as wide as the pyramid (256 there)."""
     gn = _norm_layer("gn")
-    backbone = _resnet_fpn_extractor(resnet, trainable, norm_layer=gn)
-    channels = backbone.out_channels
-    heads = {"box_head": FastRCNNConvFCHead((channels, 7, 7), [256] * 4, [1024], norm_layer=gn),
+    backbone = _fpn_backbone(resnet, trainable, channels, norm_layer=gn)
+    heads = {"box_head": FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [1024], norm_layer=gn),
              "box_predictor": FastRCNNPredictor(1024, num_classes + 1)}
     if detector == "mask":
-        heads["mask_head"] = MaskRCNNHeads(channels, [256] * 4, 1, norm_layer=gn)
-        heads["mask_predictor"] = MaskRCNNPredictor(256, 256, num_classes + 1)
+        heads["mask_head"] = MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=gn)
+        heads["mask_predictor"] = MaskRCNNPredictor(channels, 256, num_classes + 1)
         return MaskRCNN(backbone, num_classes=None, **heads, **sizes)
     return FasterRCNN(backbone, num_classes=None, **heads, **sizes)

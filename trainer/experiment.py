@@ -1,81 +1,184 @@
-"""``jigsawdata experiment``: the paper's ablation grid end to end, one resumable cell at a time.
+"""``jigsawdata experiment``: the paper's comparisons end to end, under one protocol (PAPER.md 7).
 
-A grid is pre-training cells — one per loss (erf, blockwise, global: Table 2), optionally the
-ERF loss with other fit modes (Table 1) — plus ``scratch`` (GroupNorm everywhere, trained for
-as long as the erf cell's pre-training + fine-tuning cost: Table 5) and ``imagenet:FILE``
-when given. Every cell is fine-tuned with the same detector and schedule and evaluated on
-the held-out split. A cell's directory holds its runs and, written last, ``cell.json``; a
-finished cell is never rerun, an interrupted one resumes its runs. After each cell the
-table (``table.md``), ``experiment.json`` and ``experiment.png`` are rewritten.
+A grid is *arms* (ways to start a detector) x fine-tuning *schedules* x *seeds*:
 
-Device-hours are measured wall time x devices of each stage's invocation (an interrupted
-invocation's time is lost), on whatever device the run used.
+- jigsaw arms pre-train here: one per ``losses`` entry (Table 2), the ERF loss at other
+  ``taus`` (Fig. 7a), at other pre-training ``lengths`` (Fig. 7b), without context
+  (``no_context``: positives not enlarged, Sec. 3.1), and the block-wise loss with other
+  ``fits`` (Table 1, whose pad & crop row is Table 2's block-wise one: PAPER.md 7);
+- ``imagenet`` (a weights file) and ``random`` (random weights: the control) are fine-tuned
+  exactly as the jigsaw arms are: same detector, box head and schedule;
+- ``scratch`` is the one arm with its own recipe (Table 5, He et al. 2019: GroupNorm in the
+  backbone, the FPN and a 4conv1fc box head, everything trainable), trained for as long as
+  the ``match`` arm's pre-training + fine-tuning cost, measured per seed and schedule, at the
+  speed a short timing probe of the scratch model itself measures on the same device.
+
+Cost is each run's training time (:class:`~.runtime.TrainClock`: no validation, evaluation or
+checkpoint I/O) times its processes. Every seed seeds the models, augmentation and data order;
+the data (the synthetic set and the shards) are the same for every seed.
+
+Layout: ``config.json``; the data; ``arms/<arm>/seed-<k>/`` holding ``pretrain/`` and
+``finetune-<schedule>/`` run directories and, each written last, ``pretrain.json`` and
+``<schedule>.json``; ``table.md``, ``experiment.json`` and ``experiment.png`` rewritten after
+every result. A written result is never redone; an interrupted run resumes from its
+checkpoint. Under ``torchrun`` every rank trains, rank 0 alone builds data, evaluates and
+writes results, and the ranks meet after each step.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
-import time
+import math
+import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.distributed as dist
 
 from jigsawdata.errors import InputError
 from jigsawdata.files import write_json_atomic
+from jigsawdata.pipelines.config import FIT_MODES
 
 from .checkpoint import CHECKPOINT_NAME
-from .config import LOSSES, FinetuneConfig, PretrainConfig, schedule_epochs
-from .runtime import pick_device
+from .config import ARCHS, DETECTORS, LOSSES, FinetuneConfig, PretrainConfig, schedule_epochs, schedule_multiple
+from .runtime import init_distributed
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("tiny", "paper")
-CELL_FILE = "cell.json"
+PRESETS = ("tiny", "gpu", "paper")
+FORMAT = "jigsawdata-experiment-2"
+INITS = ("jigsaw", "imagenet", "random", "scratch")
+FULL_LENGTH = 4.0
+"""Pre-training lengths are multiples of a quarter of the preset's iterations: Fig. 7b's
+x-axis counts 16k-iteration units and the paper's default, 64k, is its 4x."""
+_PROBE_WARMUP = 2
+"""Iterations the scratch timing probe runs before it starts timing, besides the batches
+its data loader fetched ahead."""
+_RANK_WAIT = datetime.timedelta(hours=6)
+"""How long the other ranks wait while rank 0 alone builds the shards (hours on COCO
+train2017) or evaluates: longer than torch's default collective timeout."""
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
     out: str
     coco: str | None = None
-    """COCO root holding ``split`` and ``val_split``; the tiny preset makes its own."""
+    """COCO root holding ``split`` and ``val_split``; the synthetic presets make their own."""
     split: str = "train2017"
     val_split: str = "val2017"
-    losses: tuple[str, ...] = LOSSES
+    losses: tuple[str, ...] = ("erf",)
+    taus: tuple[float, ...] = ()
+    """Extra ERF arms at these tau (Fig. 7a)."""
+    lengths: tuple[float, ...] = ()
+    """Extra ERF arms pre-trained for these multiples of a quarter of the iterations (Fig. 7b)."""
     fits: tuple[str, ...] = ()
-    """Extra fit modes pre-trained with the ERF loss (warp, resize: Table 1)."""
-    scratch: bool = True
+    """Extra block-wise arms with these fit modes (Table 1)."""
+    no_context: bool = False
+    """An ERF arm pre-trained on shards whose positives are not enlarged."""
     imagenet: str | None = None
-    """A local torchvision ResNet state dict: adds an ``imagenet`` cell."""
+    """A local torchvision ResNet state dict: adds an ``imagenet`` arm."""
+    random: bool = True
+    scratch: bool = True
+    match: str = "erf"
+    """The arm whose total cost the scratch arm is given."""
+    baseline: str | None = None
+    """The arm every AP difference is taken against (default: random if present, else the first)."""
+    detector: str = "c4"
     arch: str = "resnet50"
+    schedules: tuple[str, ...] = ("1x",)
+    epochs_1x: int = 13
+    """Epochs of the 1x schedule (the paper's: 13, lr drops after 9 and 12)."""
+    seeds: int = 1
+    seed: int = 0
+    """The first seed; seed k of the grid is ``seed + k``. Also the data's seed."""
     device: str = "auto"
     threads: int | None = None
     """CPU threads for torch (None: torch's default)."""
-    seed: int = 0
     synthetic_images: int = 0
-    """With no ``coco``: images of the cluttered synthetic train split (val gets a quarter)."""
+    """With no ``coco``: images of the cluttered synthetic train split."""
+    synthetic_val_images: int = 0
+    """... and of its held-out split (0: a quarter of the train split's)."""
+    knn_train: int = 2048
+    """Training crops the kNN probe remembers (0: no probe)."""
+    knn_val: int = 1024
+    """Held-out crops the kNN probe labels."""
+    probe_iterations: int = 10
+    """Iterations the scratch model is timed over (after a short warm-up)."""
     pretrain: Mapping[str, Any] = field(default_factory=dict)
-    """:class:`PretrainConfig` settings of every pre-training cell; the rest are its defaults
-    (PAPER.md 5), and the cell decides data, loss, fit, arch, device and seed."""
+    """:class:`PretrainConfig` settings of every pre-training run; the rest are its defaults
+    (PAPER.md 5), and the arm decides data, loss, tau, fit, length and seed."""
     finetune: Mapping[str, Any] = field(default_factory=dict)
-    """:class:`FinetuneConfig` settings of every fine-tuning run, likewise."""
+    """:class:`FinetuneConfig` settings of every fine-tuning run, likewise (the arm decides
+    initialisation, normalisation, box head, epochs and seed)."""
 
     def __post_init__(self) -> None:
+        _subset("--losses", self.losses, LOSSES)
+        _subset("--fits", self.fits, tuple(f for f in FIT_MODES if f != "pad_crop"))
+        if self.detector not in DETECTORS:
+            raise InputError(f"--detector must be one of {', '.join(DETECTORS)}")
+        if self.arch not in ARCHS:
+            raise InputError(f"--arch must be one of {', '.join(ARCHS)}")
+        if any(not 0.0 <= t <= 1.0 for t in self.taus):
+            raise InputError("--taus must lie in [0, 1]")
+        if any(n <= 0 for n in self.lengths):
+            raise InputError("--pretrain-iterations multiples must be > 0")
+        if len(set(self.schedules)) != len(self.schedules):
+            raise InputError("--schedules names a schedule twice")
+        if not self.schedules:
+            raise InputError("--schedules needs at least one schedule, e.g. 1x")
+        for schedule in self.schedules:
+            schedule_multiple(schedule, "--schedules")
+        for name, value, low in (("--seeds", self.seeds, 1), ("--epochs-1x", self.epochs_1x, 1),
+                                 ("--seed", self.seed, 0), ("knn_train", self.knn_train, 0),
+                                 ("knn_val", self.knn_val, 1), ("probe_iterations", self.probe_iterations, 1)):
+            if value < low:
+                raise InputError(f"{name} must be >= {low}")
+        names = [a.name for a in arms(self)]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise InputError(f"arms given twice: {', '.join(repeated)} (--losses, --taus, --fits and "
+                             "--pretrain-iterations each name an arm once)")
+        if not names:
+            raise InputError("the grid has no arm: give --losses, --imagenet, --random or --scratch")
+        jigsaw = [a.name for a in arms(self) if a.init == "jigsaw"]
+        if self.scratch and self.match not in jigsaw:
+            raise InputError(f"--match {self.match}: the scratch arm is given the total cost of a jigsaw arm of the "
+                             f"grid ({', '.join(jigsaw) or 'none: add --losses erf or use --no-scratch'})")
+        if self.baseline is not None and self.baseline not in names:
+            raise InputError(f"--baseline {self.baseline} is not an arm of the grid ({', '.join(names)})")
         self.pretrain_config(shards="", out="")
         self.finetune_config(coco="", out="")
 
-    def pretrain_config(self, **cell: Any) -> PretrainConfig:
+    def pretrain_config(self, **run: Any) -> PretrainConfig:
         return _settings(PretrainConfig, {**self.pretrain, "arch": self.arch, "device": self.device,
-                                          "seed": self.seed, **cell})
+                                          "seed": self.seed, **run})
 
-    def finetune_config(self, **cell: Any) -> FinetuneConfig:
+    def finetune_config(self, **run: Any) -> FinetuneConfig:
         return _settings(FinetuneConfig, {**self.finetune, "arch": self.arch, "device": self.device,
-                                          "seed": self.seed, **cell})
+                                          "detector": self.detector, "seed": self.seed, **run})
+
+    @property
+    def baseline_arm(self) -> str:
+        names = [a.name for a in arms(self)]
+        return self.baseline or ("random" if "random" in names else names[0])
+
+    @property
+    def run_seeds(self) -> range:
+        return range(self.seed, self.seed + self.seeds)
 
 
-def _settings(cls, values: dict):
+def _subset(option: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    if any(v not in allowed for v in values):
+        raise InputError(f"{option} takes a comma-separated subset of {', '.join(allowed)}")
+
+
+def _settings(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)``, naming settings the run config does not have."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -83,183 +186,448 @@ def _settings(cls, values: dict):
     return cls(**values)
 
 
+def _given(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings a caller gave (``None``: left to the preset)."""
+    return {k: v for k, v in (values or {}).items() if v is not None}
+
+
 def preset(name: str, out: str, pretrain: Mapping[str, Any] | None = None, finetune: Mapping[str, Any] | None = None,
            **overrides) -> ExperimentConfig:
-    """``tiny``: the cluttered synthetic set, ResNet-18, 128 px jigsaws and ~200 px detection,
-    a grid that fits a 2-core CPU in well under an hour. ``paper``: COCO train2017 -> val2017,
-    ResNet-50, the paper's schedules (GPUs). ``pretrain`` / ``finetune`` override single
-    settings of the runs; ``None`` values are ignored throughout."""
+    """A named grid; ``pretrain`` / ``finetune`` override single run settings and
+    ``overrides`` :class:`ExperimentConfig` fields (``None`` values are ignored throughout).
+
+    - ``tiny``: the cluttered synthetic set, ResNet-18, a 2-core CPU (see the README for its
+      measured wall time).
+    - ``gpu``: a larger cluttered set made on the device, ResNet-18 at the paper's canvas,
+      DALI-GPU pre-training, one H100 / H200 in about ten minutes.
+    - ``paper``: COCO train2017 -> val2017, ResNet-50, the paper's settings (GPUs, torchrun).
+    """
     if name == "tiny":
         base = ExperimentConfig(
-            out=out, arch="resnet18", device="cpu", threads=2, synthetic_images=240,
-            pretrain=dict(iterations=160, batch=32, warmup=16, canvas=128, template_split=32, erf_every=40,
-                          erf_images=16, val_every=40, val_images=96, pipeline="reference", workers=1),
-            finetune=dict(detector="fpn", epochs=2, batch=4, lr=0.02, warmup=50, min_size=160, max_size=224,
-                          rois_per_image=64, workers=1))
+            out=out, arch="resnet18", detector="fpn", device="cpu", threads=2, synthetic_images=200,
+            synthetic_val_images=80, seeds=2, epochs_1x=3, knn_train=1024, knn_val=512, probe_iterations=8,
+            pretrain=dict(iterations=96, batch=16, warmup=8, canvas=128, template_split=32, erf_every=48,
+                          erf_images=16, val_every=96, val_images=128, pipeline="reference", workers=1,
+                          checkpoint_every=48),
+            finetune=dict(batch=4, lr=0.02, warmup=20, min_size=160, max_size=240, rois_per_image=64,
+                          fpn_channels=64, workers=1, log_every=25))
+    elif name == "gpu":
+        base = ExperimentConfig(
+            out=out, arch="resnet18", detector="fpn", device="cuda", synthetic_images=1500,
+            synthetic_val_images=1000, seeds=2, epochs_1x=11, knn_train=4096, knn_val=2048,
+            pretrain=dict(iterations=1000, batch=256, warmup=100, canvas=224, template_split=64, erf_every=250,
+                          erf_images=64, val_every=500, val_images=512, pipeline="dali", workers=8,
+                          checkpoint_every=500),
+            finetune=dict(batch=16, lr=0.02, warmup=100, min_size=320, max_size=480, rois_per_image=128,
+                          workers=8, log_every=100))
     elif name == "paper":
         base = ExperimentConfig(out=out)
     else:
-        raise InputError(f"--preset must be one of {PRESETS}")
+        raise InputError(f"--preset must be one of {', '.join(PRESETS)}")
+    return replace(base, pretrain={**base.pretrain, **_given(pretrain)}, finetune={**base.finetune, **_given(finetune)},
+                   **_given(overrides))
 
-    def given(values: Mapping[str, Any] | None) -> dict:
-        return {k: v for k, v in (values or {}).items() if v is not None}
 
-    return replace(base, pretrain={**base.pretrain, **given(pretrain)}, finetune={**base.finetune, **given(finetune)},
-                   **given(overrides))
+# ---------------------------------------------------------------------------------- arms
 
 
 @dataclass(frozen=True)
-class Cell:
+class Arm:
     name: str
     init: str
-    """``jigsaw`` (pre-trained here), ``scratch`` or ``imagenet``."""
+    """``jigsaw`` (pre-trained here), ``imagenet``, ``random`` or ``scratch``."""
     loss: str | None = None
+    tau: float | None = None
+    """None: the preset's tau."""
     fit: str = "pad_crop"
+    length: float = FULL_LENGTH
+    context: bool = True
 
 
-def cells(cfg: ExperimentConfig) -> list[Cell]:
-    grid = [Cell(loss, "jigsaw", loss) for loss in cfg.losses]
-    grid += [Cell(f"erf-{fit}", "jigsaw", "erf", fit) for fit in cfg.fits if fit != "pad_crop"]
-    if cfg.scratch:
-        grid.append(Cell("scratch", "scratch"))
+def arms(cfg: ExperimentConfig) -> list[Arm]:
+    """The grid's arms, in table order."""
+    grid = [Arm(loss, "jigsaw", loss) for loss in cfg.losses]
+    grid += [Arm(f"erf-tau{tau:g}", "jigsaw", "erf", tau=tau) for tau in cfg.taus]
+    grid += [Arm(f"erf-{n:g}x", "jigsaw", "erf", length=n) for n in cfg.lengths if n != FULL_LENGTH]
+    if cfg.no_context:
+        grid.append(Arm("erf-nocontext", "jigsaw", "erf", context=False))
+    if cfg.fits and "blockwise" not in cfg.losses:
+        grid.append(Arm("blockwise", "jigsaw", "blockwise"))  # the fits' pad & crop reference
+    grid += [Arm(f"blockwise-{fit}", "jigsaw", "blockwise", fit=fit) for fit in cfg.fits]
     if cfg.imagenet:
-        grid.append(Cell("imagenet", "imagenet"))
+        grid.append(Arm("imagenet", "imagenet"))
+    if cfg.random:
+        grid.append(Arm("random", "random"))
+    if cfg.scratch:
+        grid.append(Arm("scratch", "scratch"))
     return grid
 
 
-@dataclass
+def describe(arm: Arm) -> str:
+    """The arm as the table's ``initialisation`` column names it."""
+    if arm.init == "imagenet":
+        return "ImageNet weights"
+    if arm.init == "random":
+        return "random init, same detector/head/schedule (GN backbone, nothing frozen)"
+    if arm.init == "scratch":
+        return "from scratch: GN backbone + FPN + 4conv1fc head, cost-matched"
+    parts = [f"Jigsaw, {arm.loss}"]
+    if arm.tau is not None:
+        parts.append(f"tau {arm.tau:g}")
+    if arm.length != FULL_LENGTH:
+        parts.append(f"{arm.length:g}/{FULL_LENGTH:g} length")
+    if not arm.context:
+        parts.append("no context")
+    if arm.fit != "pad_crop":
+        parts.append(f"fit {arm.fit}")
+    return ", ".join(parts)
+
+
+def pretrain_config(cfg: ExperimentConfig, arm: Arm, seed: int, shards: str, val_shards: str,
+                    run: Path) -> PretrainConfig:
+    """The arm's pre-training run: the preset's settings with the arm's loss, tau, fit and
+    length (the warm-up and checkpoint interval kept within a shortened run)."""
+    base = cfg.pretrain_config(shards=shards, out=str(run), loss=arm.loss, fit=arm.fit, val_shards=val_shards,
+                               seed=seed, **({"tau": arm.tau} if arm.tau is not None else {}))
+    iterations = max(1, round(base.iterations * arm.length / FULL_LENGTH))
+    return replace(base, iterations=iterations, warmup=min(base.warmup, iterations),
+                   erf_images=min(base.erf_images, base.batch),
+                   checkpoint_every=min(base.checkpoint_every, iterations),
+                   log_every=cfg.pretrain.get("log_every", max(1, iterations // 20)))
+
+
+def finetune_config(cfg: ExperimentConfig, arm: Arm, seed: int, data: "Data", run: Path, init: str,
+                    epochs: int) -> FinetuneConfig:
+    """The init arms share one recipe. Random weights have no statistics to freeze, so the
+    control trains GroupNorm in the backbone (He et al. 2019's choice for random init) and
+    freezes nothing, with the detector, head and schedule the others have. Scratch is He et
+    al.'s recipe whatever the grid's detector (as the paper's Table 5 set it against C4):
+    an FPN detector (Mask R-CNN for a mask grid) with GroupNorm in the backbone, the FPN and
+    a 4conv1fc head."""
+    norm, head, detector = {"jigsaw": (None, None, cfg.detector), "imagenet": (None, None, cfg.detector),
+                            "random": ("gn", None if cfg.detector == "c4" else "2fc", cfg.detector),
+                            "scratch": ("gn", "4conv1fc", "mask" if cfg.detector == "mask" else "fpn")}[arm.init]
+    return cfg.finetune_config(coco=data.coco, out=str(run), init=init, norm=norm, box_head=head, detector=detector,
+                               split=data.split, val_split=data.val_split, epochs=epochs, seed=seed)
+
+
+def schedule_epochs_of(cfg: ExperimentConfig, schedule: str) -> int:
+    """Epochs of an ``Nx`` schedule: N times the preset's 1x."""
+    return max(1, round(cfg.epochs_1x * schedule_multiple(schedule, "--schedules")))
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
 class Data:
     coco: str
     split: str
     val_split: str
     shards: str
     val_shards: str
+    shards_no_context: str | None
 
 
-def prepare_data(cfg: ExperimentConfig, out: Path) -> Data:
-    """The detection set (made for the tiny preset) and its train / held-out shard sets
-    (builds resume and are not redone)."""
-    from jigsawdata.build import BuildConfig, build_shards
-    from jigsawdata.coco import load_coco, resolve_coco_root
-
+def prepare_data(cfg: ExperimentConfig, out: Path, build: bool = True) -> Data:
+    """The detection set (made for the synthetic presets) and its shard sets; with
+    ``build`` False only their paths (the other ranks). Builds resume and are not redone."""
     coco, split, val_split = cfg.coco, cfg.split, cfg.val_split
     if coco is None:
         if cfg.synthetic_images < 1:
-            raise InputError("give --coco ROOT, or use --preset tiny for a synthetic set")
+            raise InputError("give --coco ROOT, or use a synthetic preset (tiny, gpu)")
+        coco, split, val_split = str(out / "data"), "train", "val"
+    data = Data(coco, split, val_split, str(out / "shards"), str(out / "val-shards"),
+                str(out / "shards-nocontext") if cfg.no_context else None)
+    if build:
+        _build(cfg, data)
+    return data
+
+
+def _build(cfg: ExperimentConfig, data: Data) -> None:
+    from jigsawdata.build import BuildConfig, build_shards
+    from jigsawdata.coco import load_coco, resolve_coco_root
+    from jigsawdata.sampling import SamplingConfig
+
+    if cfg.coco is None:
         from jigsawdata.clutter import make_clutter_coco
 
-        coco, split, val_split = str(out / "data"), "train", "val"
-        if not (Path(coco) / "annotations" / "instances_val.json").is_file():
-            make_clutter_coco(Path(coco), cfg.synthetic_images, seed=cfg.seed, split="train")
-            make_clutter_coco(Path(coco), max(4, cfg.synthetic_images // 4), seed=cfg.seed + 1, split="val")
-    shards = {}
-    for name, which in (("shards", split), ("val-shards", val_split)):
-        source = load_coco(*resolve_coco_root(Path(coco), which))
-        build_shards(source, out / name, BuildConfig(seed=cfg.seed), workers=1)
-        shards[name] = str(out / name)
-    return Data(coco, split, val_split, shards["shards"], shards["val-shards"])
+        root = Path(data.coco)
+        if not (root / "annotations" / "instances_train.json").is_file():
+            make_clutter_coco(root, cfg.synthetic_images, seed=cfg.seed, split="train")
+        if not (root / "annotations" / "instances_val.json").is_file():
+            make_clutter_coco(root, cfg.synthetic_val_images or max(4, cfg.synthetic_images // 4),
+                              seed=cfg.seed + 1, split="val")
+    workers = max(1, min(8, os.cpu_count() or 1))
+    sets = [(data.shards, data.split, SamplingConfig()), (data.val_shards, data.val_split, SamplingConfig())]
+    if data.shards_no_context:
+        sets.append((data.shards_no_context, data.split, SamplingConfig(max_enlarge=1.0)))
+    for shards, split, sampling in sets:
+        if (Path(shards) / "manifest.json").is_file():
+            continue
+        source = load_coco(*resolve_coco_root(Path(data.coco), split))
+        build_shards(source, Path(shards), BuildConfig(seed=cfg.seed, sampling=sampling), workers=workers)
 
 
-def _timed(stage_file: Path, body: Callable[[], object]) -> float:
-    """Run a stage, adding its wall seconds to those recorded by earlier invocations."""
-    before = json.loads(stage_file.read_text())["seconds"] if stage_file.is_file() else 0.0
-    start = time.perf_counter()
-    body()
-    seconds = before + time.perf_counter() - start
-    write_json_atomic(stage_file, {"seconds": seconds})
-    return seconds
+# ---------------------------------------------------------------------------------- the output folder
+
+_MAY_CHANGE = {"out", "losses", "taus", "lengths", "fits", "no_context", "random", "scratch", "schedules", "seeds",
+               "baseline", "threads"}
+"""Settings that only add or drop arms, schedules or seeds (or change nothing measured):
+a grid may be continued with others. Every other setting defines what a result means."""
 
 
-def _pretrain(cfg: ExperimentConfig, cell: Cell, data: Data, run: Path) -> dict:
-    from .checkpoint import load
+def claim_experiment_dir(out: Path, cfg: ExperimentConfig) -> None:
+    """A new or empty folder, or this grid's own (same settings but for :data:`_MAY_CHANGE`).
+    Nothing is written here: a refused grid leaves nothing behind."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not an experiment folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    saved_file = out / "config.json"
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        names = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise InputError(f"--out {out} is not empty ({names}) and holds no experiment of this version: a new grid "
+                         "needs a new or empty folder")
+    mine = _jsonable(cfg)
+    differ = sorted(k for k in mine if k not in _MAY_CHANGE and saved.get("config", {}).get(k) != mine[k])
+    if differ:
+        raise InputError(f"{out} holds a grid with other settings ({', '.join(differ)}): its results would mean "
+                         "something else; use another --out")
+
+
+def _jsonable(cfg: ExperimentConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Grid:
+    """What every step of a grid needs: its settings, data, folder and processes."""
+
+    cfg: ExperimentConfig
+    data: Data
+    out: Path
+    world: int
+    main: bool
+    say: Callable[[str], None] = log.info
+    """Where progress lines go (rank 0)."""
+    knn: Any = None
+    """The kNN probe's crops (train, val), loaded on first use (rank 0)."""
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def agree(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank: what rank 0 sees of the folder decides."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def result(self, path: Path, compute: Callable[[], dict]) -> dict:
+        """``path``'s result, computed (on every rank) and written (by rank 0) when rank 0
+        finds it missing. Every rank returns what rank 0 wrote, so decisions taken from it
+        (the scratch arm's epochs) are the same on every rank (the ranks share the folder)."""
+        if not self.agree(path.is_file()):
+            value = compute()
+            if self.main:
+                write_json_atomic(path, value)
+            self.barrier()
+        return json.loads(path.read_text())
+
+    def resumable(self, run: Path) -> bool:
+        """Whether ``run`` holds a checkpoint to continue from; a run folder without one (a
+        run stopped before its first checkpoint) is removed so that the run starts anew."""
+        started = self.agree((run / CHECKPOINT_NAME).is_file())
+        if not started and self.main and run.exists():
+            shutil.rmtree(run)
+        self.barrier()
+        return started
+
+
+def _knn(grid: Grid, backbone: torch.nn.Module) -> dict:
+    from .probe import knn_probe, load_crops
+
+    if not grid.main or grid.cfg.knn_train == 0:
+        return {}
+    if grid.knn is None:
+        size = max(32, grid.cfg.pretrain_config(shards="", out="").canvas // 2)
+        grid.knn = (load_crops(grid.data.shards, grid.cfg.knn_train, size),
+                    load_crops(grid.data.val_shards, grid.cfg.knn_val, size))
+    return knn_probe(backbone, *grid.knn)
+
+
+def _pretrain(grid: Grid, arm: Arm, seed: int, folder: Path) -> dict:
     from .pretrain import Trainer
 
-    base = cfg.pretrain_config(shards=data.shards, out=str(run), loss=cell.loss, fit=cell.fit,
-                               val_shards=data.val_shards)
-    pcfg = replace(base, erf_images=min(base.erf_images, base.batch),
-                   checkpoint_every=cfg.pretrain.get("checkpoint_every", max(1, base.iterations // 4)),
-                   log_every=cfg.pretrain.get("log_every", max(1, base.iterations // 20)))
-    started = (run / CHECKPOINT_NAME).is_file()
-    if not started or load(run)["iteration"] < pcfg.iterations:
-        trainer = Trainer(pcfg, resume=started)
-        seconds = _timed(run.parent / "pretrain-time.json", trainer.train)
-        devices = trainer.dist.world
-    else:
-        seconds, devices = json.loads((run.parent / "pretrain-time.json").read_text())["seconds"], 1
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in records if "val_accuracy" in r]
+    run = folder / "pretrain"
+    shards = grid.data.shards if arm.context else grid.data.shards_no_context
+    pcfg = pretrain_config(grid.cfg, arm, seed, shards, grid.data.val_shards, run)
+
+    def progress(m: dict) -> None:
+        grid.say(f"{arm.name}, seed {seed}: pre-training {m['iteration']}/{pcfg.iterations}, loss {m['loss']:.3f}")
+
+    trainer = Trainer(pcfg, resume=grid.resumable(run), on_log=progress)
+    if trainer.iteration < pcfg.iterations:
+        trainer.train()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if grid.main else []
     losses = [r["loss"] for r in records if "loss" in r]
-    return {"pretrain_device_hours": seconds * devices / 3600, "pretrain_loss": losses[-1] if losses else None,
-            "validation": val[-1] if val else None}
+    validation = [r for r in records if "val_accuracy" in r]
+    return {"pretrain_iterations": pcfg.iterations, "pretrain_loss": losses[-1] if losses else None,
+            "pretrain_device_hours": trainer.clock.seconds / 3600,
+            "validation": validation[-1] if validation else None,
+            "knn": _knn(grid, trainer.model.backbone)}
 
 
-def _finetune(cfg: ExperimentConfig, cell: Cell, data: Data, run: Path, init: str, epochs: int | None) -> dict:
+def _initial(grid: Grid, arm: Arm, seed: int) -> dict:
+    """What the kNN probe says of an arm's starting backbone: ImageNet weights, or the
+    random GroupNorm ResNet the control starts from. ImageNet's pre-training cost was paid
+    elsewhere: None, shown as external."""
+    from .detection import resnet_with_norm
+
+    torch.manual_seed(seed)
+    backbone = _imagenet_backbone(grid.cfg) if arm.init == "imagenet" else resnet_with_norm(grid.cfg.arch, "gn")
+    return {"pretrain_device_hours": None if arm.init == "imagenet" else 0.0, "knn": _knn(grid, backbone)}
+
+
+def _imagenet_backbone(cfg: ExperimentConfig) -> torch.nn.Module:
+    """The ``--imagenet`` weights in the grid's backbone (refused in one line if they do not fit)."""
+    from .detection import load_backbone_weights, read_init
+    from .model import build_backbone
+
+    backbone = build_backbone(cfg.arch)
+    load_backbone_weights(backbone, read_init(f"imagenet:{cfg.imagenet}", cfg.arch), f"imagenet:{cfg.imagenet}")
+    return backbone
+
+
+def _finetune(grid: Grid, arm: Arm, seed: int, run: Path, init: str, epochs: int) -> dict:
     from .finetune import Finetuner, evaluate_run
 
-    fcfg = cfg.finetune_config(coco=data.coco, out=str(run), init=init, norm="gn" if cell.init == "scratch" else None,
-                               split=data.split, val_split=data.val_split, epochs=epochs,
-                               log_every=cfg.finetune.get("log_every", 50))
-    trainer = Finetuner(fcfg, resume=(run / CHECKPOINT_NAME).is_file())
-    seconds = _timed(run.parent / "finetune-time.json", trainer.train)
-    metrics = evaluate_run(run, split=data.val_split, max_images=fcfg.max_images, device=fcfg.device)
-    return {"finetune_device_hours": seconds * trainer.dist.world / 3600, "finetune_epochs": trainer.epoch,
-            "eval": metrics}
+    fcfg = finetune_config(grid.cfg, arm, seed, grid.data, run, init, epochs)
+    trainer = Finetuner(fcfg, resume=grid.resumable(run),
+                        on_log=lambda m: grid.say(f"{arm.name}, seed {seed}: fine-tuning epoch {m['epoch'] + 1}/"
+                                                  f"{epochs}, iteration {m['iteration']}, loss {m['loss']:.3f}"))
+    trainer.train()
+    grid.say(f"{arm.name}, seed {seed}: evaluating on {grid.data.val_split}")
+    metrics = evaluate_run(run, split=grid.data.val_split, max_images=fcfg.max_images,
+                           device=grid.cfg.device) if grid.main else None
+    grid.barrier()
+    _, milestones = schedule_epochs(epochs=epochs)
+    per_epoch = trainer.iterations_per_epoch
+    return {"epochs": epochs, "iterations_per_epoch": per_epoch, "iterations": trainer.iteration,
+            "full_lr_iterations": max(0, min(milestones[0] * per_epoch, trainer.iteration) - fcfg.warmup),
+            "finetune_device_hours": trainer.clock.seconds / 3600, "detector": fcfg.detector,
+            "device": trainer.device.type, "eval": metrics}
 
 
-def _scratch_epochs(cfg: ExperimentConfig, done: dict[str, dict]) -> int | None:
-    """Fine-tuning epochs that cost what the reference jigsaw cell's pre-training plus
-    fine-tuning cost, at that cell's measured fine-tuning time per epoch (the paper's
-    Table 5 matches total cost)."""
-    base = cfg.finetune_config(coco="", out="")
-    reference = done.get("erf") or next((r for r in done.values() if r["init"] == "jigsaw"), None)
-    if reference is None:
-        return base.epochs
-    epochs = schedule_epochs(base.schedule, base.epochs)[0]
-    per_epoch = reference["finetune_device_hours"] / max(1, reference["finetune_epochs"] or epochs)
-    total = reference["pretrain_device_hours"] + reference["finetune_device_hours"]
-    return max(epochs, round(total / per_epoch)) if per_epoch > 0 else epochs
+def _time_scratch(grid: Grid, arm: Arm, seed: int, folder: Path) -> dict:
+    """Device-seconds per training iteration of the scratch model on this device, over
+    ``probe_iterations`` iterations after a warm-up long enough to drain what the data
+    loader's workers fetched ahead (the timed steps then wait for data as training does)."""
+    from .finetune import Finetuner
+
+    run = folder / "timing-probe"
+    if grid.main and run.exists():
+        shutil.rmtree(run)  # an interrupted probe is timed again
+    grid.barrier()
+    base = finetune_config(grid.cfg, arm, seed, grid.data, run, "scratch", 10**6)
+    warmup = _PROBE_WARMUP + 2 * base.workers  # a DataLoader fetches 2 batches ahead per worker
+    steps = warmup + grid.cfg.probe_iterations
+    trainer = Finetuner(replace(base, max_iters=steps, log_every=1))
+    trainer.train()
+    grid.barrier()
+    clock = {}
+    if grid.main:
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            clock[record["iteration"]] = record["train_device_seconds"]
+        shutil.rmtree(run)
+    seconds = (clock[steps] - clock[warmup]) / grid.cfg.probe_iterations if grid.main else 0.0
+    return {"device_seconds_per_iteration": seconds, "iterations_per_epoch": trainer.iterations_per_epoch,
+            "warmup_iterations": warmup, "timed_iterations": grid.cfg.probe_iterations}
 
 
-def run_cell(cfg: ExperimentConfig, cell: Cell, data: Data, out: Path, done: dict[str, dict]) -> dict:
-    cell_dir = out / "cells" / cell.name
-    if (cell_dir / CELL_FILE).is_file():
-        return json.loads((cell_dir / CELL_FILE).read_text())
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    result: dict = {"name": cell.name, "init": cell.init, "loss": cell.loss, "fit": cell.fit,
-                    "pretrain_device_hours": 0.0, "pretrain_loss": None, "validation": None}
-    epochs = cfg.finetune.get("epochs")
-    if cell.init == "jigsaw":
-        log.info("cell %s: pre-training", cell.name)
-        result.update(_pretrain(cfg, cell, data, cell_dir / "pretrain"))
-        init = str(cell_dir / "pretrain")
-    elif cell.init == "scratch":
-        init, epochs = "scratch", _scratch_epochs(cfg, done)
-        result["matched_to"] = "erf" if "erf" in done else None
-    else:
-        init = f"imagenet:{cfg.imagenet}"
-    log.info("cell %s: fine-tuning from %s", cell.name, init)
-    result.update(_finetune(cfg, cell, data, cell_dir / "finetune", init, epochs))
-    result["device"] = pick_device(cfg.device).type
-    write_json_atomic(cell_dir / CELL_FILE, result)
-    return result
+def scratch_epochs(budget_hours: float, probe: dict) -> int:
+    """Epochs of the scratch model that cost at least ``budget_hours`` at the probe's speed
+    (rounded up: scratch is never given less than the arm it is matched to)."""
+    per_epoch = probe["device_seconds_per_iteration"] * probe["iterations_per_epoch"] / 3600
+    return max(1, math.ceil(budget_hours / per_epoch)) if per_epoch > 0 else 1
 
 
-def run_experiment(cfg: ExperimentConfig, on_cell: Callable[[str, dict], None] | None = None) -> dict:
-    """Run (or resume) every cell of the grid; returns ``experiment.json``'s content."""
+def run_arm(grid: Grid, arm: Arm, seed: int, done: dict[tuple[str, str, int], dict]) -> list[dict]:
+    """Pre-train (jigsaw arms) and fine-tune for every schedule; returns the result rows."""
+    cfg = grid.cfg
+    folder = grid.out / "arms" / arm.name / f"seed-{seed}"
+    if grid.main:
+        folder.mkdir(parents=True, exist_ok=True)
+    grid.barrier()
+    start: dict[str, Any] = {"pretrain_device_hours": 0.0}
+    if arm.init == "jigsaw":
+        start = grid.result(folder / "pretrain.json", lambda: _pretrain(grid, arm, seed, folder))
+    elif arm.init in ("random", "imagenet"):
+        start = grid.result(folder / "pretrain.json", lambda: _initial(grid, arm, seed))
+    init = {"jigsaw": str(folder / "pretrain"), "imagenet": f"imagenet:{cfg.imagenet}"}.get(arm.init, "scratch")
+    rows = []
+    for schedule in cfg.schedules:
+        def compute() -> dict:
+            epochs, plan = schedule_epochs_of(cfg, schedule), {}
+            if arm.init == "scratch":
+                matched = done[(cfg.match, schedule, seed)]
+                budget = matched["pretrain_device_hours"] + matched["finetune_device_hours"]
+                probe = grid.result(folder / "timing-probe.json", lambda: _time_scratch(grid, arm, seed, folder))
+                epochs = scratch_epochs(budget, probe)
+                plan = {"matched_to": cfg.match, "budget_device_hours": budget,
+                        "planned_device_hours": epochs * probe["iterations_per_epoch"]
+                        * probe["device_seconds_per_iteration"] / 3600, "timing_probe": probe}
+            grid.say(f"{arm.name}, seed {seed}, {schedule}: fine-tuning {epochs} epochs from {init}")
+            result = _finetune(grid, arm, seed, folder / f"finetune-{schedule}", init, epochs)
+            return {"arm": arm.name, "init": arm.init, "description": describe(arm), "seed": seed,
+                    "schedule": schedule, **start, **result, **plan}
+
+        row = grid.result(folder / f"{schedule}.json", compute)
+        done[(arm.name, schedule, seed)] = row
+        rows.append(row)
+    return rows
+
+
+def run_experiment(cfg: ExperimentConfig, on_result: Callable[[dict], None] | None = None,
+                   on_progress: Callable[[str], None] | None = None) -> dict:
+    """Run (or continue) every arm x schedule x seed of the grid, seeds outermost so that a
+    partial grid already compares every arm; returns ``experiment.json``'s content.
+    ``on_result`` gets each result row, ``on_progress`` a line of progress (rank 0 only)."""
     from .experiment_report import write_report
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    info, _ = init_distributed(cfg.device, timeout=_RANK_WAIT)
+    claim_experiment_dir(out, cfg)
+    if cfg.imagenet:
+        _imagenet_backbone(cfg)  # a file that does not fit is refused now, not hours in
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    write_json_atomic(out / "config.json", asdict(cfg))
-    data = prepare_data(cfg, out)
-    done: dict[str, dict] = {}
+    say = (on_progress or log.info) if info.main else (lambda line: None)
+    grid = Grid(cfg, prepare_data(cfg, out, build=False), out, info.world, info.main, say)
+    grid.barrier()  # every rank has checked the folder before rank 0 writes into it
+    if grid.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", {"format": FORMAT, "config": _jsonable(cfg)})
+        prepare_data(cfg, out)
+    grid.barrier()
+    done: dict[tuple[str, str, int], dict] = {}
     report: dict = {}
-    for cell in cells(cfg):
-        done[cell.name] = run_cell(cfg, cell, data, out, done)
-        report = write_report(out, cfg, done)
-        if on_cell:
-            on_cell(cell.name, done[cell.name])
+    for seed in cfg.run_seeds:
+        for arm in arms(cfg):
+            for row in run_arm(grid, arm, seed, done):
+                if grid.main:
+                    report = write_report(out, cfg, list(done.values()))
+                    if on_result:
+                        on_result(row)
     return report
-

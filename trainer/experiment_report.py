@@ -1,85 +1,195 @@
-"""The ablation grid's results as the paper shows them: a table shaped like Tables 2 and 5
-(AP, AP50, AP75, measured pre-training and fine-tuning device-hours), ``experiment.json``
-and a bar chart. Rewritten after every cell, so a partial grid already has its table."""
+"""The grid's results as a researcher reads them: one row per arm and schedule, every
+figure the mean +- standard deviation over the seeds that have finished (each seed's AP
+beside it), the AP difference to a baseline arm marked only when it exceeds twice the
+spread, and each arm's measured cost. Written as ``table.md``, ``experiment.json`` and
+``experiment.png`` (AP against total cost) after every result, so a partial grid already
+has its table.
+"""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
 from jigsawdata.files import write_json_atomic, write_text_atomic
 
-_DESCRIPTIONS = {
-    "erf": "Jigsaw, ERF-adaptive dense (ours)",
-    "blockwise": "Jigsaw, block-wise",
-    "global": "Jigsaw, global",
-    "scratch": "from scratch (GN, cost-matched)",
-    "imagenet": "ImageNet weights",
-}
+from .evaluate import METRICS
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentConfig
+
+SIGNIFICANCE = 2.0
+"""A difference is marked when it exceeds this many standard deviations (the larger of the
+two rows' seed spreads)."""
 
 
-def describe(cell: dict) -> str:
-    if cell["name"] in _DESCRIPTIONS:
-        return _DESCRIPTIONS[cell["name"]]
-    return f"Jigsaw, {cell['loss']}, fit {cell['fit']}"
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table_rows(cells: dict[str, dict]) -> list[dict]:
+def _mean(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
+def _ap(result: dict, metric: str = "AP") -> float | None:
+    """A run's figure in percent; None where COCOeval says -1 (no object of that size)."""
+    value = result["eval"]["bbox"][metric]
+    return 100 * value if value >= 0 else None
+
+
+def table_rows(results: list[dict], baseline: str) -> list[dict]:
+    """One row per (arm, schedule), in the order the results first appear."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["arm"], r["schedule"]), []).append(r)
     rows = []
-    for name, cell in cells.items():
-        bbox = cell["eval"]["bbox"]
-        val = cell.get("validation") or {}
-        pre, fine = cell["pretrain_device_hours"], cell["finetune_device_hours"]
-        rows.append({"cell": name, "initialisation": describe(cell), "AP": 100 * bbox["AP"],
-                     "AP50": 100 * bbox["AP50"], "AP75": 100 * bbox["AP75"], "pretrain_device_hours": pre,
-                     "finetune_device_hours": fine, "total_device_hours": pre + fine,
-                     "finetune_epochs": cell.get("finetune_epochs"),
-                     "val_accuracy": val.get("val_accuracy"), "val_majority": val.get("val_majority")})
+    for (arm, schedule), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        row: dict = {"arm": arm, "schedule": schedule, "initialisation": runs[0]["description"],
+                     "detector": runs[0].get("detector"), "seeds": [r["seed"] for r in runs],
+                     "AP_by_seed": {r["seed"]: _ap(r) for r in runs}, "epochs": sorted({r["epochs"] for r in runs}),
+                     "full_lr_iterations": min(r["full_lr_iterations"] for r in runs)}
+        for metric in METRICS:
+            values = [_ap(r, metric) for r in runs]
+            row[metric], row[f"{metric}_std"] = _stats(values) if None not in values else (None, None)
+        external = any(r["pretrain_device_hours"] is None for r in runs)  # ImageNet: paid elsewhere
+        row["pretrain_device_hours"] = None if external else _mean([r["pretrain_device_hours"] for r in runs])
+        row["finetune_device_hours"] = _mean([r["finetune_device_hours"] for r in runs])
+        row["total_device_hours"] = (row["pretrain_device_hours"] or 0.0) + row["finetune_device_hours"]
+        if "budget_device_hours" in runs[0]:
+            row["matched_to"] = runs[0]["matched_to"]
+            row["budget_device_hours"] = _mean([r["budget_device_hours"] for r in runs])
+            row["planned_device_hours"] = _mean([r["planned_device_hours"] for r in runs])
+            row["below_budget"] = any(r["pretrain_device_hours"] + r["finetune_device_hours"]
+                                      < r["budget_device_hours"] for r in runs)
+        validation = [r.get("validation") for r in runs]
+        if all(validation):
+            row["val_accuracy"] = _mean([100 * v["val_accuracy"] for v in validation])
+            row["val_majority"] = 100 * validation[0]["val_majority"]
+        knn = [r.get("knn") for r in runs]
+        if all(knn):
+            row["knn_top1"] = _mean([100 * k["knn_top1"] for k in knn])
+            row["knn_majority"] = 100 * knn[0]["knn_majority"]
+        rows.append(row)
+    for row in rows:
+        base = next((b for b in rows if b["arm"] == baseline and b["schedule"] == row["schedule"]), None)
+        if base is None or base is row:
+            continue
+        _compare(row, base)
     return rows
 
 
-def format_markdown(rows: list[dict], device: str) -> str:
-    head = (f"| cell | initialisation | AP | AP50 | AP75 | pre-train {device}-h | fine-tune {device}-h | "
-            f"total {device}-h | fine-tune epochs | pre-train val top-1 (majority) |")
-    lines = [head, "|" + "---|" * 10]
+def _compare(row: dict, base: dict) -> None:
+    """ΔAP over the seeds both rows have (a partial grid may have more of one), marked
+    significant only beyond :data:`SIGNIFICANCE` x the larger of the two seed spreads."""
+    shared = [s for s in row["seeds"] if s in base["seeds"]
+              and row["AP_by_seed"][s] is not None and base["AP_by_seed"][s] is not None]
+    if not shared:
+        return
+    mine, theirs = ([r["AP_by_seed"][s] for s in shared] for r in (row, base))
+    (mean, spread), (base_mean, base_spread) = _stats(mine), _stats(theirs)
+    row["delta_AP"], row["delta_seeds"] = mean - base_mean, shared
+    row["significant"] = len(shared) > 1 and abs(row["delta_AP"]) > SIGNIFICANCE * max(spread, base_spread)
+
+
+def _pm(row: dict, metric: str) -> str:
+    if row[metric] is None:
+        return "–"
+    return f"{row[metric]:.1f} ± {row[metric + '_std']:.1f}" if len(row["seeds"]) > 1 else f"{row[metric]:.1f}"
+
+
+def _pct(row: dict, key: str) -> str:
+    return f"{row[key]:.1f} ({row[key.split('_')[0] + '_majority']:.1f})" if key in row else "–"
+
+
+def _initialisation(row: dict) -> str:
+    text = row["initialisation"]
+    if "budget_device_hours" in row:
+        text += f"; given {row['matched_to']}'s {row['budget_device_hours']:.3f} h"
+        if row["below_budget"]:
+            text += " (measured below it)"
+    return text
+
+
+def format_markdown(rows: list[dict], device: str, baseline: str) -> str:
+    head = ["arm", "initialisation", "detector", "schedule (epochs, full-lr it.)", "AP", "AP50", "AP75", "APs",
+            "APm", "APl", f"ΔAP vs {baseline}", f"pre-train {device}-h", f"fine-tune {device}-h",
+            f"total {device}-h", "region top-1 % (majority)", "kNN top-1 % (majority)", "AP per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        val = (f"{100 * r['val_accuracy']:.1f}% ({100 * r['val_majority']:.1f}%)"
-               if r["val_accuracy"] is not None else "–")
-        lines.append(f"| {r['cell']} | {r['initialisation']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} | "
-                     f"{r['pretrain_device_hours']:.3f} | {r['finetune_device_hours']:.3f} | "
-                     f"{r['total_device_hours']:.3f} | {r['finetune_epochs']} | {val} |")
+        delta = f"{r['delta_AP']:+.1f}{' *' if r['significant'] else ''}" if "delta_AP" in r else "–"
+        epochs = "/".join(str(e) for e in r["epochs"])
+        pretrain = "external" if r["pretrain_device_hours"] is None else f"{r['pretrain_device_hours']:.3f}"
+        per_seed = ", ".join(f"s{s}: {'–' if ap is None else f'{ap:.1f}'}" for s, ap in r["AP_by_seed"].items())
+        cells = [r["arm"], _initialisation(r), r["detector"] or "–", f"{r['schedule']} ({epochs}, "
+                 f"{r['full_lr_iterations']})", *(_pm(r, m) for m in METRICS), delta, pretrain,
+                 f"{r['finetune_device_hours']:.3f}", f"{r['total_device_hours']:.3f}", _pct(r, "val_accuracy"),
+                 _pct(r, "knn_top1"), per_seed]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    lines.append("")
+    lines.append(f"Mean ± standard deviation over seeds {', '.join(str(s) for s in seeds)} (AP per seed: sN); ΔAP "
+                 f"over the seeds both rows have, `*` where |ΔAP| > {SIGNIFICANCE:g} x the larger of their seed "
+                 "spreads (never with one seed). Cost: measured training time x processes (no validation, "
+                 "evaluation or checkpoint I/O); external: pre-trained elsewhere.")
     return "\n".join(lines)
 
 
 def render_chart(rows: list[dict], title: str) -> Image.Image:
-    """AP and AP50 per cell as horizontal bars, with the total device-hours beside them."""
+    """AP (mean, with a bar of +- one standard deviation) against total device-hours, one
+    labelled point per row."""
     font = ImageFont.load_default()
-    bar_h, left, width = 22, 250, 420
-    img = Image.new("RGB", (left + width + 170, 50 + len(rows) * 2 * bar_h + 30), "white")
+    width, height, left, bottom, top, right = 760, 460, 70, 50, 40, 200
+    img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     draw.text((10, 10), title, fill="black", font=font)
-    top = max([r["AP50"] for r in rows] + [1e-6])
+    rows = [r for r in rows if r["AP"] is not None]
+    max_x = max([r["total_device_hours"] for r in rows], default=0.0) * 1.1 or 1.0
+    max_y = max([r["AP"] + r["AP_std"] for r in rows], default=0.0) * 1.15 or 1.0
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + plot_w * x / max_x, top + plot_h * (1 - y / max_y)
+
+    draw.line((left, top, left, top + plot_h, left + plot_w, top + plot_h), fill="black")
+    for i in range(5):
+        x, y = max_x * i / 4, max_y * i / 4
+        px, _ = at(x, 0)
+        _, py = at(0, y)
+        draw.text((px - 10, top + plot_h + 5), f"{x:.3g}", fill="black", font=font)
+        draw.text((left - 40, py - 5), f"{y:.1f}", fill="black", font=font)
+    draw.text((left + plot_w // 2 - 60, height - 20), "total device-hours", fill="black", font=font)
+    draw.text((5, top - 15), "AP", fill="black", font=font)
+    palette = [(52, 101, 164), (204, 0, 0), (78, 154, 6), (117, 80, 123), (245, 121, 0), (193, 125, 17),
+               (46, 52, 54), (114, 159, 207)]
     for i, r in enumerate(rows):
-        y = 40 + i * 2 * bar_h
-        draw.text((10, y + 4), f"{r['cell']}: {r['initialisation']}"[:40], fill="black", font=font)
-        for j, (key, color) in enumerate((("AP", (52, 101, 164)), ("AP50", (114, 159, 207)))):
-            length = int(width * r[key] / top)
-            draw.rectangle((left, y + j * 10, left + max(1, length), y + j * 10 + 9), fill=color)
-            draw.text((left + length + 4, y + j * 10 - 1), f"{key} {r[key]:.1f}", fill="black", font=font)
-        draw.text((left + width + 60, y + 4), f"{r['total_device_hours']:.3f} dev-h", fill="gray", font=font)
+        color = palette[i % len(palette)]
+        x, y = at(r["total_device_hours"], r["AP"])
+        _, lo = at(0, r["AP"] - r["AP_std"])
+        _, hi = at(0, r["AP"] + r["AP_std"])
+        draw.line((x, lo, x, hi), fill=color, width=2)
+        draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=color)
+        label = f"{r['arm']} {r['schedule']}" + (" (+ external)" if r["pretrain_device_hours"] is None else "")
+        draw.text((x + 6, y - 6), label, fill=color, font=font)
+        draw.text((left + plot_w + 15, top + 14 * i), f"{label}: {r['AP']:.1f} AP, {r['total_device_hours']:.3g} h",
+                  fill=color, font=font)
     return img
 
 
-def write_report(out: Path, cfg, cells: dict[str, dict]) -> dict:
-    rows = table_rows(cells)
-    devices = {c.get("device", "cpu") for c in cells.values()}
+def write_report(out: Path, cfg: ExperimentConfig, results: list[dict]) -> dict:
+    """Rewrite ``experiment.json``, ``table.md`` and ``experiment.png`` from every result so far."""
+    baseline = cfg.baseline_arm
+    rows = table_rows(results, baseline)
+    devices = {r["device"] for r in results}
     device = "GPU" if devices == {"cuda"} else "CPU" if devices == {"cpu"} else "device"
-    report = {"config": asdict(cfg), "cells": cells, "table": rows}
+    report = {"config": asdict(cfg), "baseline": baseline, "results": results, "table": rows}
     write_json_atomic(out / "experiment.json", report)
-    write_text_atomic(out / "table.md", format_markdown(rows, device) + "\n")
-    detector = cfg.finetune_config(coco="", out="").detector
-    render_chart(rows, f"COCO-style bbox AP per initialisation ({detector}, {cfg.arch})").save(
-        out / "experiment.png")
+    write_text_atomic(out / "table.md", format_markdown(rows, device, baseline) + "\n")
+    render_chart(rows, f"COCO-style bbox AP against cost ({cfg.detector}, {cfg.arch})").save(out / "experiment.png")
     return report

@@ -27,7 +27,7 @@ from .coco_data import CocoDetection, collate, to_coco_results
 from .config import FinetuneConfig, schedule_epochs
 from .detection import build_detector, default_norm
 from .evaluate import coco_eval, format_table
-from .runtime import (Precision, check_resume_device, claim_run_dir, config_from, drop_records_after,
+from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, config_from, drop_records_after,
                       dump_config, gather, init_distributed, pick_device, resolved, rng_state, set_rng_state,
                       wrap_ddp)
 
@@ -62,14 +62,16 @@ class Finetuner:
                              f"has {len(self.train_set)}: lower --batch (drop_last would train no step)")
         torch.manual_seed(cfg.seed)
         self.model = build_detector(cfg.detector, cfg.arch, self.train_set.num_classes, init=cfg.init, norm=cfg.norm,
-                                    min_size=cfg.min_size, max_size=cfg.max_size,
-                                    rois_per_image=cfg.rois_per_image).to(self.device)
+                                    box_head=cfg.box_head, fpn_channels=cfg.fpn_channels,
+                                    trainable_layers=cfg.trainable_layers, min_size=cfg.min_size,
+                                    max_size=cfg.max_size, rois_per_image=cfg.rois_per_image).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.base_lr = cfg.lr * cfg.batch / 16
         self.optimizer = torch.optim.SGD(params, lr=self.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.precision = Precision.of(cfg.amp, self.device)
         self.scaler = self.precision.scaler()
         self.epoch, self.iteration = 0, 0
+        self.clock = TrainClock(self.device, self.dist.world)
         if resume:
             self._restore()
         if self.dist.main:
@@ -83,6 +85,7 @@ class Finetuner:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+        self.clock = TrainClock(self.device, self.dist.world, ckpt.get("train_device_seconds", 0.0))
         set_rng_state(ckpt["rng"][self.dist.rank], self.device)
         if self.dist.main:
             drop_records_after(self.out / "metrics.jsonl", self.iteration)
@@ -91,7 +94,7 @@ class Finetuner:
         rng = gather(rng_state(self.device), self.dist)
         if self.dist.main:
             ckpt_io.save_atomic({"format": FORMAT, "config": asdict(self.cfg), "epoch": self.epoch,
-                                 "device_type": self.device.type,
+                                 "device_type": self.device.type, "train_device_seconds": self.clock.seconds,
                                  "iteration": self.iteration, "model": self.model.state_dict(),
                                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                                  "rng": rng, "cat_ids": self.train_set.cat_ids}, self.out / ckpt_io.CHECKPOINT_NAME)
@@ -105,12 +108,19 @@ class Finetuner:
                                            num_workers=self.cfg.workers, collate_fn=collate,
                                            generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
 
+    @property
+    def iterations_per_epoch(self) -> int:
+        """Steps of one epoch on each rank (the sampler pads the set to a multiple of the ranks)."""
+        local = max(1, self.cfg.batch // self.dist.world)
+        return math.ceil(len(self.train_set) / self.dist.world) // local
+
     def _done(self) -> bool:
         return self.cfg.max_iters is not None and self.iteration >= self.cfg.max_iters
 
     def train(self) -> dict:
         epochs, milestones = schedule_epochs(self.cfg.schedule, self.cfg.epochs)
         metrics: dict = {}
+        self.clock.start()
         with open(self.out / "metrics.jsonl", "a") as metrics_file:
             while self.epoch < epochs and not self._done():
                 start, wait, t0 = time.perf_counter(), 0.0, time.perf_counter()
@@ -129,7 +139,8 @@ class Finetuner:
                         metrics = {"epoch": self.epoch, "iteration": self.iteration,
                                    "lr": self.optimizer.param_groups[0]["lr"],
                                    **{name: total / steps for name, total in window.items()},
-                                   "seconds": time.perf_counter() - start, "data_wait_s": wait}
+                                   "seconds": time.perf_counter() - start, "data_wait_s": wait,
+                                   "train_device_seconds": self.clock.seconds}
                         window, steps = {}, 0
                         if self.dist.main:
                             metrics_file.write(json.dumps(metrics) + "\n")
@@ -141,7 +152,9 @@ class Finetuner:
                     t0 = time.perf_counter()
                 if not self._done():
                     self.epoch += 1
-                self.save()
+                with self.clock.paused():
+                    self.save()
+        self.clock.stop()
         return metrics
 
     def step(self, images, targets, factor: float) -> dict:
@@ -202,6 +215,7 @@ def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = Non
     if dataset.cat_ids != list(ckpt["cat_ids"]):
         raise InputError(f"split {split} of {root} has other categories than the set {run_dir} was trained on")
     model = build_detector(cfg.detector, cfg.arch, len(dataset.cat_ids), norm=cfg.norm or default_norm(cfg.init),
-                           min_size=cfg.min_size, max_size=cfg.max_size).to(dev)
+                           box_head=cfg.box_head, fpn_channels=cfg.fpn_channels, min_size=cfg.min_size,
+                           max_size=cfg.max_size).to(dev)
     model.load_state_dict(ckpt["model"])
     return evaluate(model, dataset, dev, Path(run_dir), progress=progress)

@@ -32,8 +32,8 @@ from .data import SOURCES
 from .erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
 from .losses import blockwise_loss, erf_dense_loss, global_loss
 from .model import DenseClassifier
-from .runtime import (Precision, check_resume_device, claim_run_dir, drop_records_after, dump_config, gather,
-                      init_distributed, resolved, rng_state, set_rng_state, wrap_ddp)
+from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, drop_records_after, dump_config,
+                      gather, init_distributed, resolved, rng_state, set_rng_state, wrap_ddp)
 from .schedule import learning_rate, scaled
 from .validate import load_validation_set, validate
 
@@ -89,6 +89,7 @@ class Trainer:
         self.precision = Precision.of(cfg.amp, self.device)
         self.scaler = self.precision.scaler()
         self.iteration = 0
+        self.clock = TrainClock(self.device, self.dist.world)
         self.weights: torch.Tensor | None = None
         data_state = None
         if resume:
@@ -134,6 +135,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.weights = ckpt["erf_weights"].to(self.device) if ckpt["erf_weights"] is not None else None
         self.iteration = int(ckpt["iteration"])
+        self.clock = TrainClock(self.device, self.dist.world, ckpt.get("train_device_seconds", 0.0))
         set_rng_state(ckpt["rng"][self.dist.rank], self.device)
         if self.dist.main:
             drop_records_after(self.out / "metrics.jsonl", self.iteration)
@@ -147,7 +149,7 @@ class Trainer:
             return
         ckpt_io.save_atomic({
             "format": ckpt_io.FORMAT, "iteration": self.iteration, "arch": self.cfg.arch,
-            "device_type": self.device.type,
+            "device_type": self.device.type, "train_device_seconds": self.clock.seconds,
             "class_names": list(self.class_names), "config": asdict(self.cfg),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "erf_weights": self.weights, "rng": rng,
@@ -210,6 +212,7 @@ class Trainer:
         cfg, metrics = self.cfg, {}
         window = self._new_window()
         metrics_file = open(self.out / "metrics.jsonl", "a") if self.dist.main else None
+        self.clock.start()
         try:
             while self.iteration < cfg.iterations:
                 if self.weights is None or self.iteration % cfg.erf_every == 0:
@@ -225,10 +228,13 @@ class Trainer:
                     metrics = self._log(window, metrics_file)
                     window = self._new_window()
                 if self.validation and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations):
-                    self._validate(metrics_file)
+                    with self.clock.paused():
+                        self._validate(metrics_file)
                 if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
-                    self.save()
+                    with self.clock.paused():
+                        self.save()
         finally:
+            self.clock.stop()
             if metrics_file:
                 metrics_file.close()
         return metrics
@@ -257,6 +263,7 @@ class Trainer:
             "iteration": self.iteration, "loss": float(window["loss"]) / steps, "lr": self._lr(self.iteration - 1),
             "images_per_s": steps * self.cfg.batch / elapsed, "step_s": elapsed / steps,
             "data_wait_s": window["wait"] / steps, "data_wait_fraction": window["wait"] / elapsed,
+            "train_device_seconds": self.clock.seconds,
         }
         if self.device.type == "cuda":
             metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20

@@ -3,11 +3,15 @@ state in checkpoints, and run directories."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import platform
-from importlib import metadata
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,6 +26,44 @@ from .checkpoint import CHECKPOINT_NAME
 from .config import AMP_MODES
 
 
+class TrainClock:
+    """A run's training cost in device-seconds: what the experiment grid compares (PAPER.md 7).
+
+    Wall seconds times the processes training while the clock runs; validation, evaluation
+    and checkpoint I/O run with it paused. Pausing waits for the GPU's queued kernels first,
+    so the time they take is counted where it was spent. The total goes into every
+    checkpoint and a resumed run continues from it, with however many processes it has:
+    work lost to an interruption is redone and counted once."""
+
+    def __init__(self, device: torch.device, processes: int = 1, seconds: float = 0.0) -> None:
+        self.device, self.processes = device, processes
+        self._seconds, self._since = float(seconds), None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._seconds += (time.perf_counter() - self._since) * self.processes
+            self._since = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        running = self._since is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self.start()
+
+    @property
+    def seconds(self) -> float:
+        """Device-seconds counted so far (without waiting for the GPU)."""
+        running = (time.perf_counter() - self._since) * self.processes if self._since is not None else 0.0
+        return self._seconds + running
 
 
 @dataclass(frozen=True)
@@ -60,12 +102,14 @@ def pick_device(device: str) -> torch.device:
     return torch.device("cuda" if use_cuda(device) else "cpu")
 
 
-def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes (if any) and pick this process's device."""
+def init_distributed(device: str, timeout: datetime.timedelta | None = None) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes (if any) and pick this process's device.
+    ``timeout``: how long a collective waits for every rank (None: torch's default), e.g.
+    longer where rank 0 alone builds data or evaluates while the others wait."""
     cuda = use_cuda(device)
     info = process_info()
     if info.world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
     if cuda:
         torch.cuda.set_device(info.local_rank)
         return info, torch.device("cuda", info.local_rank)
