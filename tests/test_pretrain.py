@@ -69,13 +69,16 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(built_real, t
         proc.wait()
     at_kill, seconds_at_kill = load(killed)["iteration"], load(killed)["train_device_seconds"]
     assert 4 <= at_kill < 12
+    started = time.monotonic()
     result = CliRunner().invoke(main, [*_args(built_real, killed), "--resume"])
+    resumed_wall = time.monotonic() - started
     assert result.exit_code == 0, result.output
     a, b = load(straight), load(killed)
     assert a["iteration"] == b["iteration"] == 12
-    # The clock goes on from the checkpoint; the steps redone after the kill are counted once
-    # (double counting would come near twice the uninterrupted run's time).
-    assert seconds_at_kill < b["train_device_seconds"] < 1.7 * a["train_device_seconds"]
+    # The clock goes on from the checkpoint's count and adds no more than the resumed process
+    # ran (one process): neither reset to zero nor counting the lost steps twice. Bounded by
+    # measured wall time, not by the other run's, so a loaded machine cannot fail it.
+    assert seconds_at_kill < b["train_device_seconds"] <= seconds_at_kill + resumed_wall
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert torch.equal(a["erf_weights"], b["erf_weights"])
