@@ -568,9 +568,12 @@ def _multiple(text: str) -> float:
 @click.option("--preset", type=click.Choice(["tiny", "gpu", "paper"]), default="tiny", show_default=True,
               help="tiny: a cluttered synthetic set, ResNet-18, a 2-core CPU; gpu: a larger one on one H100/H200; "
                    "paper: COCO, ResNet-50, the paper's settings (GPUs, torchrun).")
-@click.option("--coco", type=click.Path(exists=True, file_okay=False), help="COCO root (the paper preset's data).")
-@click.option("--split", help="Training split (paper preset: train2017).")
-@click.option("--val-split", help="Held-out split: pre-training validation and detection evaluation (val2017).")
+@click.option("--coco", type=click.Path(exists=True, file_okay=False),
+              help="COCO root: the paper preset's data (required there); with tiny or gpu it replaces their "
+                   "synthetic set.")
+@click.option("--split", help="Training split of --coco (default train2017); only with --coco.")
+@click.option("--val-split", help="Held-out split of --coco: pre-training validation and detection evaluation "
+                                  "(default val2017); only with --coco.")
 @click.option("--losses", default="erf", show_default=True,
               help="Jigsaw arms, one per pre-training loss: erf, blockwise, global (Table 2).")
 @click.option("--taus", default="", help="Extra ERF arms at these tau, e.g. 0.5,0.6,0.8,1 (Fig. 7a).")
@@ -602,7 +605,9 @@ def _multiple(text: str) -> float:
 @click.option("--iterations", type=click.IntRange(min=1), help="Pre-training iterations of a full-length arm "
                                                                "(default: the preset's).")
 @click.option("--device", type=click.Choice(DEVICES), help="Default: the preset's.")
-@click.option("--smoke", is_flag=True, help="A few iterations and images per run: checks the grid runs.")
+@click.option("--smoke", is_flag=True, help="Checks that the grid runs: replaces the preset's sizes (12 synthetic "
+              "images, 2 pre-training iterations, 1-epoch 1x on 2 images, tiny probes); its results mean nothing, "
+              "and a smoke grid's folder is continued only with --smoke.")
 def experiment(out: str, preset: str, coco: str | None, split: str | None, val_split: str | None, losses: str,
                taus: str, lengths: str, fits: str, no_context: bool, imagenet: str | None, random: bool,
                scratch: bool, match: str, baseline: str | None, detector: str | None, arch: str | None,
@@ -618,7 +623,9 @@ def experiment(out: str, preset: str, coco: str | None, split: str | None, val_s
     finetune: dict = {}
     sizes: dict = {}
     if smoke:
-        sizes = dict(synthetic_images=12, synthetic_val_images=6, knn_train=16, knn_val=8, probe_iterations=2)
+        sizes = dict(knn_train=16, knn_val=8, probe_iterations=2)
+        if preset != "paper":  # the paper preset reads --coco, smoke or not
+            sizes.update(synthetic_images=12, synthetic_val_images=6)
         epochs_1x = epochs_1x or 1
         pretrain = dict(iterations=iterations or 2, batch=2, warmup=1, erf_every=2, erf_images=2, val_every=2,
                         val_images=2, pipeline="reference", workers=0, log_every=1)

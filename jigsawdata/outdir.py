@@ -81,10 +81,12 @@ def claim_output(out: Path) -> None:
 
 
 class BuildLock:
-    """An exclusive, non-blocking lock on ``path`` for as long as the object is held."""
+    """An exclusive, non-blocking lock on ``path`` for as long as the object is held;
+    ``what`` names the holder in the refusal (a build, an experiment)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, what: str = "build") -> None:
         self.path = Path(path)
+        self.what = what
         self._fd: int | None = None
 
     def __enter__(self) -> "BuildLock":
@@ -95,7 +97,7 @@ class BuildLock:
             except OSError as exc:
                 os.close(fd)
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise InputError(f"another build is writing to {self.path.parent} (it holds {self.path.name}); "
+                    raise InputError(f"another {self.what} is writing to {self.path.parent} (it holds {self.path.name}); "
                                      "wait for it to finish, or use another --out") from exc
                 raise
             try:  # the holder before us may have removed the file it locked: lock the current one

@@ -148,6 +148,11 @@ def test_box_head_and_fpn_channels_are_checked():
         FinetuneConfig(coco="c", out="o", detector="c4", box_head="2fc")
     with pytest.raises(InputError, match="--fpn-channels 48 is not a multiple of 32"):
         FinetuneConfig(coco="c", out="o", detector="fpn", fpn_channels=48)
+    with pytest.raises(InputError, match="--fpn-channels is for the fpn and mask detectors"):
+        FinetuneConfig(coco="c", out="o", detector="c4", fpn_channels=64)
+    with pytest.raises(InputError, match="--trainable-layers 2 would freeze randomly initialised stages"):
+        FinetuneConfig(coco="c", out="o", detector="fpn", init="scratch", trainable_layers=2)
+    assert FinetuneConfig(coco="c", out="o", init="r.pth", trainable_layers=2).trainable_layers == 2
 
 
 def test_imagenet_weights_from_a_local_file(tmp_path):
@@ -205,6 +210,25 @@ def test_ground_truth_as_predictions_scores_ap_one(real_coco):
     assert coco_eval(ds.coco, segms, "segm")["AP"] == pytest.approx(1.0)
     shifted = [dict(b, bbox=[b["bbox"][0] + b["bbox"][2], *b["bbox"][1:]]) for b in boxes]
     assert coco_eval(ds.coco, shifted, "bbox")["AP"] < 0.2
+
+
+def test_a_model_that_detects_nothing_scores_as_cocoeval_scores_a_useless_one():
+    from pycocotools.coco import COCO
+
+    from jigsawdata.trainer.evaluate import format_table
+
+    gt = COCO()
+    gt.dataset = {"images": [{"id": 1, "width": 200, "height": 200}], "categories": [{"id": 1, "name": "a"}],
+                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400,
+                                   "iscrowd": 0},
+                                  {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 50, 50, 50], "area": 2500,
+                                   "iscrowd": 0}]}
+    gt.createIndex()
+    useless = [{"image_id": 1, "category_id": 1, "bbox": [150, 150, 5, 5], "score": 0.5}]
+    nothing = coco_eval(gt, [], "bbox")
+    assert nothing == coco_eval(gt, useless, "bbox") == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0,
+                                                         "APm": 0.0, "APl": -1.0}  # no large object to find
+    assert format_table({"bbox": nothing}).splitlines()[1].split() == ["bbox", "0.0", "0.0", "0.0", "0.0", "0.0", "-"]
 
 
 def test_evaluation_writes_a_cocoeval_table(real_coco, jigsaw_ckpt, tmp_path):

@@ -173,3 +173,8 @@ class FinetuneConfig:
             raise InputError(f"--fpn-channels {self.fpn_channels} is not a multiple of 32 (GroupNorm's 32 groups)")
         if self.box_head is not None and self.detector == "c4":
             raise InputError("--box-head is for the fpn and mask detectors: c4's box head is the ResNet's layer4")
+        if self.fpn_channels != 256 and self.detector == "c4":
+            raise InputError("--fpn-channels is for the fpn and mask detectors: c4 has no feature pyramid")
+        if self.init == "scratch" and self.trainable_layers not in (None, 5):
+            raise InputError(f"--trainable-layers {self.trainable_layers} would freeze randomly initialised stages: "
+                             "with --init scratch every stage is trained")

@@ -14,7 +14,7 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 def coco_eval(coco_gt: COCO, results: list[dict], iou_type: str = "bbox", image_ids: list[int] | None = None) -> dict:
     """AP, AP50, AP75, APs, APm, APl (as fractions; -1 where COCO has no ground truth)."""
     if not results:
-        return {m: 0.0 for m in METRICS}
+        return _no_detections(coco_gt, image_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds fields in place
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
@@ -26,9 +26,26 @@ def coco_eval(coco_gt: COCO, results: list[dict], iou_type: str = "bbox", image_
     return dict(zip(METRICS, (float(v) for v in evaluator.stats[:6])))
 
 
+_AREAS = {"AP": (0, 1e10), "APs": (0, 32**2), "APm": (32**2, 96**2), "APl": (96**2, 1e10)}
+"""COCOeval's area ranges (inclusive bounds on an object's ``area``)."""
+
+
+def _no_detections(coco_gt: COCO, image_ids: list[int] | None) -> dict:
+    """What COCOeval reports for a model that detects nothing (``loadRes`` refuses an empty
+    list): 0 where there are objects to find, -1 where the images hold none of that size."""
+    ids = coco_gt.getImgIds() if image_ids is None else list(image_ids)
+    areas = [a["area"] for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=ids))
+             if not a.get("iscrowd", 0) and not a.get("ignore", 0)]
+    found = {name: any(low <= area <= high for area in areas) for name, (low, high) in _AREAS.items()}
+    found["AP50"] = found["AP75"] = found["AP"]
+    return {m: 0.0 if found[m] else -1.0 for m in METRICS}
+
+
 def format_table(metrics: dict[str, dict]) -> str:
-    """``{iou_type: {metric: value}}`` -> a fixed-width table in percent."""
+    """``{iou_type: {metric: value}}`` -> a fixed-width table in percent ("-": no object of
+    that size to find, COCOeval's -1)."""
     lines = [f"{'':<6}" + "".join(f"{m:>8}" for m in METRICS)]
     for iou_type, values in metrics.items():
-        lines.append(f"{iou_type:<6}" + "".join(f"{100 * values[m]:>8.1f}" for m in METRICS))
+        lines.append(f"{iou_type:<6}" + "".join(f"{100 * values[m]:>8.1f}" if values[m] >= 0 else f"{'-':>8}"
+                                                for m in METRICS))
     return "\n".join(lines)

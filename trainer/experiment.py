@@ -20,13 +20,15 @@ the data (the synthetic set and the shards) are the same for every seed.
 Layout: ``config.json``; the data; ``arms/<arm>/seed-<k>/`` holding ``pretrain/`` and
 ``finetune-<schedule>/`` run directories and, each written last, ``pretrain.json`` and
 ``<schedule>.json``; ``table.md``, ``experiment.json`` and ``experiment.png`` rewritten after
-every result. A written result is never redone; an interrupted run resumes from its
-checkpoint. Under ``torchrun`` every rank trains, rank 0 alone builds data, evaluates and
+every result. A written result is never redone (and is refused, by name, when damaged); an
+interrupted run resumes from its checkpoint. Rank 0 holds a lock on the folder while the
+grid runs, so a second grid there is refused rather than interleaved. Under ``torchrun`` every rank trains, rank 0 alone builds data, evaluates and
 writes results, and the ranks meet after each step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -40,12 +42,15 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from jigsawdata.coco import resolve_coco_root
 from jigsawdata.errors import InputError
 from jigsawdata.files import write_json_atomic
+from jigsawdata.outdir import BuildLock
 from jigsawdata.pipelines.config import FIT_MODES
 
 from .checkpoint import CHECKPOINT_NAME
 from .config import ARCHS, DETECTORS, LOSSES, FinetuneConfig, PretrainConfig, schedule_epochs, schedule_multiple
+from .evaluate import METRICS
 from .runtime import init_distributed
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,8 @@ x-axis counts 16k-iteration units and the paper's default, 64k, is its 4x."""
 _PROBE_WARMUP = 2
 """Iterations the scratch timing probe runs before it starts timing, besides the batches
 its data loader fetched ahead."""
+LOCK_NAME = ".experiment.lock"
+"""Held by the grid's rank 0 while it runs: one process group per folder."""
 _RANK_WAIT = datetime.timedelta(hours=6)
 """How long the other ranks wait while rank 0 alone builds the shards (hours on COCO
 train2017) or evaluates: longer than torch's default collective timeout."""
@@ -127,12 +134,14 @@ class ExperimentConfig:
             raise InputError("--taus must lie in [0, 1]")
         if any(n <= 0 for n in self.lengths):
             raise InputError("--pretrain-iterations multiples must be > 0")
-        if len(set(self.schedules)) != len(self.schedules):
-            raise InputError("--schedules names a schedule twice")
         if not self.schedules:
             raise InputError("--schedules needs at least one schedule, e.g. 1x")
-        for schedule in self.schedules:
-            schedule_multiple(schedule, "--schedules")
+        multiples = [schedule_multiple(schedule, "--schedules") for schedule in self.schedules]
+        if len(set(multiples)) != len(multiples):
+            raise InputError(f"--schedules {','.join(self.schedules)} names one schedule twice")
+        if FULL_LENGTH in self.lengths:
+            raise InputError(f"--pretrain-iterations {FULL_LENGTH:g}x is the full length, the erf arm's own: give "
+                             "other multiples")
         for name, value, low in (("--seeds", self.seeds, 1), ("--epochs-1x", self.epochs_1x, 1),
                                  ("--seed", self.seed, 0), ("knn_train", self.knn_train, 0),
                                  ("knn_val", self.knn_val, 1), ("probe_iterations", self.probe_iterations, 1)):
@@ -151,7 +160,9 @@ class ExperimentConfig:
                              f"grid ({', '.join(jigsaw) or 'none: add --losses erf or use --no-scratch'})")
         if self.baseline is not None and self.baseline not in names:
             raise InputError(f"--baseline {self.baseline} is not an arm of the grid ({', '.join(names)})")
-        self.pretrain_config(shards="", out="")
+        tau = self.pretrain_config(shards="", out="").tau
+        if tau in self.taus:
+            raise InputError(f"--taus {tau:g} is the erf arm's own tau (the preset's): give other values")
         self.finetune_config(coco="", out="")
 
     def pretrain_config(self, **run: Any) -> PretrainConfig:
@@ -159,8 +170,11 @@ class ExperimentConfig:
                                           "seed": self.seed, **run})
 
     def finetune_config(self, **run: Any) -> FinetuneConfig:
-        return _settings(FinetuneConfig, {**self.finetune, "arch": self.arch, "device": self.device,
-                                          "detector": self.detector, "seed": self.seed, **run})
+        values = {**self.finetune, "arch": self.arch, "device": self.device, "detector": self.detector,
+                  "seed": self.seed, **run}
+        if values["detector"] == "c4":
+            values.pop("fpn_channels", None)  # a preset's pyramid width: C4 has no pyramid
+        return _settings(FinetuneConfig, values)
 
     @property
     def baseline_arm(self) -> str:
@@ -199,7 +213,7 @@ def preset(name: str, out: str, pretrain: Mapping[str, Any] | None = None, finet
     - ``tiny``: the cluttered synthetic set, ResNet-18, a 2-core CPU (see the README for its
       measured wall time).
     - ``gpu``: a larger cluttered set made on the device, ResNet-18 at the paper's canvas,
-      DALI-GPU pre-training, one H100 / H200 in about ten minutes.
+      DALI-GPU pre-training, sized for about ten minutes on one H100 / H200.
     - ``paper``: COCO train2017 -> val2017, ResNet-50, the paper's settings (GPUs, torchrun).
     """
     if name == "tiny":
@@ -224,8 +238,12 @@ def preset(name: str, out: str, pretrain: Mapping[str, Any] | None = None, finet
         base = ExperimentConfig(out=out)
     else:
         raise InputError(f"--preset must be one of {', '.join(PRESETS)}")
+    given = _given(overrides)
+    if "coco" not in given and ({"split", "val_split"} & set(given)):
+        raise InputError("--split and --val-split name splits of --coco; without it the preset makes its own "
+                         "synthetic set")
     return replace(base, pretrain={**base.pretrain, **_given(pretrain)}, finetune={**base.finetune, **_given(finetune)},
-                   **_given(overrides))
+                   **given)
 
 
 # ---------------------------------------------------------------------------------- arms
@@ -248,7 +266,7 @@ def arms(cfg: ExperimentConfig) -> list[Arm]:
     """The grid's arms, in table order."""
     grid = [Arm(loss, "jigsaw", loss) for loss in cfg.losses]
     grid += [Arm(f"erf-tau{tau:g}", "jigsaw", "erf", tau=tau) for tau in cfg.taus]
-    grid += [Arm(f"erf-{n:g}x", "jigsaw", "erf", length=n) for n in cfg.lengths if n != FULL_LENGTH]
+    grid += [Arm(f"erf-{n:g}x", "jigsaw", "erf", length=n) for n in cfg.lengths]
     if cfg.no_context:
         grid.append(Arm("erf-nocontext", "jigsaw", "erf", context=False))
     if cfg.fits and "blockwise" not in cfg.losses:
@@ -346,7 +364,7 @@ def prepare_data(cfg: ExperimentConfig, out: Path, build: bool = True) -> Data:
 
 def _build(cfg: ExperimentConfig, data: Data) -> None:
     from jigsawdata.build import BuildConfig, build_shards
-    from jigsawdata.coco import load_coco, resolve_coco_root
+    from jigsawdata.coco import load_coco
     from jigsawdata.sampling import SamplingConfig
 
     if cfg.coco is None:
@@ -362,11 +380,13 @@ def _build(cfg: ExperimentConfig, data: Data) -> None:
     sets = [(data.shards, data.split, SamplingConfig()), (data.val_shards, data.val_split, SamplingConfig())]
     if data.shards_no_context:
         sets.append((data.shards_no_context, data.split, SamplingConfig(max_enlarge=1.0)))
+    sets = [(shards, split, sampling) for shards, split, sampling in sets
+            if not (Path(shards) / "manifest.json").is_file()]
+    # Every split is read before any is built: a malformed held-out split is refused up
+    # front, not after hours of building the training shards.
+    sources = {split: load_coco(*resolve_coco_root(Path(data.coco), split)) for _, split, _ in sets}
     for shards, split, sampling in sets:
-        if (Path(shards) / "manifest.json").is_file():
-            continue
-        source = load_coco(*resolve_coco_root(Path(data.coco), split))
-        build_shards(source, Path(shards), BuildConfig(seed=cfg.seed, sampling=sampling), workers=workers)
+        build_shards(sources[split], Path(shards), BuildConfig(seed=cfg.seed, sampling=sampling), workers=workers)
 
 
 # ---------------------------------------------------------------------------------- the output folder
@@ -377,27 +397,54 @@ _MAY_CHANGE = {"out", "losses", "taus", "lengths", "fits", "no_context", "random
 a grid may be continued with others. Every other setting defines what a result means."""
 
 
-def claim_experiment_dir(out: Path, cfg: ExperimentConfig) -> None:
-    """A new or empty folder, or this grid's own (same settings but for :data:`_MAY_CHANGE`).
-    Nothing is written here: a refused grid leaves nothing behind."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not an experiment folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
+def claim_experiment_dir(out: Path, cfg: ExperimentConfig) -> bool:
+    """A new or empty folder, or this grid's own (same settings but for :data:`_MAY_CHANGE`);
+    returns whether the grid starts here (new or empty). Nothing is written: a refused grid
+    leaves nothing behind."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"--out {out}: {folder} is a file, not a folder")
+            break
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    if not entries:
+        return True
     saved_file = out / "config.json"
+    if not saved_file.is_file():
+        raise InputError(f"--out {out} is not empty ({', '.join(entries[:5])}) and holds no experiment: a new grid "
+                         "needs a new or empty folder")
     try:
         saved = json.loads(saved_file.read_text())
-    except (OSError, ValueError):
-        saved = None
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-        names = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise InputError(f"--out {out} is not empty ({names}) and holds no experiment of this version: a new grid "
-                         "needs a new or empty folder")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{saved_file} is damaged ({exc}): restore it, or start the grid in another --out") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT or not isinstance(saved.get("config"), dict):
+        made = saved.get("format") if isinstance(saved, dict) else None
+        raise InputError(f"{saved_file} is not a grid of this version of jigsawdata ({made or 'no format'}; this "
+                         f"one writes {FORMAT}): use another --out")
     mine = _jsonable(cfg)
-    differ = sorted(k for k in mine if k not in _MAY_CHANGE and saved.get("config", {}).get(k) != mine[k])
+    differ = sorted(k for k in mine if k not in _MAY_CHANGE and saved["config"].get(k) != mine[k])
     if differ:
-        raise InputError(f"{out} holds a grid with other settings ({', '.join(differ)}): its results would mean "
-                         "something else; use another --out")
+        raise InputError(f"{out} holds a grid with other settings ({', '.join(differ)}; its config.json has the "
+                         "grid's): its results would mean something else; use another --out")
+    return False
+
+
+def check_sources(cfg: ExperimentConfig) -> None:
+    """Both splits' annotation files exist: checked before anything is built (on COCO the
+    training shards take hours)."""
+    if cfg.coco is not None:
+        for split in dict.fromkeys((cfg.split, cfg.val_split)):
+            resolve_coco_root(Path(cfg.coco), split)
+
+
+def _discard(out: Path, created: bool) -> None:
+    """Remove what a refused new grid wrote (the folder too when this run made it)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in out.iterdir():
+        if entry.name != LOCK_NAME:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def _jsonable(cfg: ExperimentConfig) -> dict:
@@ -433,16 +480,18 @@ class Grid:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def result(self, path: Path, compute: Callable[[], dict]) -> dict:
+    def result(self, path: Path, compute: Callable[[], dict], keys: tuple[str, ...]) -> dict:
         """``path``'s result, computed (on every rank) and written (by rank 0) when rank 0
         finds it missing. Every rank returns what rank 0 wrote, so decisions taken from it
-        (the scratch arm's epochs) are the same on every rank (the ranks share the folder)."""
+        (the scratch arm's epochs) are the same on every rank (the ranks share the folder).
+        A result read back must hold ``keys``."""
         if not self.agree(path.is_file()):
             value = compute()
             if self.main:
                 write_json_atomic(path, value)
             self.barrier()
-        return json.loads(path.read_text())
+        return read_result(path, keys)
+
 
     def resumable(self, run: Path) -> bool:
         """Whether ``run`` holds a checkpoint to continue from; a run folder without one (a
@@ -452,6 +501,47 @@ class Grid:
             shutil.rmtree(run)
         self.barrier()
         return started
+
+
+RUN_KEYS = ("arm", "init", "seed", "schedule", "epochs", "iterations_per_epoch", "full_lr_iterations",
+            "pretrain_device_hours", "finetune_device_hours", "device", "eval")
+"""What a fine-tuning result (``<schedule>.json``) holds that the table reads."""
+START_KEYS = ("pretrain_device_hours",)
+PROBE_KEYS = ("device_seconds_per_iteration", "iterations_per_epoch")
+
+
+def read_result(path: Path, keys: tuple[str, ...]) -> dict:
+    """A written result, refused with the way out when it was damaged or edited: a
+    fine-tuning result must agree with its run's own ``eval.json``."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        problem = str(exc)
+    else:
+        problem = _result_problem(path, value, keys)
+    if problem:
+        raise InputError(f"{path} is damaged ({problem}): delete it and rerun the command to redo that run")
+    return value
+
+
+def _result_problem(path: Path, value: Any, keys: tuple[str, ...]) -> str | None:
+    if not isinstance(value, dict):
+        return "not a JSON object"
+    missing = [k for k in keys if k not in value]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if "eval" not in keys:
+        return None
+    bbox = value["eval"].get("bbox") if isinstance(value["eval"], dict) else None
+    if not isinstance(bbox, dict) or any(not isinstance(bbox.get(m), (int, float)) for m in METRICS):
+        return "its eval holds no bbox metrics"
+    run_eval = path.parent / f"finetune-{value['schedule']}" / "eval.json"
+    try:
+        if json.loads(run_eval.read_text()) != value["eval"]:
+            return f"its metrics differ from {run_eval}"
+    except (OSError, ValueError):
+        pass  # the run's own copy is gone or damaged: the result is all there is
+    return None
 
 
 def _knn(grid: Grid, backbone: torch.nn.Module) -> dict:
@@ -572,9 +662,9 @@ def run_arm(grid: Grid, arm: Arm, seed: int, done: dict[tuple[str, str, int], di
     grid.barrier()
     start: dict[str, Any] = {"pretrain_device_hours": 0.0}
     if arm.init == "jigsaw":
-        start = grid.result(folder / "pretrain.json", lambda: _pretrain(grid, arm, seed, folder))
+        start = grid.result(folder / "pretrain.json", lambda: _pretrain(grid, arm, seed, folder), START_KEYS)
     elif arm.init in ("random", "imagenet"):
-        start = grid.result(folder / "pretrain.json", lambda: _initial(grid, arm, seed))
+        start = grid.result(folder / "pretrain.json", lambda: _initial(grid, arm, seed), START_KEYS)
     init = {"jigsaw": str(folder / "pretrain"), "imagenet": f"imagenet:{cfg.imagenet}"}.get(arm.init, "scratch")
     rows = []
     for schedule in cfg.schedules:
@@ -583,7 +673,8 @@ def run_arm(grid: Grid, arm: Arm, seed: int, done: dict[tuple[str, str, int], di
             if arm.init == "scratch":
                 matched = done[(cfg.match, schedule, seed)]
                 budget = matched["pretrain_device_hours"] + matched["finetune_device_hours"]
-                probe = grid.result(folder / "timing-probe.json", lambda: _time_scratch(grid, arm, seed, folder))
+                probe = grid.result(folder / "timing-probe.json", lambda: _time_scratch(grid, arm, seed, folder),
+                                    PROBE_KEYS)
                 epochs = scratch_epochs(budget, probe)
                 plan = {"matched_to": cfg.match, "budget_device_hours": budget,
                         "planned_device_hours": epochs * probe["iterations_per_epoch"]
@@ -593,7 +684,7 @@ def run_arm(grid: Grid, arm: Arm, seed: int, done: dict[tuple[str, str, int], di
             return {"arm": arm.name, "init": arm.init, "description": describe(arm), "seed": seed,
                     "schedule": schedule, **start, **result, **plan}
 
-        row = grid.result(folder / f"{schedule}.json", compute)
+        row = grid.result(folder / f"{schedule}.json", compute, RUN_KEYS)
         done[(arm.name, schedule, seed)] = row
         rows.append(row)
     return rows
@@ -608,7 +699,8 @@ def run_experiment(cfg: ExperimentConfig, on_result: Callable[[dict], None] | No
 
     out = Path(cfg.out)
     info, _ = init_distributed(cfg.device, timeout=_RANK_WAIT)
-    claim_experiment_dir(out, cfg)
+    fresh = claim_experiment_dir(out, cfg)
+    check_sources(cfg)
     if cfg.imagenet:
         _imagenet_backbone(cfg)  # a file that does not fit is refused now, not hours in
     if cfg.threads:
@@ -616,18 +708,26 @@ def run_experiment(cfg: ExperimentConfig, on_result: Callable[[dict], None] | No
     say = (on_progress or log.info) if info.main else (lambda line: None)
     grid = Grid(cfg, prepare_data(cfg, out, build=False), out, info.world, info.main, say)
     grid.barrier()  # every rank has checked the folder before rank 0 writes into it
-    if grid.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", {"format": FORMAT, "config": _jsonable(cfg)})
-        prepare_data(cfg, out)
-    grid.barrier()
-    done: dict[tuple[str, str, int], dict] = {}
-    report: dict = {}
-    for seed in cfg.run_seeds:
-        for arm in arms(cfg):
-            for row in run_arm(grid, arm, seed, done):
-                if grid.main:
-                    report = write_report(out, cfg, list(done.values()))
-                    if on_result:
-                        on_result(row)
+    with contextlib.ExitStack() as held:
+        if grid.main:
+            created = not out.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(BuildLock(out / LOCK_NAME, "experiment"))  # refused: the folder is the other's
+            try:
+                write_json_atomic(out / "config.json", {"format": FORMAT, "config": _jsonable(cfg)})
+                prepare_data(cfg, out)
+            except InputError:
+                if fresh:  # the data were refused: the new grid leaves nothing behind
+                    _discard(out, created)
+                raise
+        grid.barrier()
+        done: dict[tuple[str, str, int], dict] = {}
+        report: dict = {}
+        for seed in cfg.run_seeds:
+            for arm in arms(cfg):
+                for row in run_arm(grid, arm, seed, done):
+                    if grid.main:
+                        report = write_report(out, cfg, list(done.values()))
+                        if on_result:
+                            on_result(row)
     return report

@@ -66,8 +66,10 @@ def table_rows(results: list[dict], baseline: str) -> list[dict]:
             row["matched_to"] = runs[0]["matched_to"]
             row["budget_device_hours"] = _mean([r["budget_device_hours"] for r in runs])
             row["planned_device_hours"] = _mean([r["planned_device_hours"] for r in runs])
-            row["below_budget"] = any(r["pretrain_device_hours"] + r["finetune_device_hours"]
-                                      < r["budget_device_hours"] for r in runs)
+            spent = [(r["pretrain_device_hours"] + r["finetune_device_hours"], r["budget_device_hours"],
+                      r["planned_device_hours"]) for r in runs]
+            row["budget_ratio"] = min((s / b for s, b, _ in spent if b > 0), default=1.0)
+            row["plan_ratio"] = max((s / p for s, _, p in spent if p > 0), default=1.0)
         validation = [r.get("validation") for r in runs]
         if all(validation):
             row["val_accuracy"] = _mean([100 * v["val_accuracy"] for v in validation])
@@ -108,13 +110,32 @@ def _pct(row: dict, key: str) -> str:
     return f"{row[key]:.1f} ({row[key.split('_')[0] + '_majority']:.1f})" if key in row else "–"
 
 
+OFF_PLAN = 0.1
+"""A scratch run whose measured cost exceeds its plan (the budget rounded up to whole epochs
+at the timing probe's speed) by more than this fraction is flagged: the machine's speed
+changed between the probe and the run (other load, thermal limits), and the match missed."""
+
+
 def _initialisation(row: dict) -> str:
     text = row["initialisation"]
     if "budget_device_hours" in row:
-        text += f"; given {row['matched_to']}'s {row['budget_device_hours']:.3f} h"
-        if row["below_budget"]:
-            text += " (measured below it)"
+        text += f"; given {row['matched_to']}'s {_hours(row['budget_device_hours'])} h"
+        if row["budget_ratio"] < 1.0:
+            text += f" (measured below it: {row['budget_ratio']:.2f}x)"
+        if row["plan_ratio"] > 1.0 + OFF_PLAN:
+            text += f" (measured {row['plan_ratio']:.2f}x the whole epochs planned for it: not matched)"
     return text
+
+
+def _signed(value: float) -> str:
+    """``+1.2``, ``-0.3``; a difference that rounds to nothing is ``0.0`` (not ``-0.0``)."""
+    return "0.0" if round(value, 1) == 0 else f"{value:+.1f}"
+
+
+def _hours(value: float) -> str:
+    """Device-hours to three decimals; ``0`` is no cost (nothing pre-trained), a measured cost
+    too small to show is ``<0.001``."""
+    return "0" if value == 0 else "<0.001" if value < 0.0005 else f"{value:.3f}"
 
 
 def format_markdown(rows: list[dict], device: str, baseline: str) -> str:
@@ -123,13 +144,13 @@ def format_markdown(rows: list[dict], device: str, baseline: str) -> str:
             f"total {device}-h", "region top-1 % (majority)", "kNN top-1 % (majority)", "AP per seed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        delta = f"{r['delta_AP']:+.1f}{' *' if r['significant'] else ''}" if "delta_AP" in r else "–"
+        delta = f"{_signed(r['delta_AP'])}{' *' if r['significant'] else ''}" if "delta_AP" in r else "–"
         epochs = "/".join(str(e) for e in r["epochs"])
-        pretrain = "external" if r["pretrain_device_hours"] is None else f"{r['pretrain_device_hours']:.3f}"
+        pretrain = "external" if r["pretrain_device_hours"] is None else _hours(r["pretrain_device_hours"])
         per_seed = ", ".join(f"s{s}: {'–' if ap is None else f'{ap:.1f}'}" for s, ap in r["AP_by_seed"].items())
         cells = [r["arm"], _initialisation(r), r["detector"] or "–", f"{r['schedule']} ({epochs}, "
                  f"{r['full_lr_iterations']})", *(_pm(r, m) for m in METRICS), delta, pretrain,
-                 f"{r['finetune_device_hours']:.3f}", f"{r['total_device_hours']:.3f}", _pct(r, "val_accuracy"),
+                 _hours(r["finetune_device_hours"]), _hours(r["total_device_hours"]), _pct(r, "val_accuracy"),
                  _pct(r, "knn_top1"), per_seed]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({s for r in rows for s in r["seeds"]})
@@ -137,7 +158,9 @@ def format_markdown(rows: list[dict], device: str, baseline: str) -> str:
     lines.append(f"Mean ± standard deviation over seeds {', '.join(str(s) for s in seeds)} (AP per seed: sN); ΔAP "
                  f"over the seeds both rows have, `*` where |ΔAP| > {SIGNIFICANCE:g} x the larger of their seed "
                  "spreads (never with one seed). Cost: measured training time x processes (no validation, "
-                 "evaluation or checkpoint I/O); external: pre-trained elsewhere.")
+                 "evaluation or checkpoint I/O); external: pre-trained elsewhere. Schedule: epochs (a/b: the "
+                 "seeds' epochs differ, as scratch's follow each seed's matched cost) and iterations at the full "
+                 "learning rate (the fewest of the seeds').")
     return "\n".join(lines)
 
 
