@@ -34,8 +34,8 @@ def _no_detections(coco_gt: COCO, image_ids: list[int] | None) -> dict:
     """What COCOeval reports for a model that detects nothing (``loadRes`` refuses an empty
     list): 0 where there are objects to find, -1 where the images hold none of that size."""
     ids = coco_gt.getImgIds() if image_ids is None else list(image_ids)
-    areas = [a["area"] for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=ids))
-             if not a.get("iscrowd", 0) and not a.get("ignore", 0)]
+    # COCOeval ignores crowd regions (its own "ignore" flag is set from iscrowd alone).
+    areas = [a["area"] for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=ids)) if not a.get("iscrowd", 0)]
     found = {name: any(low <= area <= high for area in areas) for name, (low, high) in _AREAS.items()}
     found["AP50"] = found["AP75"] = found["AP"]
     return {m: 0.0 if found[m] else -1.0 for m in METRICS}

@@ -492,7 +492,6 @@ class Grid:
             self.barrier()
         return read_result(path, keys)
 
-
     def resumable(self, run: Path) -> bool:
         """Whether ``run`` holds a checkpoint to continue from; a run folder without one (a
         run stopped before its first checkpoint) is removed so that the run starts anew."""
