@@ -138,12 +138,13 @@ class CocoSource:
         return len(self.classes)
 
 
-def resolve_coco_root(root: Path, split: str) -> tuple[Path, Path]:
-    """Map a COCO root to ``(annotations/instances_<split>.json, <split>/)``."""
+def resolve_coco_root(root: Path, split: str, option: str = "--split") -> tuple[Path, Path]:
+    """Map a COCO root to ``(annotations/instances_<split>.json, <split>/)``; ``option`` is
+    the flag that names ``split``, for the hint when it is missing."""
     ann = root / "annotations" / f"instances_{split}.json"
     if not ann.is_file():
         found = sorted(p.name for p in (root / "annotations").glob("instances_*.json"))
-        hint = f"; found {', '.join(found)} (use --split)" if found else ""
+        hint = f"; found {', '.join(found)} (use {option})" if found else ""
         raise InputError(f"annotation file not found: {ann}{hint}")
     return ann, root / split
 

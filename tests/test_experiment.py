@@ -236,6 +236,7 @@ def test_a_grid_refused_for_its_data_leaves_nothing_behind(tmp_path):
     # The held-out split is missing: refused before anything is built or written.
     result = CliRunner().invoke(main, [*args, str(tmp_path / "new")])
     assert result.exit_code == 1 and "instances_val2017.json" in result.output and "Traceback" not in result.output
+    assert "found instances_train2017.json (use --val-split)" in result.output
     assert not (tmp_path / "new").exists()
     # Both exist but cannot be read: found while preparing the data, and what was written goes.
     (coco / "annotations" / "instances_val2017.json").write_text("{")
@@ -303,7 +304,9 @@ def test_smoke_grid_with_seeds_compares_every_arm_at_matched_cost(tmp_path):
     edited["eval"]["bbox"]["AP"] = 0.9
     for damage, problem in ((kept[:40], ""), ("[]", "not a JSON object"),  # "": JSON's own words
                             (json.dumps({k: v for k, v in edited.items() if k != "eval"}), "no eval"),
-                            (json.dumps(edited), "its metrics differ from")):
+                            (json.dumps(edited), "its metrics differ from"),
+                            (json.dumps({k: v for k, v in json.loads(kept).items() if k != "knn"}),
+                             "its knn differ from")):
         result_file.write_text(damage)
         refused = CliRunner().invoke(main, args)
         assert refused.exit_code == 1 and f"{result_file} is damaged ({problem}" in refused.output, refused.output

@@ -433,8 +433,8 @@ def check_sources(cfg: ExperimentConfig) -> None:
     """Both splits' annotation files exist: checked before anything is built (on COCO the
     training shards take hours)."""
     if cfg.coco is not None:
-        for split in dict.fromkeys((cfg.split, cfg.val_split)):
-            resolve_coco_root(Path(cfg.coco), split)
+        resolve_coco_root(Path(cfg.coco), cfg.split)
+        resolve_coco_root(Path(cfg.coco), cfg.val_split, "--val-split")
 
 
 def _discard(out: Path, created: bool) -> None:
@@ -684,6 +684,10 @@ def run_arm(grid: Grid, arm: Arm, seed: int, done: dict[tuple[str, str, int], di
                     "schedule": schedule, **start, **result, **plan}
 
         row = grid.result(folder / f"{schedule}.json", compute, RUN_KEYS)
+        copied = [k for k, v in start.items() if row.get(k) != v]
+        if copied:  # the row carries its arm's start (cost, probes): both must say the same
+            raise InputError(f"{folder / f'{schedule}.json'} is damaged (its {', '.join(copied)} differ from "
+                             f"{folder / 'pretrain.json'}): delete it and rerun the command to redo that run")
         done[(arm.name, schedule, seed)] = row
         rows.append(row)
     return rows
