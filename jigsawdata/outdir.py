@@ -97,8 +97,8 @@ class BuildLock:
             except OSError as exc:
                 os.close(fd)
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise InputError(f"another {self.what} is writing to {self.path.parent} (it holds {self.path.name}); "
-                                     "wait for it to finish, or use another --out") from exc
+                    raise InputError(f"another {self.what} is writing to {self.path.parent} (it holds "
+                                     f"{self.path.name}); wait for it to finish, or use another --out") from exc
                 raise
             try:  # the holder before us may have removed the file it locked: lock the current one
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:

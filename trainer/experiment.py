@@ -22,8 +22,9 @@ Layout: ``config.json``; the data; ``arms/<arm>/seed-<k>/`` holding ``pretrain/`
 ``<schedule>.json``; ``table.md``, ``experiment.json`` and ``experiment.png`` rewritten after
 every result. A written result is never redone (and is refused, by name, when damaged); an
 interrupted run resumes from its checkpoint. Rank 0 holds a lock on the folder while the
-grid runs, so a second grid there is refused rather than interleaved. Under ``torchrun`` every rank trains, rank 0 alone builds data, evaluates and
-writes results, and the ranks meet after each step.
+grid runs, so a second grid there is refused rather than interleaved. Under ``torchrun``
+every rank trains, rank 0 alone builds data, evaluates and writes results, and the ranks
+meet after each step.
 """
 
 from __future__ import annotations
