@@ -463,14 +463,17 @@ def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json:
               show_default=True, help="Key names and file layout of the framework that will load the backbone.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="File to write; for detectron2 .pkl (Detectron2's own format, read with pickle.load) or .pth.")
-def export(checkpoint: Path, fmt: str, out: Path) -> None:
-    """Write a pre-trained backbone for torchvision, Detectron2 or MMDetection."""
+@click.option("--backbone-only", is_flag=True, help="Of a --neck fpn run, write the backbone alone, named as a "
+                                                    "backbone-only run's export (e.g. for resnet50().load_state_dict).")
+def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool) -> None:
+    """Write a pre-trained backbone (and FPN, of a --neck fpn run) for torchvision, Detectron2 or MMDetection."""
     import yaml
 
     from jigsawdata.trainer.export import detectron2_config, export as export_backbone
 
-    done = export_backbone(checkpoint, fmt, out)
-    click.echo(f"wrote {out}: {done.tensors} tensors, {fmt} naming")
+    done = export_backbone(checkpoint, fmt, out, backbone_only)
+    click.echo(f"wrote {out}: {done.tensors} tensors ({'backbone and FPN' if done.neck else 'backbone'}), "
+               f"{fmt} naming")
     if fmt == "detectron2":
         click.echo("Detectron2 config these weights need (without it they load into a different network "
                    "without a warning):")
@@ -488,27 +491,28 @@ def export(checkpoint: Path, fmt: str, out: Path) -> None:
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where to run (auto: a CUDA GPU if torch sees one).")
 def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None, device: str) -> None:
-    """Draw the effective receptive field of a region's cells for a run's checkpoint."""
+    """Draw the effective receptive field of a region's cells for a run's checkpoint (of a
+    --neck fpn run: its P5 level, the pyramid's stride-32 map)."""
 
     from jigsawdata.pipelines.config import JigsawConfig
     from jigsawdata.pipelines.reference import reference_loader
     from jigsawdata.trainer.checkpoint import load
-    from jigsawdata.trainer.erf import effective_receptive_fields, erf_weights
+    from jigsawdata.trainer.erf import level_receptive_fields, level_weights
     from jigsawdata.trainer.erfviz import render_erf
-    from jigsawdata.trainer.model import DenseClassifier
+    from jigsawdata.trainer.model import model_from_checkpoint
     from jigsawdata.trainer.pretrain import PretrainConfig, saved_config
     from jigsawdata.trainer.runtime import config_from, pick_device
 
     where = pick_device(device)
     ckpt = load(run_dir)
     cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
-    model = DenseClassifier(ckpt["arch"], len(ckpt["class_names"]))
-    model.load_state_dict(ckpt["model"])
+    model = model_from_checkpoint(ckpt)
+    level = next(reversed(model.strides))  # the stride-32 level: every cell's own ERF
     batch, _ = next(iter(reference_loader(shards or cfg.shards, images, JigsawConfig(template=cfg.template),
                                           workers=0, rank=0, world_size=1)))
-    maps = effective_receptive_fields(model.to(where), batch.to(where)).cpu()
-    weights = erf_weights(maps, cfg.template, cfg.tau)
-    render_erf(maps, weights, cfg.template, REGION_NAMES.index(region)).save(out)
+    maps = {level: level_receptive_fields(model.to(where), batch.to(where), cfg.template, only=level)[level].cpu()}
+    weights = level_weights(maps, cfg.template, model.strides, cfg.tau)[level]
+    render_erf(maps[level], weights, cfg.template, REGION_NAMES.index(region)).save(out)
     click.echo(f"wrote {out} (iteration {ckpt['iteration']}, {images} images)")
 
 
@@ -584,6 +588,8 @@ def _multiple(text: str) -> float:
                                         "run with the block-wise loss; the block-wise arm is their pad & crop row).")
 @click.option("--no-context", is_flag=True, help="An ERF arm pre-trained on positives that are not enlarged "
                                                  "(the paper's context ablation).")
+@click.option("--fpn-neck", is_flag=True, help="An ERF arm pre-trained with the detector's FPN (pretrain --neck fpn) "
+                                               "and fine-tuned from backbone + FPN (fpn and mask detectors).")
 @click.option("--imagenet", type=click.Path(exists=True, dir_okay=False),
               help="A torchvision ResNet state dict: an arm fine-tuned from ImageNet weights.")
 @click.option("--random/--no-random", default=True, show_default=True,
@@ -609,7 +615,7 @@ def _multiple(text: str) -> float:
               "images, 2 pre-training iterations, 1-epoch 1x on 2 images, tiny probes); its results mean nothing, "
               "and a smoke grid's folder is continued only with --smoke.")
 def experiment(out: str, preset: str, coco: str | None, split: str | None, val_split: str | None, losses: str,
-               taus: str, lengths: str, fits: str, no_context: bool, imagenet: str | None, random: bool,
+               taus: str, lengths: str, fits: str, no_context: bool, fpn_neck: bool, imagenet: str | None, random: bool,
                scratch: bool, match: str, baseline: str | None, detector: str | None, arch: str | None,
                schedules: str, epochs_1x: int | None, seeds: int | None, seed: int | None, iterations: int | None,
                device: str | None, smoke: bool) -> None:
@@ -633,7 +639,8 @@ def experiment(out: str, preset: str, coco: str | None, split: str | None, val_s
     cfg = make_preset(preset, out, pretrain=pretrain, finetune=finetune, coco=coco, split=split, val_split=val_split,
                       losses=_comma_list("--losses", losses), taus=_comma_list("--taus", taus, float),
                       lengths=_comma_list("--pretrain-iterations", lengths, _multiple),
-                      fits=_comma_list("--fits", fits), no_context=no_context, imagenet=imagenet, random=random,
+                      fits=_comma_list("--fits", fits), no_context=no_context, fpn_neck=fpn_neck, imagenet=imagenet,
+                      random=random,
                       scratch=scratch, match=match, baseline=baseline, detector=detector, arch=arch,
                       schedules=_comma_list("--schedules", schedules), epochs_1x=epochs_1x, seeds=seeds, seed=seed,
                       device=device, **sizes)

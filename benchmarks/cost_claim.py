@@ -5,6 +5,9 @@ batch, and labelled so) it times, on the same model body and device:
 
 1. a **Jigsaw step**: DALI jigsaw batches from real shards -> ResNet with the dense head ->
    ERF-adaptive loss -> backward -> SGD, with the ERF refresh amortised over its interval;
+1b. the same **with the FPN** (``pretrain --neck fpn``): torchvision's 256-channel FPN on the
+   ResNet, the dense head on P2..P5, each level's ERF-adaptive loss, its own ERF refresh
+   amortised likewise; reported as its step time over the backbone-only step's;
 2. an **ImageNet-style step**: the standard ImageNet input pipeline in DALI (decode of
    full-size JPEGs with random-resized-crop, resize to 224, flip, normalise) over real
    photographs -- the COCO source images stand in for ImageNet JPEGs -- -> the same ResNet
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,9 +36,9 @@ from jigsawdata.coco import resolve_coco_root
 from jigsawdata.pipelines.config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from jigsawdata.pipelines.dali import DaliJigsawLoader
 from jigsawdata.pipelines.template import Template
-from jigsawdata.trainer.erf import effective_receptive_fields, erf_weights
-from jigsawdata.trainer.losses import erf_dense_loss
-from jigsawdata.trainer.model import DenseClassifier, build_backbone
+from jigsawdata.trainer.erf import effective_receptive_fields, erf_weights, level_receptive_fields, level_weights
+from jigsawdata.trainer.losses import erf_dense_loss, mean_over_levels
+from jigsawdata.trainer.model import DenseClassifier, PyramidDenseClassifier, build_backbone
 
 from .common import DEFAULT_COCO, environment, interleaved, report, stats, timed
 from .pipeline_throughput import build_benchmark_shards
@@ -144,6 +148,18 @@ def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = 
         weights = result["weights"]
         jig_step = _sgd_step(dense, lambda out, y: erf_dense_loss(out, y.to(device), weights, region_map), cuda)
 
+        # 1b. Jigsaw with the FPN pre-trained too, on the same batches
+        pyramid = PyramidDenseClassifier(arch, 81).to(device, memory_format=fmt)
+        level_maps = {name: torch.from_numpy(replace(template, stride=stride).feature_region_map()).to(device)
+                      for name, stride in pyramid.strides.items()}
+        fpn_erf_s = timed(lambda: result.update(levels=level_weights(
+            level_receptive_fields(pyramid, images[:erf_images].to(device), template), template, pyramid.strides)),
+            cuda)
+        levels = result["levels"]
+        fpn_step = _sgd_step(pyramid, lambda out, y: mean_over_levels(
+            [erf_dense_loss(logits, y.to(device), levels[name], level_maps[name]) for name, logits in out.items()]),
+            cuda)
+
         # 2. ImageNet-style
         plain = build_backbone(arch)
         plain.fc = torch.nn.Linear(plain.fc.in_features, 1000)
@@ -151,15 +167,18 @@ def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = 
         imnet_loader = imagenet_loader(image_dir, batch, dali_device, threads)
         imnet_step = _sgd_step(plain, lambda out, y: F.cross_entropy(out.float(), y.to(device)), cuda)
 
-        for loader, step in ((jigsaw, jig_step), (imnet_loader, imnet_step)):
+        for loader, step in ((jigsaw, jig_step), (jigsaw, fpn_step), (imnet_loader, imnet_step)):
             for _ in range(warmup):
                 step(*next(loader))
         runs = interleaved({"jigsaw": _repeat(jigsaw, jig_step, steps, cuda),
+                            "jigsaw_fpn": _repeat(jigsaw, fpn_step, steps, cuda),
                             "imagenet": _repeat(imnet_loader, imnet_step, steps, cuda)}, repeats)
-    jig, imnet = _summary(runs["jigsaw"], batch), _summary(runs["imagenet"], batch)
-    jig_step_s = jig["step_s"]["median"] + erf_s / erf_every
-    jig["step_with_erf_s"] = jig_step_s
-    jig["erf_refresh_s"] = erf_s
+    jig, fpn, imnet = (_summary(runs[k], batch) for k in ("jigsaw", "jigsaw_fpn", "imagenet"))
+    for summary, refresh in ((jig, erf_s), (fpn, fpn_erf_s)):
+        summary["step_with_erf_s"] = summary["step_s"]["median"] + refresh / erf_every
+        summary["erf_refresh_s"] = refresh
+    jig_step_s = jig["step_with_erf_s"]
+    fpn["over_backbone_only"] = fpn["step_with_erf_s"] / jig_step_s
 
     jig_hours = JIGSAW_IMAGES / batch * jig_step_s / 3600
     imnet_hours = IMAGENET_IMAGES / batch * imnet["step_s"]["median"] / 3600
@@ -168,10 +187,11 @@ def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = 
     return {
         "benchmark": "cost_claim", "device": torch.cuda.get_device_name(0) if cuda else "cpu (not the paper's setting)",
         "arch": arch, "batch": batch, "threads": threads, "erf_every": erf_every, "erf_images": erf_images,
-        "jigsaw": jig, "imagenet": imnet,
+        "jigsaw": jig, "jigsaw_fpn": fpn, "imagenet": imnet,
         "projection": {
             "unit": unit, "jigsaw_images": JIGSAW_IMAGES, "imagenet_images": IMAGENET_IMAGES,
-            "jigsaw": jig_hours * scale, "imagenet": imnet_hours * scale,
+            "jigsaw": jig_hours * scale, "jigsaw_fpn": jig_hours * fpn["over_backbone_only"] * scale,
+            "imagenet": imnet_hours * scale,
             "ratio": jig_hours / imnet_hours, "image_ratio": JIGSAW_IMAGES / IMAGENET_IMAGES,
             "paper_ratio": PAPER_GPU_DAYS["jigsaw"] / PAPER_GPU_DAYS["imagenet"],
         },
@@ -183,12 +203,15 @@ def format_table(r: dict) -> str:
     p = r["projection"]
     lines = [f"pre-training cost, {r['arch']}, batch {r['batch']}, device {r['device']}",
              f"{'':<22}{'step s':>9}{'spread':>16}{'img/s':>9}{'data wait':>11}{p['unit']:>14}"]
-    for name, key in (("Jigsaw (ERF-dense)", "jigsaw"), ("ImageNet-style", "imagenet")):
+    for name, key in (("Jigsaw (ERF-dense)", "jigsaw"), ("Jigsaw + FPN neck", "jigsaw_fpn"),
+                      ("ImageNet-style", "imagenet")):
         m = r[key]
         lines.append(f"{name:<22}{m['step_s']['median']:>9.3f}{m['step_s']['min']:>8.3f}-{m['step_s']['max']:<7.3f}"
                      f"{m['images_per_s']:>9.1f}{100 * m['data_wait_fraction']['median']:>10.1f}%{p[key]:>14.1f}")
-    lines += [f"ERF refresh: {r['jigsaw']['erf_refresh_s']:.2f} s every {r['erf_every']} iterations, "
-              f"included in the Jigsaw projection",
+    lines += [f"ERF refresh: {r['jigsaw']['erf_refresh_s']:.2f} s (with the FPN, every level: "
+              f"{r['jigsaw_fpn']['erf_refresh_s']:.2f} s) every {r['erf_every']} iterations, included in the "
+              "Jigsaw projections",
+              f"Jigsaw step with the FPN neck / backbone only: {r['jigsaw_fpn']['over_backbone_only']:.2f}x",
               f"projected runs: Jigsaw 64k x 512 = {p['jigsaw_images'] / 1e6:.1f}M images; "
               f"ImageNet 90 x 1,281,167 = {p['imagenet_images'] / 1e6:.1f}M images (ratio {p['image_ratio']:.3f})",
               f"cost ratio Jigsaw / ImageNet: measured {p['ratio']:.3f}   paper 1.73 / 6.80 = {p['paper_ratio']:.3f}"]

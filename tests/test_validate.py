@@ -30,6 +30,8 @@ def test_region_accuracy_and_majority_rates_are_exact():
 class _Oracle(torch.nn.Module):
     """Logits that put each region's own label on its cells: predictions must be the labels."""
 
+    strides = {"C5": 32}
+
     def __init__(self, labels: torch.Tensor, classes: int) -> None:
         super().__init__()
         self.labels, self.classes = labels, classes
@@ -50,7 +52,9 @@ def test_fixed_images_are_the_same_every_time_and_predictions_pool_regions(built
     assert a.images.shape == (10, 3, 128, 128) and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert len(set(map(tuple, a.labels.tolist()))) > 1
     oracle = _Oracle(a.labels, len(a.class_names))
-    assert torch.equal(region_predictions(oracle, a.images, SMALL, chunk=3), a.labels)
+    predictions = region_predictions(oracle, a.images, SMALL, chunk=3)
+    assert list(predictions) == ["all", "C5"]
+    assert torch.equal(predictions["all"], a.labels) and torch.equal(predictions["C5"], a.labels)
 
 
 def test_validation_shards_need_the_same_classes(built_real, built_synthetic):

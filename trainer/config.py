@@ -25,6 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DETECTORS = ("c4", "fpn", "mask")
 NORMS = ("frozen_bn", "bn", "gn")
 BOX_HEADS = ("2fc", "4conv1fc")
+NECKS = ("none", "fpn")
 
 
 @dataclass
@@ -38,6 +39,11 @@ class PretrainConfig:
     loss: str = setting("erf", "Pre-training loss: ERF-adaptive dense, block-wise dense or global (Table 2).",
                         choices=LOSSES)
     tau: float = setting(0.7, "ERF weight floor of a cell's own region (Eq. 2).", min=0.0, max=1.0)
+    neck: str = setting("none", "none: classify layer4's map (the paper). fpn: put torchvision's FPN on the backbone "
+                        "and classify densely on P2..P5 with one shared head, so `finetune --detector fpn|mask` "
+                        "starts with a pre-trained neck.", choices=NECKS)
+    fpn_channels: int = setting(256, "Channels of the pre-trained FPN (--neck fpn), a multiple of 32; fine-tune "
+                                "with the same --fpn-channels.", min=32)
     iterations: int = setting(64_000, "Training iterations.", min=1)
     batch: int = setting(512, "Global batch of assembled images (all ranks together).", min=1)
     lr_start: float = setting(0.2, "Warm-up start learning rate at batch 512 (scaled linearly to --batch).", min=0.0)
@@ -80,6 +86,11 @@ class PretrainConfig:
         if self.pipeline == "dali" and self.workers < 1:
             raise InputError(f"--workers {self.workers}: DALI needs >= 1 thread; 0 (in-process) is for "
                              "--pipeline reference")
+        if self.fpn_channels != 256 and self.neck != "fpn":
+            raise InputError("--fpn-channels is for --neck fpn: without a neck there is no feature pyramid")
+        if self.fpn_channels % 32:
+            raise InputError(f"--fpn-channels {self.fpn_channels} is not a multiple of 32: fine-tuning's "
+                             "--fpn-channels must match it, and is one (GroupNorm's 32 groups)")
         try:
             self.jigsaw_config(0)
         except ValueError as exc:

@@ -16,7 +16,9 @@ detector and heads the transferred backbones get: the experiment grid's random-i
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -67,9 +69,42 @@ def default_norm(init: str) -> str:
     return "bn" if init == "scratch" else "frozen_bn"
 
 
-def read_init(init: str, arch: str) -> "OrderedDict[str, torch.Tensor] | None":
-    """Backbone weights named as torchvision's ResNet, from ``scratch``, ``imagenet:FILE``
-    (a torchvision state dict), a jigsaw run directory / checkpoint, or an exported file."""
+@dataclass(frozen=True)
+class InitWeights:
+    """What ``--init`` holds: ResNet weights named as torchvision's ResNet, and the FPN's
+    (named as torchvision's ``FeaturePyramidNetwork``) when it was pre-trained too."""
+
+    backbone: "OrderedDict[str, torch.Tensor]"
+    fpn: "OrderedDict[str, torch.Tensor] | None" = None
+
+
+def _split(state: dict, backbone: str, neck: str) -> InitWeights:
+    """The tensors under the ``backbone`` and ``neck`` key prefixes, without them."""
+    def part(prefix: str) -> OrderedDict:
+        return OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
+
+    return InitWeights(part(backbone), part(neck) or None)
+
+
+_MMDET_NECK = re.compile(r"^neck\.(lateral|fpn)_convs\.(\d+)\.conv\.")
+
+
+def _exported(state: dict) -> InitWeights:
+    """A state dict as :mod:`.export` writes one: a ResNet's keys, or with an FPN torchvision's
+    detector keys (``backbone.body.*``, ``backbone.fpn.*``) or MMDetection's (``backbone.*``,
+    ``neck.lateral_convs.{i}.conv.*``, ``neck.fpn_convs.{i}.conv.*``)."""
+    if any(k.startswith("backbone.body.") for k in state):
+        return _split(state, "backbone.body.", "backbone.fpn.")
+    if any(_MMDET_NECK.match(k) for k in state):
+        neck = {_MMDET_NECK.sub(lambda m: f"{'inner' if m[1] == 'lateral' else 'layer'}_blocks.{m[2]}.0.", k): v
+                for k, v in state.items() if k.startswith("neck.")}
+        return InitWeights(_split(state, "backbone.", "-").backbone, OrderedDict(neck))
+    return InitWeights(OrderedDict(state))
+
+
+def read_init(init: str, arch: str) -> InitWeights | None:
+    """The weights of ``scratch`` (None), ``imagenet:FILE`` (a torchvision ResNet state dict),
+    a jigsaw run directory / checkpoint, or an exported file (:func:`_exported`)."""
     if init == "scratch":
         return None
     path = checkpoint_file(init.removeprefix("imagenet:"))
@@ -83,12 +118,39 @@ def read_init(init: str, arch: str) -> "OrderedDict[str, torch.Tensor] | None":
     if isinstance(obj, dict) and obj.get("format") == PRETRAIN_FORMAT:
         if obj["arch"] != arch:
             raise InputError(f"--init {init} holds a {obj['arch']} backbone, not {arch} (use --arch {obj['arch']})")
-        obj = {k.removeprefix("backbone."): v for k, v in obj["model"].items() if k.startswith("backbone.")}
-    elif isinstance(obj, dict) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(f"--init {init}: not a ResNet state dict")
-    return OrderedDict((k, v) for k, v in obj.items() if not k.startswith("fc."))
+        weights = _split(obj["model"], "backbone.", "fpn.")
+    else:
+        if isinstance(obj, dict) and "state_dict" in obj:
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise InputError(f"--init {init}: not a ResNet state dict")
+        weights = _exported(obj)
+    if init.startswith("imagenet:") and weights.fpn is not None:
+        raise InputError(f"--init {init} holds a detector's FPN: imagenet:FILE is a ResNet state dict")
+    return InitWeights(OrderedDict((k, v) for k, v in weights.backbone.items() if not k.startswith("fc.")),
+                       weights.fpn)
+
+
+def _normalised(fpn_keys) -> bool:
+    """Whether an FPN's tensors include normalisation layers (``inner_blocks.{i}.1.*``)."""
+    return any(re.search(r"_blocks\.\d+\.1\.", k) for k in fpn_keys)
+
+
+def load_fpn_weights(fpn: nn.Module, weights: "OrderedDict[str, torch.Tensor]", init: str) -> None:
+    """Every pre-trained FPN tensor into the detector's FPN, or a one-line refusal."""
+    own = fpn.state_dict()
+    if set(own) != set(weights):
+        if _normalised(own) and not _normalised(weights):
+            raise InputError(f"--init {init} holds an FPN without normalisation layers; this detector's FPN has them "
+                             "(--norm gn or --box-head 4conv1fc put GroupNorm in it): fine-tune with --box-head 2fc")
+        odd = sorted(set(own) ^ set(weights))
+        raise InputError(f"--init {init} holds an FPN with other tensors than this detector's (e.g. {odd[0]}): it "
+                         "is not torchvision's FeaturePyramidNetwork on layer1..layer4")
+    wrong = [k for k, v in weights.items() if own[k].shape != v.shape]
+    if wrong:
+        raise InputError(f"--init {init} holds a {weights[wrong[0]].shape[0]}-channel FPN, not "
+                         f"{own[wrong[0]].shape[0]}: fine-tune with --fpn-channels {weights[wrong[0]].shape[0]}")
+    fpn.load_state_dict(weights)
 
 
 def load_backbone_weights(resnet: nn.Module, weights: "OrderedDict[str, torch.Tensor]", init: str) -> None:
@@ -155,16 +217,23 @@ def build_detector(detector: str, arch: str, num_classes: int, *, init: str = "s
         raise InputError(f"--norm must be one of {NORMS}")
     resnet = resnet_with_norm(arch, norm)
     if weights is not None:
-        load_backbone_weights(resnet, weights, init)
+        load_backbone_weights(resnet, weights.backbone, init)
+    neck = weights.fpn if weights is not None else None
+    if neck is not None and detector == "c4":
+        log.warning("--init %s holds a pre-trained FPN; the c4 detector has none, so only its backbone is used", init)
     trainable = trainable_layers if trainable_layers is not None else 3 if weights is not None else 5
     _freeze(resnet, trainable)
     sizes = dict(min_size=min_size, max_size=max_size, box_batch_size_per_image=rois_per_image)
     if detector in ("fpn", "mask"):
         if (box_head or ("4conv1fc" if norm == "gn" else "2fc")) == "4conv1fc":
-            return _gn_fpn_detector(detector, resnet, trainable, fpn_channels, num_classes, sizes)
-        backbone = _fpn_backbone(resnet, trainable, fpn_channels, norm_layer=None)
-        cls = MaskRCNN if detector == "mask" else FasterRCNN
-        return cls(backbone, num_classes=num_classes + 1, **sizes)
+            model = _gn_fpn_detector(detector, resnet, trainable, fpn_channels, num_classes, sizes)
+        else:
+            cls = MaskRCNN if detector == "mask" else FasterRCNN
+            model = cls(_fpn_backbone(resnet, trainable, fpn_channels, norm_layer=None), num_classes=num_classes + 1,
+                        **sizes)
+        if neck is not None:
+            load_fpn_weights(model.backbone.fpn, neck, init)
+        return model
     body = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in
                                      ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
     last = resnet.layer3[-1]

@@ -88,6 +88,9 @@ class ExperimentConfig:
     """Extra block-wise arms with these fit modes (Table 1)."""
     no_context: bool = False
     """An ERF arm pre-trained on shards whose positives are not enlarged."""
+    fpn_neck: bool = False
+    """An ERF arm pre-trained with the detector's FPN on its backbone (``--neck fpn``),
+    fine-tuned with that FPN: does pre-training the neck close the paper's FPN gap?"""
     imagenet: str | None = None
     """A local torchvision ResNet state dict: adds an ``imagenet`` arm."""
     random: bool = True
@@ -159,6 +162,9 @@ class ExperimentConfig:
         if self.scratch and self.match not in jigsaw:
             raise InputError(f"--match {self.match}: the scratch arm is given the total cost of a jigsaw arm of the "
                              f"grid ({', '.join(jigsaw) or 'none: add --losses erf or use --no-scratch'})")
+        if self.fpn_neck and self.detector == "c4":
+            raise InputError("--fpn-neck pre-trains an FPN for the fpn and mask detectors: c4 has none (use "
+                             "--detector fpn)")
         if self.baseline is not None and self.baseline not in names:
             raise InputError(f"--baseline {self.baseline} is not an arm of the grid ({', '.join(names)})")
         tau = self.pretrain_config(shards="", out="").tau
@@ -261,6 +267,7 @@ class Arm:
     fit: str = "pad_crop"
     length: float = FULL_LENGTH
     context: bool = True
+    neck: str = "none"
 
 
 def arms(cfg: ExperimentConfig) -> list[Arm]:
@@ -270,6 +277,8 @@ def arms(cfg: ExperimentConfig) -> list[Arm]:
     grid += [Arm(f"erf-{n:g}x", "jigsaw", "erf", length=n) for n in cfg.lengths]
     if cfg.no_context:
         grid.append(Arm("erf-nocontext", "jigsaw", "erf", context=False))
+    if cfg.fpn_neck:
+        grid.append(Arm("fpn-neck", "jigsaw", "erf", neck="fpn"))
     if cfg.fits and "blockwise" not in cfg.losses:
         grid.append(Arm("blockwise", "jigsaw", "blockwise"))  # the fits' pad & crop reference
     grid += [Arm(f"blockwise-{fit}", "jigsaw", "blockwise", fit=fit) for fit in cfg.fits]
@@ -297,6 +306,8 @@ def describe(arm: Arm) -> str:
         parts.append(f"{arm.length:g}/{FULL_LENGTH:g} length")
     if not arm.context:
         parts.append("no context")
+    if arm.neck == "fpn":
+        parts.append("FPN pre-trained too")
     if arm.fit != "pad_crop":
         parts.append(f"fit {arm.fit}")
     return ", ".join(parts)
@@ -306,8 +317,11 @@ def pretrain_config(cfg: ExperimentConfig, arm: Arm, seed: int, shards: str, val
                     run: Path) -> PretrainConfig:
     """The arm's pre-training run: the preset's settings with the arm's loss, tau, fit and
     length (the warm-up and checkpoint interval kept within a shortened run)."""
+    neck = {}
+    if arm.neck == "fpn":  # the pyramid the arm's detector will have
+        neck = {"neck": "fpn", "fpn_channels": cfg.finetune_config(coco="", out="").fpn_channels}
     base = cfg.pretrain_config(shards=shards, out=str(run), loss=arm.loss, fit=arm.fit, val_shards=val_shards,
-                               seed=seed, **({"tau": arm.tau} if arm.tau is not None else {}))
+                               seed=seed, **({"tau": arm.tau} if arm.tau is not None else {}), **neck)
     iterations = max(1, round(base.iterations * arm.length / FULL_LENGTH))
     return replace(base, iterations=iterations, warmup=min(base.warmup, iterations),
                    erf_images=min(base.erf_images, base.batch),
@@ -392,8 +406,8 @@ def _build(cfg: ExperimentConfig, data: Data) -> None:
 
 # ---------------------------------------------------------------------------------- the output folder
 
-_MAY_CHANGE = {"out", "losses", "taus", "lengths", "fits", "no_context", "random", "scratch", "schedules", "seeds",
-               "baseline", "threads"}
+_MAY_CHANGE = {"out", "losses", "taus", "lengths", "fits", "no_context", "fpn_neck", "random", "scratch", "schedules",
+               "seeds", "baseline", "threads"}
 """Settings that only add or drop arms, schedules or seeds (or change nothing measured):
 a grid may be continued with others. Every other setting defines what a result means."""
 
@@ -423,7 +437,8 @@ def claim_experiment_dir(out: Path, cfg: ExperimentConfig) -> bool:
         raise InputError(f"{saved_file} is not a grid of this version of jigsawdata ({made or 'no format'}; this "
                          f"one writes {FORMAT}): use another --out")
     mine = _jsonable(cfg)
-    differ = sorted(k for k in mine if k not in _MAY_CHANGE and saved["config"].get(k) != mine[k])
+    defaults = _jsonable(ExperimentConfig(out=""))  # a setting newer than the saved grid has its default there
+    differ = sorted(k for k in mine if k not in _MAY_CHANGE and saved["config"].get(k, defaults[k]) != mine[k])
     if differ:
         raise InputError(f"{out} holds a grid with other settings ({', '.join(differ)}; its config.json has the "
                          "grid's): its results would mean something else; use another --out")
@@ -595,7 +610,8 @@ def _imagenet_backbone(cfg: ExperimentConfig) -> torch.nn.Module:
     from .model import build_backbone
 
     backbone = build_backbone(cfg.arch)
-    load_backbone_weights(backbone, read_init(f"imagenet:{cfg.imagenet}", cfg.arch), f"imagenet:{cfg.imagenet}")
+    load_backbone_weights(backbone, read_init(f"imagenet:{cfg.imagenet}", cfg.arch).backbone,
+                          f"imagenet:{cfg.imagenet}")
     return backbone
 
 

@@ -13,11 +13,25 @@
   weights load into it without a warning.
 - ``mmdet``: ``{"state_dict": ..., "meta": ...}``; MMDetection's ResNet uses torchvision's key
   names, so ``init_cfg=dict(type="Pretrained", checkpoint=FILE)`` loads it.
+
+A ``--neck fpn`` run exports its FPN too, under each framework's names for a whole
+detector's backbone and neck, so the file initialises both (and the recipes above, made for
+a bare backbone, no longer apply: ``backbone_only`` writes the backbone alone, as above):
+
+- ``torchvision``: ``backbone.body.*`` and ``backbone.fpn.*``, the keys of its
+  ``FasterRCNN`` / ``MaskRCNN`` FPN detectors (``load_state_dict(sd, strict=False)`` misses
+  only ``rpn.*`` and ``roi_heads.*``);
+- ``detectron2``: the ResNet names above plus ``fpn_lateral{2..5}.*`` and
+  ``fpn_output{2..5}.*`` (its FPN's), matched to ``backbone.bottom_up.*`` and
+  ``backbone.fpn_*`` by the same heuristics;
+- ``mmdet``: ``backbone.*`` and ``neck.lateral_convs.{i}.conv.*`` /
+  ``neck.fpn_convs.{i}.conv.*`` (its ``FPN`` neck's), for ``load_from=FILE``.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,15 +61,29 @@ _DETECTRON2_RESNETS = {
 
 @dataclass(frozen=True)
 class Exported:
-    """What :func:`export` wrote: the backbone's architecture and its number of tensors."""
+    """What :func:`export` wrote: the backbone's architecture, its number of tensors and
+    whether an FPN is among them."""
 
     arch: str
     tensors: int
+    neck: bool = False
 
 
-def backbone_state(ckpt: dict) -> "OrderedDict[str, torch.Tensor]":
-    prefix = "backbone."
+def backbone_state(ckpt: dict, prefix: str = "backbone.") -> "OrderedDict[str, torch.Tensor]":
+    """The checkpoint's tensors under ``prefix`` (the backbone's, or ``fpn.`` the neck's), without it."""
     return OrderedDict((k[len(prefix):], v) for k, v in ckpt["model"].items() if k.startswith(prefix))
+
+
+_NECK_NAMES = {
+    "torchvision": lambda key: "backbone.fpn." + key,
+    "detectron2": lambda key: re.sub(r"^(inner|layer)_blocks\.(\d)\.0\.",
+                                     lambda m: f"fpn_{'lateral' if m[1] == 'inner' else 'output'}{int(m[2]) + 2}.",
+                                     key),
+    "mmdet": lambda key: re.sub(r"^(inner|layer)_blocks\.(\d)\.0\.",
+                                lambda m: f"neck.{'lateral' if m[1] == 'inner' else 'fpn'}_convs.{m[2]}.conv.", key),
+}
+"""torchvision's ``FeaturePyramidNetwork`` keys (``inner_blocks.{i}.0.weight``, ...) in each format."""
+_BACKBONE_PREFIX_WITH_NECK = {"torchvision": "backbone.body.", "detectron2": "", "mmdet": "backbone."}
 
 
 def detectron2_name(key: str) -> str:
@@ -102,25 +130,33 @@ def _check_out(fmt: str, out: Path, source: Path) -> None:
         raise InputError(f"--out {out} would overwrite a file of the run it exports: choose another file")
 
 
-def export(checkpoint: Path, fmt: str, out: Path) -> Exported:
-    """Write the backbone of a pre-training checkpoint in ``fmt``."""
+def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool = False) -> Exported:
+    """Write the backbone (and the FPN of a ``--neck fpn`` run, unless ``backbone_only``) of a
+    pre-training checkpoint in ``fmt``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     out = Path(out)
     source = checkpoint_file(checkpoint)
     _check_out(fmt, out, source)
     ckpt = load(checkpoint)
-    state = backbone_state(ckpt)
+    backbone, neck = backbone_state(ckpt), OrderedDict() if backbone_only else backbone_state(ckpt, "fpn.")
     meta = {"arch": ckpt["arch"], "iteration": ckpt["iteration"], "source": "jigsawdata " + __version__}
-    tensors = detectron2_state(state, as_numpy=out.suffix == ".pkl") if fmt == "detectron2" else state
+    as_numpy = fmt == "detectron2" and out.suffix == ".pkl"
+    state = detectron2_state(backbone, as_numpy) if fmt == "detectron2" else backbone
+    if neck:
+        meta["neck"] = "fpn"
+        prefix = _BACKBONE_PREFIX_WITH_NECK[fmt]
+        rename = _NECK_NAMES[fmt]
+        state = OrderedDict([*((prefix + k, v) for k, v in state.items()),
+                             *((rename(k), v.detach().cpu().numpy() if as_numpy else v) for k, v in neck.items())])
     if fmt == "torchvision":
         payload = state
     elif fmt == "detectron2":
-        payload = {"model": tensors, "__author__": "jigsawdata", "matching_heuristics": True}
+        payload = {"model": state, "__author__": "jigsawdata", "matching_heuristics": True}
     else:
         payload = {"state_dict": state, "meta": meta}
     if fmt == "detectron2" and out.suffix == ".pkl":
         write_bytes_atomic(out, pickle.dumps(payload))
     else:
         save_atomic(payload, out)
-    return Exported(ckpt["arch"], len(tensors))
+    return Exported(ckpt["arch"], len(state), bool(neck))

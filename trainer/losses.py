@@ -38,3 +38,9 @@ def global_loss(logits: torch.Tensor, labels: torch.Tensor, area: torch.Tensor) 
     """Global average pool, label mixed by region area (as CutMix does)."""
     log_p = F.log_softmax(logits.float().mean(dim=(2, 3)), dim=1)  # (N, K)
     return -(log_p.gather(1, labels) * area.to(log_p)[None]).sum(dim=1).mean()
+
+
+def mean_over_levels(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The loss of a pyramid: its levels' losses averaged, each level counted once whatever
+    its number of cells (one level: its own loss, untouched)."""
+    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +29,9 @@ from jigsawdata.pipelines.shardset import open_shard_set
 from . import checkpoint as ckpt_io
 from .config import PretrainConfig
 from .data import SOURCES
-from .erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
-from .losses import blockwise_loss, erf_dense_loss, global_loss
-from .model import DenseClassifier
+from .erf import blockwise_weights, level_receptive_fields, level_weights, region_fractions
+from .losses import blockwise_loss, erf_dense_loss, global_loss, mean_over_levels
+from .model import BACKBONE_LEVEL, build_model, level_logits
 from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, drop_records_after, dump_config,
                       gather, init_distributed, resolved, rng_state, set_rng_state, wrap_ddp)
 from .schedule import learning_rate, scaled
@@ -77,11 +77,13 @@ class Trainer:
         self.validation = (load_validation_set(cfg.val_shards, self.template, cfg.val_images, cfg.fit,
                                                self.class_names) if cfg.val_shards and self.dist.main else None)
         self.last_validation: dict = {}
-        self.region_map = torch.from_numpy(self.template.feature_region_map()).to(self.device)
         self.area = torch.from_numpy(region_fractions(self.template)).to(self.device)
 
         torch.manual_seed(cfg.seed)
-        self.model = DenseClassifier(cfg.arch, len(self.class_names)).to(self.device)
+        self.model = build_model(cfg.arch, len(self.class_names), cfg.neck, cfg.fpn_channels).to(self.device)
+        self.levels = {name: replace(self.template, stride=stride) for name, stride in self.model.strides.items()}
+        self.region_maps = {name: torch.from_numpy(level.feature_region_map()).to(self.device)
+                            for name, level in self.levels.items()}
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=cfg.momentum,
@@ -90,7 +92,8 @@ class Trainer:
         self.scaler = self.precision.scaler()
         self.iteration = 0
         self.clock = TrainClock(self.device, self.dist.world)
-        self.weights: torch.Tensor | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+        """Eq. 2 weights of each classified level (:attr:`levels`)."""
         data_state = None
         if resume:
             data_state = self._restore()
@@ -120,8 +123,7 @@ class Trainer:
         ckpt = ckpt_io.load(self.out / ckpt_io.CHECKPOINT_NAME, map_location="cpu")
         check_resume_device(ckpt.get("device_type"), self.device, self.out)
         saved = ckpt["config"]
-        diff = sorted(k for k, v in saved_config(saved).items()
-                      if k not in _RESUMABLE and v != getattr(self.cfg, k, None))
+        diff = _changed(saved_config(saved), self.cfg)
         if diff:
             raise InputError(f"cannot resume {self.out}: settings differ from the saved run in {', '.join(diff)}")
         if (self.cfg.pipeline == "dali" and self.device.type == "cpu"
@@ -133,7 +135,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.weights = ckpt["erf_weights"].to(self.device) if ckpt["erf_weights"] is not None else None
+        self.weights = _saved_weights(ckpt["erf_weights"], self.device)
         self.iteration = int(ckpt["iteration"])
         self.clock = TrainClock(self.device, self.dist.world, ckpt.get("train_device_seconds", 0.0))
         set_rng_state(ckpt["rng"][self.dist.rank], self.device)
@@ -173,22 +175,28 @@ class Trainer:
                              lr_start=scaled(c.lr_start, c.batch), lr_peak=scaled(c.lr_peak, c.batch))
 
     def refresh_erf(self) -> None:
-        """Recompute the (4, g, g) label weights from the current model on real jigsaw images."""
+        """Recompute each level's (4, g, g) label weights from the current model on real jigsaw images."""
         if self.cfg.loss != "erf":
-            self.weights = blockwise_weights(self.template).to(self.device)
+            self.weights = {name: blockwise_weights(level).to(self.device) for name, level in self.levels.items()}
             return
         images, _ = next(self.source)
-        maps = effective_receptive_fields(self.model, images[: self.cfg.erf_images])
+        maps = level_receptive_fields(self.model, images[: self.cfg.erf_images], self.template)
         if self.dist.world > 1:
-            dist.all_reduce(maps)
-            maps /= self.dist.world
-        self.weights = erf_weights(maps, self.template, self.cfg.tau)
+            for level in maps.values():
+                dist.all_reduce(level)
+                level /= self.dist.world
+        self.weights = dict(level_weights(maps, self.template, self.model.strides, self.cfg.tau))
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, output, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of every classified level, averaged over the levels (one level: its own)."""
+        return mean_over_levels([self._level_loss(name, logits, labels)
+                                 for name, logits in level_logits(output).items()])
+
+    def _level_loss(self, name: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.cfg.loss == "erf":
-            return erf_dense_loss(logits, labels, self.weights, self.region_map)
+            return erf_dense_loss(logits, labels, self.weights[name], self.region_maps[name])
         if self.cfg.loss == "blockwise":
-            return blockwise_loss(logits, labels, self.region_map)
+            return blockwise_loss(logits, labels, self.region_maps[name])
         return global_loss(logits, labels, self.area)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -199,8 +207,8 @@ class Trainer:
         cuda = self.device.type == "cuda"
         images = images.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
         with torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.enabled):
-            logits = self.net(images)
-        loss = self.loss(logits, labels)
+            output = self.net(images)
+        loss = self.loss(output, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -277,3 +285,20 @@ class Trainer:
             if self.on_log:
                 self.on_log(metrics)
         return metrics
+
+
+def _changed(saved: dict, cfg: PretrainConfig) -> list[str]:
+    """Settings of ``cfg`` that differ from a saved run's, but for :data:`_RESUMABLE`; a
+    setting newer than the saved run counts as its default there (what the run had)."""
+    defaults = {f.name: f.default for f in fields(PretrainConfig) if f.default is not MISSING}
+    names = (set(saved) | set(defaults)) - _RESUMABLE
+    return sorted(k for k in names if saved.get(k, defaults.get(k)) != getattr(cfg, k, None))
+
+
+def _saved_weights(saved, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's ERF weights by level; earlier checkpoints saved the one level's tensor."""
+    if saved is None:
+        return None
+    if isinstance(saved, torch.Tensor):
+        return {BACKBONE_LEVEL: saved.to(device)}
+    return {name: weights.to(device) for name, weights in saved.items()}

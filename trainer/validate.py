@@ -11,7 +11,8 @@ is what always answering the most frequent class would score.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from jigsawdata.pipelines.shardset import open_shard_set
 from jigsawdata.pipelines.template import REGION_NAMES, Template
 
 from .losses import region_mean
+from .model import level_logits
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +73,27 @@ def load_validation_set(shards: Path | str, template: Template, count: int, fit:
 
 
 @torch.no_grad()
-def region_predictions(model: nn.Module, images: torch.Tensor, template: Template, chunk: int = 64) -> torch.Tensor:
-    """``(N, 4)`` predicted class of each region: arg-max of the region-averaged logits,
-    in eval mode and fp32 (the training mode is restored)."""
+def region_predictions(model: nn.Module, images: torch.Tensor, template: Template,
+                       chunk: int = 64) -> "OrderedDict[str, torch.Tensor]":
+    """``{level: (N, 4)}`` predicted class of each region by each classified level, and under
+    ``"all"`` by the levels together: the arg-max of the region-averaged logits (averaged over
+    the levels for ``"all"``), in eval mode and fp32 (the training mode is restored)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    region_map = torch.from_numpy(template.feature_region_map()).to(device)
+    region_maps = {name: torch.from_numpy(replace(template, stride=stride).feature_region_map()).to(device)
+                   for name, stride in model.strides.items()}
+    pooled: dict[str, list[torch.Tensor]] = {name: [] for name in ("all", *region_maps)}
     try:
-        preds = [region_mean(model(images[i:i + chunk].to(device)).float(), region_map).argmax(dim=1).cpu()
-                 for i in range(0, len(images), chunk)]
+        for i in range(0, len(images), chunk):
+            levels = {name: region_mean(logits.float(), region_maps[name])
+                      for name, logits in level_logits(model(images[i:i + chunk].to(device))).items()}
+            for name, scores in levels.items():
+                pooled[name].append(scores.argmax(dim=1).cpu())
+            pooled["all"].append(torch.stack(list(levels.values())).mean(dim=0).argmax(dim=1).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(preds)
+    return OrderedDict((name, torch.cat(parts)) for name, parts in pooled.items())
 
 
 def _majority(labels: torch.Tensor) -> float:
@@ -102,7 +112,14 @@ def region_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str
 
 
 def validate(model: nn.Module, data: ValidationSet, template: Template) -> dict[str, float]:
-    return region_accuracy(region_predictions(model, data.images, template), data.labels)
+    """:func:`region_accuracy` of the levels together; with several levels (``--neck fpn``)
+    also each level's own top-1 as ``val_accuracy_P2`` .. ``val_accuracy_P5``."""
+    predictions = region_predictions(model, data.images, template)
+    metrics = region_accuracy(predictions.pop("all"), data.labels)
+    if len(predictions) > 1:
+        for name, predicted in predictions.items():
+            metrics[f"val_accuracy_{name}"] = float((predicted == data.labels).float().mean())
+    return metrics
 
 
 def format_validation(metrics: dict) -> str:
@@ -113,21 +130,24 @@ def format_validation(metrics: dict) -> str:
         label = name if not suffix else f"{name} ({REGION_ROLES[name]})"
         lines.append(f"{label:<16}{100 * metrics['val_accuracy' + suffix]:>9.1f}"
                      f"{100 * metrics['val_majority' + suffix]:>12.1f}")
-    lines.append(f"({metrics['val_images']} fixed jigsaw images)")
+    levels = [key.removeprefix("val_accuracy_") for key in metrics if key.startswith("val_accuracy_P")]
+    for name in levels:
+        lines.append(f"{'level ' + name:<16}{100 * metrics['val_accuracy_' + name]:>9.1f}")
+    lines.append(f"({metrics['val_images']} fixed jigsaw images" + (", all: the levels' logits averaged)" if levels
+                                                                    else ")"))
     return "\n".join(lines)
 
 
 def evaluate_checkpoint(run: Path | str, shards: Path | str, images: int = 256, device: str = "auto") -> dict:
     """:func:`validate` for a pre-training run directory or checkpoint file."""
     from .checkpoint import load
-    from .model import DenseClassifier
+    from .model import model_from_checkpoint
     from .pretrain import PretrainConfig, saved_config
     from .runtime import config_from, pick_device
 
     dev = pick_device(device)
     ckpt = load(Path(run))
     cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
-    model = DenseClassifier(ckpt["arch"], len(ckpt["class_names"]))
-    model.load_state_dict(ckpt["model"])
+    model = model_from_checkpoint(ckpt)
     data = load_validation_set(shards, cfg.template, images, cfg.fit, tuple(ckpt["class_names"]))
     return {"iteration": int(ckpt["iteration"]), **validate(model.to(dev), data, cfg.template)}
