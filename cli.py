@@ -477,8 +477,8 @@ def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool) -> None:
     if fmt == "detectron2":
         click.echo("Detectron2 config these weights need (without it they load into a different network "
                    "without a warning):")
-        click.echo(yaml.safe_dump(detectron2_config(done.arch, out), sort_keys=False, default_flow_style=False)
-                   .rstrip())
+        config = detectron2_config(done.arch, out, done.fpn_channels)
+        click.echo(yaml.safe_dump(config, sort_keys=False, default_flow_style=False).rstrip())
 
 
 @main.command()

@@ -24,7 +24,7 @@ from jigsawdata.trainer.detection import build_detector
 from jigsawdata.trainer.erf import (_receptive_fields, erf_weights, lattice_cells, level_receptive_fields,
                                     level_weights, translated_shares)
 from jigsawdata.trainer.experiment import FORMAT, ExperimentConfig, arms, claim_experiment_dir, preset, pretrain_config
-from jigsawdata.trainer.export import export
+from jigsawdata.trainer.export import detectron2_config, export
 from jigsawdata.trainer.model import PyramidDenseClassifier
 from jigsawdata.trainer.pretrain import Trainer
 
@@ -233,6 +233,20 @@ def test_a_neck_that_does_not_fit_is_refused_in_one_line(tmp_path):
         build_detector("fpn", "resnet18", 3, init=str(tmp_path / "odd.pth"), fpn_channels=64)
     with pytest.raises(InputError, match="holds a detector's FPN: imagenet:FILE is a ResNet state dict"):
         build_detector("fpn", "resnet18", 3, init=f"imagenet:{tmp_path / 'tv.pth'}", fpn_channels=64)
+    # Renamed FPN tensors would be dropped and the FPN left random: refused.
+    renamed = {k.replace("backbone.fpn.", "neck."): v for k, v in state.items() if k != "backbone.fpn.extra.weight"}
+    torch.save(renamed, tmp_path / "renamed.pth")
+    with pytest.raises(InputError, match="neither a backbone's nor an FPN's \\(e.g. neck.inner_blocks.0.0.bias, 16"):
+        build_detector("fpn", "resnet18", 3, init=str(tmp_path / "renamed.pth"), fpn_channels=64)
+    # A tensor of the wrong shape is named, not taken for another width.
+    bent = {k: v for k, v in state.items() if k != "backbone.fpn.extra.weight"}
+    bent["backbone.fpn.layer_blocks.1.0.bias"] = torch.zeros(33)
+    torch.save(bent, tmp_path / "bent.pth")
+    with pytest.raises(InputError, match="FPN whose layer_blocks.1.0.bias is \\(33,\\), not \\(64,\\)"):
+        build_detector("fpn", "resnet18", 3, init=str(tmp_path / "bent.pth"), fpn_channels=64)
+    # BatchNorm weights do not go into a GroupNorm backbone.
+    with pytest.raises(InputError, match="BatchNorm statistics that a GroupNorm backbone \\(--norm gn\\) would drop"):
+        build_detector("fpn", "resnet18", 3, init=str(path), fpn_channels=64, norm="gn", box_head="2fc")
 
 
 def test_exports_name_the_fpn_as_each_framework_does(tmp_path):
@@ -251,6 +265,8 @@ def test_exports_name_the_fpn_as_each_framework_does(tmp_path):
     assert (d2["fpn_lateral2.weight"] == model.fpn.inner_blocks[0][0].weight.detach().numpy()).all()
     assert (d2["fpn_output5.bias"] == model.fpn.layer_blocks[3][0].bias.detach().numpy()).all()
     assert "stem.conv1.weight" in d2 and not any(k.startswith("stem.fpn") for k in d2)
+    assert detectron2_config("resnet18", tmp_path / "d2.pkl", 64)["MODEL"]["FPN"] == {"OUT_CHANNELS": 64}
+    assert "FPN" not in detectron2_config("resnet18", tmp_path / "d2.pkl")["MODEL"]
     alone = export(path, "torchvision", tmp_path / "alone.pth", backbone_only=True)
     assert not alone.neck
     result = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "alone.pth", weights_only=True),

@@ -94,12 +94,23 @@ def _exported(state: dict) -> InitWeights:
     detector keys (``backbone.body.*``, ``backbone.fpn.*``) or MMDetection's (``backbone.*``,
     ``neck.lateral_convs.{i}.conv.*``, ``neck.fpn_convs.{i}.conv.*``)."""
     if any(k.startswith("backbone.body.") for k in state):
+        _refuse_others(state, ("backbone.body.", "backbone.fpn."))
         return _split(state, "backbone.body.", "backbone.fpn.")
     if any(_MMDET_NECK.match(k) for k in state):
+        _refuse_others(state, ("backbone.", "neck.lateral_convs.", "neck.fpn_convs."))
         neck = {_MMDET_NECK.sub(lambda m: f"{'inner' if m[1] == 'lateral' else 'layer'}_blocks.{m[2]}.0.", k): v
                 for k, v in state.items() if k.startswith("neck.")}
         return InitWeights(_split(state, "backbone.", "-").backbone, OrderedDict(neck))
     return InitWeights(OrderedDict(state))
+
+
+def _refuse_others(state: dict, prefixes: tuple[str, ...]) -> None:
+    """A backbone + FPN file holds nothing else: a tensor under another name would be
+    dropped, and the part it belonged to left random, without a word."""
+    others = sorted(k for k in state if not k.startswith(prefixes))
+    if others:
+        raise InputError(f"--init holds tensors that are neither a backbone's nor an FPN's (e.g. {others[0]}, "
+                         f"{len(others)} in all): export writes {' and '.join(p + '*' for p in prefixes)} only")
 
 
 def read_init(init: str, arch: str) -> InitWeights | None:
@@ -136,6 +147,15 @@ def _normalised(fpn_keys) -> bool:
     return any(re.search(r"_blocks\.\d+\.1\.", k) for k in fpn_keys)
 
 
+def _at_width(shape: torch.Size, key: str, width: int) -> tuple[int, ...]:
+    """An FPN tensor's shape in a ``width``-channel pyramid on the same backbone."""
+    dims = list(shape)
+    dims[0] = width
+    if key.startswith("layer_blocks.") and key.endswith(".weight"):
+        dims[1] = width
+    return tuple(dims)
+
+
 def load_fpn_weights(fpn: nn.Module, weights: "OrderedDict[str, torch.Tensor]", init: str) -> None:
     """Every pre-trained FPN tensor into the detector's FPN, or a one-line refusal."""
     own = fpn.state_dict()
@@ -148,15 +168,29 @@ def load_fpn_weights(fpn: nn.Module, weights: "OrderedDict[str, torch.Tensor]", 
                          "is not torchvision's FeaturePyramidNetwork on layer1..layer4")
     wrong = [k for k, v in weights.items() if own[k].shape != v.shape]
     if wrong:
-        raise InputError(f"--init {init} holds a {weights[wrong[0]].shape[0]}-channel FPN, not "
-                         f"{own[wrong[0]].shape[0]}: fine-tune with --fpn-channels {weights[wrong[0]].shape[0]}")
+        width = int(weights["layer_blocks.0.0.weight"].shape[0])
+        if width % 32 == 0 and all(tuple(weights[k].shape) == _at_width(own[k].shape, k, width) for k in own):
+            raise InputError(f"--init {init} holds a {width}-channel FPN, not {own[wrong[0]].shape[0]}: fine-tune "
+                             f"with --fpn-channels {width}")
+        raise InputError(f"--init {init} holds an FPN whose {wrong[0]} is {tuple(weights[wrong[0]].shape)}, not "
+                         f"{tuple(own[wrong[0]].shape)}: not an FPN on this --arch")
     fpn.load_state_dict(weights)
 
 
 def load_backbone_weights(resnet: nn.Module, weights: "OrderedDict[str, torch.Tensor]", init: str) -> None:
     own = resnet.state_dict()
+    if not set(own) & set(weights):
+        raise InputError(f"--init {init}: none of its tensors is named as a ResNet's (e.g. {next(iter(weights), '-')}):"
+                         " not a file jigsawdata export writes, or a torchvision ResNet state dict")
     wrong = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in weights and not k.endswith("num_batches_tracked") and not k.startswith("fc.")]
+    unused = [k for k in weights if k not in own and not k.endswith("num_batches_tracked")]
+    if unused and all(k.endswith(("running_mean", "running_var")) for k in unused):
+        raise InputError(f"--init {init} holds BatchNorm statistics that a GroupNorm backbone (--norm gn) would drop, "
+                         "and its BatchNorm scales would act as GroupNorm's: fine-tune with --norm frozen_bn or bn")
+    if unused:
+        raise InputError(f"--init {init} holds tensors this backbone has no place for (e.g. {unused[0]}): wrong "
+                         "--arch, or not a ResNet state dict")
     if wrong or missing:
         detail = f"shape mismatch in {wrong[:3]}" if wrong else f"missing {missing[:3]}"
         raise InputError(f"--init {init} does not fit this backbone ({detail}): wrong --arch?")

@@ -67,6 +67,8 @@ class Exported:
     arch: str
     tensors: int
     neck: bool = False
+    fpn_channels: int | None = None
+    """The exported FPN's width (None: no FPN)."""
 
 
 def backbone_state(ckpt: dict, prefix: str = "backbone.") -> "OrderedDict[str, torch.Tensor]":
@@ -103,7 +105,7 @@ def detectron2_state(state: "OrderedDict[str, torch.Tensor]", as_numpy: bool) ->
                        for k, v in state.items() if not k.endswith("num_batches_tracked"))
 
 
-def detectron2_config(arch: str, weights: Path) -> dict:
+def detectron2_config(arch: str, weights: Path, fpn_channels: int | None = None) -> dict:
     """The Detectron2 config keys the exported weights need, as a nested dict for its YAML.
 
     torchvision's bottlenecks stride in the 3x3 convolution (``STRIDE_IN_1X1: False``; the
@@ -115,6 +117,7 @@ def detectron2_config(arch: str, weights: Path) -> dict:
             "PIXEL_MEAN": [round(m * 255, 3) for m in IMAGENET_MEAN],
             "PIXEL_STD": [round(s * 255, 3) for s in IMAGENET_STD],
             "RESNETS": {**_DETECTRON2_RESNETS[arch], "STRIDE_IN_1X1": False},
+            **({"FPN": {"OUT_CHANNELS": fpn_channels}} if fpn_channels else {}),
         },
         "INPUT": {"FORMAT": "RGB"},
     }
@@ -159,4 +162,5 @@ def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool = False) -
         write_bytes_atomic(out, pickle.dumps(payload))
     else:
         save_atomic(payload, out)
-    return Exported(ckpt["arch"], len(state), bool(neck))
+    width = int(neck["layer_blocks.0.0.weight"].shape[0]) if neck else None
+    return Exported(ckpt["arch"], len(state), bool(neck), width)
