@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,7 +35,8 @@ from jigsawdata.coco import resolve_coco_root
 from jigsawdata.pipelines.config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from jigsawdata.pipelines.dali import DaliJigsawLoader
 from jigsawdata.pipelines.template import Template
-from jigsawdata.trainer.erf import effective_receptive_fields, erf_weights, level_receptive_fields, level_weights
+from jigsawdata.trainer.erf import (effective_receptive_fields, erf_weights, level_receptive_fields, level_region_maps,
+                                   level_weights)
 from jigsawdata.trainer.losses import erf_dense_loss, mean_over_levels
 from jigsawdata.trainer.model import DenseClassifier, PyramidDenseClassifier, build_backbone
 
@@ -150,8 +150,7 @@ def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = 
 
         # 1b. Jigsaw with the FPN pre-trained too, on the same batches
         pyramid = PyramidDenseClassifier(arch, 81).to(device, memory_format=fmt)
-        level_maps = {name: torch.from_numpy(replace(template, stride=stride).feature_region_map()).to(device)
-                      for name, stride in pyramid.strides.items()}
+        level_maps = level_region_maps(template, pyramid.strides, device)
         fpn_erf_s = timed(lambda: result.update(levels=level_weights(
             level_receptive_fields(pyramid, images[:erf_images].to(device), template), template, pyramid.strides)),
             cuda)

@@ -64,6 +64,13 @@ def _receptive_fields(model: nn.Module, images: torch.Tensor,
     return {name: total / len(images) for name, total in totals.items()}
 
 
+def level_region_maps(template: Template, strides: Mapping[str, int],
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """``{level: (g, g)}`` region id of each cell of every level's grid."""
+    return {name: torch.from_numpy(replace(template, stride=stride).feature_region_map()).to(device)
+            for name, stride in strides.items()}
+
+
 def lattice_cells(grid: int, step: int) -> torch.Tensor:
     """Flat indices of the cell at the middle of each ``step`` x ``step`` block of a
     ``grid`` x ``grid`` map: one cell per stride-32 cell of the template."""

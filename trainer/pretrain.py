@@ -29,7 +29,7 @@ from jigsawdata.pipelines.shardset import open_shard_set
 from . import checkpoint as ckpt_io
 from .config import PretrainConfig
 from .data import SOURCES
-from .erf import blockwise_weights, level_receptive_fields, level_weights, region_fractions
+from .erf import blockwise_weights, level_receptive_fields, level_region_maps, level_weights, region_fractions
 from .losses import blockwise_loss, erf_dense_loss, global_loss, mean_over_levels
 from .model import BACKBONE_LEVEL, build_model, level_logits
 from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, drop_records_after, dump_config,
@@ -82,8 +82,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.arch, len(self.class_names), cfg.neck, cfg.fpn_channels).to(self.device)
         self.levels = {name: replace(self.template, stride=stride) for name, stride in self.model.strides.items()}
-        self.region_maps = {name: torch.from_numpy(level.feature_region_map()).to(self.device)
-                            for name, level in self.levels.items()}
+        self.region_maps = level_region_maps(self.template, self.model.strides, self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=cfg.momentum,

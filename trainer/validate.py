@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from jigsawdata.pipelines.reference import reference_loader
 from jigsawdata.pipelines.shardset import open_shard_set
 from jigsawdata.pipelines.template import REGION_NAMES, Template
 
+from .erf import level_region_maps
 from .losses import region_mean
 from .model import level_logits
 
@@ -81,8 +82,7 @@ def region_predictions(model: nn.Module, images: torch.Tensor, template: Templat
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    region_maps = {name: torch.from_numpy(replace(template, stride=stride).feature_region_map()).to(device)
-                   for name, stride in model.strides.items()}
+    region_maps = level_region_maps(template, model.strides, device)
     pooled: dict[str, list[torch.Tensor]] = {name: [] for name in ("all", *region_maps)}
     try:
         for i in range(0, len(images), chunk):
