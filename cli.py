@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from jigsawdata import __version__
 from jigsawdata.build import BuildConfig
-from jigsawdata.errors import InputError, first_line
+from jigsawdata.errors import InputError, first_line, message
 from jigsawdata.settings import field_types, flag, read_config_file, spec_of
 from jigsawdata.pipelines.config import FIT_MODES
 from jigsawdata.pipelines.template import REGION_NAMES
@@ -67,13 +67,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except InputError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(message(exc)) from exc
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:
             logging.getLogger("jigsawdata").debug("unexpected failure", exc_info=True)
-            message = f"{type(exc).__name__}: {first_line(exc)} (rerun with -vv for the traceback)"
-            raise click.ClickException(message) from exc
+            raise click.ClickException(f"{type(exc).__name__}: {first_line(exc)} (rerun with -vv for the traceback)") \
+                from exc
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         """Every subcommand takes ``-v`` and ``-q`` too, so they work after its name as well as
@@ -362,8 +362,15 @@ def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
         raise click.BadParameter(str(exc)) from exc
 
 
+_VERIFY_OPTION = click.option("--verify/--no-verify", default=True, show_default=True,
+                              help="Check every shard against the manifest first, JPEGs decoded (cached: free on "
+                                   "later runs).")
+_CACHE_OPTION = click.option("--cache-dir", help="Where a URL is fetched to (default: $JIGSAWDATA_CACHE or "
+                                                 "~/.cache/jigsawdata).")
+
+
 @main.command()
-@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("shards")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
 @click.option("--count", default=8, show_default=True, type=click.IntRange(min=1), help="Assembled images to draw.")
 @click.option("--columns", default=4, show_default=True, type=click.IntRange(min=1), help="Images per row.")
@@ -378,18 +385,18 @@ def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
 @click.option("--template-split", "split", default=64, show_default=True, type=click.IntRange(min=1),
               help="Where the template cuts the canvas (px from the top-left), not a data split.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the augmentation.")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check every shard against the manifest first (cached: free on later runs).")
-def preview(shards: Path, out: Path, count: int, columns: int, pipeline: str, device: str, fit: str,
-            canvas: int, split: int, seed: int, verify: bool) -> None:
-    """Draw assembled jigsaw images with region borders and class names."""
-    from jigsawdata.pipelines.integrity import check_shard_set
+@_VERIFY_OPTION
+@_CACHE_OPTION
+def preview(shards: str, out: Path, count: int, columns: int, pipeline: str, device: str, fit: str,
+            canvas: int, split: int, seed: int, verify: bool, cache_dir: str | None) -> None:
+    """Draw assembled jigsaw images of a shard set (a directory or a URL) with region borders
+    and class names."""
+    from jigsawdata.pipelines.integrity import local_checked
     from jigsawdata.pipelines.preview import render_grid
     from jigsawdata.pipelines.shardset import open_shard_set
 
     cfg = _jigsaw_config(canvas, split, fit, seed, initial_fill=256)
-    if verify:
-        check_shard_set(shards)
+    shards = local_checked(shards, verify=verify, cache_dir=cache_dir)
     if pipeline == "dali":
         from jigsawdata.pipelines.dali import DaliJigsawLoader
 
@@ -443,17 +450,22 @@ def pretrain(resume: bool, config_file: Path | None, **options) -> None:
 
 @main.command("evaluate-pretrain")
 @click.argument("run", type=click.Path(exists=True, path_type=Path))
-@click.option("--shards", required=True, help="Shards of a held-out split, with the run's classes.")
-@click.option("--images", default=256, show_default=True, help="Fixed jigsaw images to measure on.")
+@click.option("--shards", required=True, help="Shards of a held-out split, with the run's classes: a directory or "
+              "a URL (fetched and verified into the cache first).")
+@click.option("--images", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Fixed jigsaw images to measure on.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where to run (auto: a CUDA GPU if torch sees one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json: bool) -> None:
+@_VERIFY_OPTION
+@_CACHE_OPTION
+def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json: bool, verify: bool,
+                      cache_dir: str | None) -> None:
     """Region top-1 accuracy of a pre-training checkpoint on fixed jigsaw images, with the
     majority-class rate beside it (the same figure pretrain --val-shards logs)."""
     from jigsawdata.trainer.validate import evaluate_checkpoint, format_validation
 
-    metrics = evaluate_checkpoint(run, shards, images, device)
+    metrics = evaluate_checkpoint(run, shards, images, device, verify=verify, cache_dir=cache_dir)
     click.echo(json.dumps(metrics, indent=2) if as_json else format_validation(metrics))
 
 
@@ -487,14 +499,16 @@ def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool) -> None:
 @click.option("--region", type=click.Choice(REGION_NAMES), default="TL", show_default=True,
               help="Template region whose cells' fields are drawn.")
 @click.option("--images", default=16, show_default=True, type=click.IntRange(min=1), help="Jigsaw images to average over.")
-@click.option("--shards", type=click.Path(exists=True, file_okay=False), help="Shard set (default: the run's).")
+@click.option("--shards", help="Shard set, a directory or a URL (default: the run's).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where to run (auto: a CUDA GPU if torch sees one).")
-def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None, device: str) -> None:
+@_VERIFY_OPTION
+def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None, device: str, verify: bool) -> None:
     """Draw the effective receptive field of a region's cells for a run's checkpoint (of a
     --neck fpn run: its P5 level, the pyramid's stride-32 map)."""
 
     from jigsawdata.pipelines.config import JigsawConfig
+    from jigsawdata.pipelines.integrity import local_checked
     from jigsawdata.pipelines.reference import reference_loader
     from jigsawdata.trainer.checkpoint import load
     from jigsawdata.trainer.erf import level_receptive_fields, level_weights
@@ -508,7 +522,8 @@ def erf(run_dir: Path, out: Path, region: str, images: int, shards: str | None, 
     cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
     model = model_from_checkpoint(ckpt)
     level = next(reversed(model.strides))  # the stride-32 level: every cell's own ERF
-    batch, _ = next(iter(reference_loader(shards or cfg.shards, images, JigsawConfig(template=cfg.template),
+    local = local_checked(shards or cfg.shards, verify=verify, cache_dir=cfg.cache_dir)
+    batch, _ = next(iter(reference_loader(local, images, JigsawConfig(template=cfg.template),
                                           workers=0, rank=0, world_size=1)))
     maps = {level: level_receptive_fields(model.to(where), batch.to(where), cfg.template, only=level)[level].cpu()}
     weights = level_weights(maps, cfg.template, model.strides, cfg.tau)[level]

@@ -51,7 +51,7 @@ class DecodeWhole(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[np.ndarray]:
         part, parts = worker_part(0, 1)
         for drawn in zip(*reader_streams(self.shards, self.cfg, part, parts)):
-            for jpeg, _ in drawn:
+            for jpeg, _, _ in drawn:
                 Image.open(io.BytesIO(jpeg)).load()
             yield np.zeros((), dtype=np.uint8)
 

@@ -96,27 +96,44 @@ def _chunk_paths(staging: Path, index: int) -> tuple[Path, Path]:
     return staging / f"chunk-{index:06d}.bin", staging / f"chunk-{index:06d}.json"
 
 
-def _skips_path(staging: Path, index: int) -> Path:
-    return staging / f"chunk-{index:06d}.skips.json"
+def _sources_path(staging: Path, index: int) -> Path:
+    return staging / f"chunk-{index:06d}.sources.json"
 
 
 def _file_state(path: Path) -> list[int] | None:
-    """Size and modification time of a file, or None when there is none."""
+    """Size, modification and change time of a file, or None when there is none. The change
+    time cannot be set by hand, so a file copied over another keeping its size and mtime
+    still differs."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _skips_still_hold(staging: Path, index: int, images_dir: Path) -> bool:
-    """Whether every image a staged chunk skipped for its file (missing, corrupt, ...) is as
-    it was then. A build resumed after the images were copied in, fixed or pointed to with
-    another --image-dir extracts such a chunk again instead of keeping its skips."""
-    path = _skips_path(staging, index)
+def _file_digest(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def _sources_still_hold(staging: Path, index: int, images_dir: Path) -> bool:
+    """Whether a staged chunk was made from the files the build reads now: every image it read
+    (used, or skipped for its file: missing, corrupt, ...) is unchanged. Unchanged is proved
+    cheaply when the folder and each file's state are those recorded, and otherwise by the
+    file's sha256: a moved folder is re-hashed, not re-extracted, while a folder with the same
+    names and sizes but other pixels, or images copied in or fixed since, makes the chunk stale."""
+    path = _sources_path(staging, index)
     if not path.is_file():
-        return True
-    return all(_file_state(images_dir / name) == state for name, state in json.loads(path.read_text()))
+        return False  # staged by a build that recorded no sources: nothing proves it
+    recorded = json.loads(path.read_text())
+    same_dir = recorded["images_dir"] == os.path.realpath(images_dir)
+    for name, state, digest in recorded["files"]:
+        now = images_dir / name
+        if not (same_dir and _file_state(now) == state) and _file_digest(now) != digest:
+            return False
+    return True
 
 
 def _encode_jpeg(image, quality: int) -> bytes:
@@ -131,6 +148,9 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
     records, skipped, counts, exif, files = [], [], Counter(), [], []
     with atomic_path(blob_path) as tmp_blob, open(tmp_blob, "wb") as blob:
         for i, image in enumerate(task.images):
+            if not image.skip:  # a file read: recorded before decoding, so a change during it shows
+                file = Path(task.images_dir) / image.file_name
+                files.append([image.file_name, _file_state(file), _file_digest(file)])
             decoded = load_image(image, task.images_dir, task.cfg.max_pixels)
             pixels, reason = decoded.image, decoded.skip
             if decoded.exif_orientation is not None:
@@ -139,8 +159,6 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
             if pixels is None:
                 counts[reason] += 1
                 skipped.append({"image_id": image.image_id, "file_name": image.file_name, "reason": reason})
-                if not image.skip:  # skipped for its file, not for its name: a later run may find it changed
-                    files.append([image.file_name, _file_state(Path(task.images_dir) / image.file_name)])
                 continue
             counts["images_used"] += 1
             crops, image_counts = plan_image(image, task.cfg.sampling, task.background_label,
@@ -158,11 +176,8 @@ def _extract_chunk(task: _ChunkTask) -> tuple[int, int]:
                     "offset": blob.tell(), "size": len(data),
                 })
                 blob.write(data)
-    skips = _skips_path(task.staging, task.index)
-    if files:
-        write_text_atomic(skips, json.dumps(files))
-    else:
-        skips.unlink(missing_ok=True)
+    write_text_atomic(_sources_path(task.staging, task.index),
+                      json.dumps({"images_dir": os.path.realpath(task.images_dir), "files": files}))
     write_text_atomic(meta_path, json.dumps({"records": records, "skipped_images": skipped, "counts": dict(counts),
                                              "exif": exif}, separators=(",", ":")))
     return len(task.images), len(records)
@@ -274,9 +289,10 @@ def _build_locked(source: CocoSource, out: Path, cfg: BuildConfig, *, workers: i
         return slice(i * cfg.chunk_images, (i + 1) * cfg.chunk_images)
 
     stale = [i for i in range(chunks) if _chunk_paths(staging, i)[1].is_file()
-             and not _skips_still_hold(staging, i, source.images_dir)]
+             and not _sources_still_hold(staging, i, source.images_dir)]
     if stale:
-        log.info("%d staged chunks skipped images whose files have changed since: extracting them again", len(stale))
+        log.warning("%d staged chunks were made from image files that have changed since (or another --image-dir): "
+                    "extracting them again", len(stale))
         forget_written_shards(staging)  # their records change, and with them every shard
         for i in stale:
             _chunk_paths(staging, i)[1].unlink()

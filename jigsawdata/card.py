@@ -10,6 +10,7 @@ W) whose ``data_files`` are that group's shards, and the sample features with ``
 from __future__ import annotations
 
 import hashlib
+import shlex
 from collections import Counter
 from dataclasses import replace
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -51,19 +52,26 @@ def license_text(from_coco: bool, given: str | None) -> str:
 
 
 def rebuild_command(manifest: Manifest) -> str:
-    params, sampling = manifest.params, manifest.params["sampling"]
+    """The ``build-shards`` command that rebuilds the set byte for byte: every setting the
+    manifest records (``params``, and ``params.sampling``), each as its flag, so a setting
+    added to the build can never be left out of its card."""
+    from .settings import flag
+
     ann = manifest.source.annotation_file
     split = ann.removeprefix("instances_").removesuffix(".json")
-    parts = [f"jigsawdata build-shards COCO_ROOT --split {split} --out SHARDS",
-             f"--seed {params['seed']}", f"--pos-per-neg {sampling['pos_per_neg']:g}",
-             f"--max-enlarge {sampling['max_enlarge']:g}", f"--min-box-size {sampling['min_box_size']}",
-             f"--jpeg-quality {params['jpeg_quality']}", f"--shard-size {params['shard_size']}",
-             f"--shard-samples {params['shard_samples']}", f"--chunk-images {params['chunk_images']}"]
-    if "max_pixels" in params:
-        parts.append(f"--max-pixels {params['max_pixels']}")
+    source = (f"COCO_ROOT --split {shlex.quote(split)}" if ann == f"instances_{split}.json"
+              else f"--ann {shlex.quote(ann)} --image-dir IMAGES")
+    params = {**{k: v for k, v in manifest.params.items() if k != "sampling"}, **manifest.params["sampling"]}
+    parts = [f"jigsawdata build-shards {source} --out SHARDS",
+             *(f"{flag(k)} {shlex.quote(_cli_value(v))}" for k, v in params.items())]
     if manifest.source.license_given:
-        parts.append(f"--license '{manifest.source.license}'")
+        parts.append(f"--license {shlex.quote(manifest.source.license)}")
     return " \\\n    ".join(parts)
+
+
+def _cli_value(value) -> str:
+    """A setting as its flag reads it back exactly (``repr`` of a float round-trips)."""
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def attach_card(manifest: Manifest, per_class: Mapping[int, int]) -> tuple[Manifest, str]:
@@ -120,6 +128,20 @@ def front_matter(manifest: Manifest) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
 
 
+def class_table(names: Mapping[int, str], per_class: Mapping[int, int]) -> list[str]:
+    """The card's table of samples per label with each label's name: ``verify`` finds it in
+    the card to check the manifest's names and the shards' labels against the build's."""
+    return ["| label | class | samples |", "|---:|---|---:|",
+            *(f"| {label} | {names[label]} | {n} |" for label, n in sorted(per_class.items()))]
+
+
+def totals_line(counts: Mapping[str, int]) -> str:
+    """The card's positives and negatives, then what the build left out."""
+    return (f"Positives: {counts.get('positives', 0)}, negatives: {counts.get('negatives', 0)}. Left out: " +
+            ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("positives", "negatives", "images",
+                                                                         "images_used")) + ".")
+
+
 def render_card(manifest: Manifest, per_class: Mapping[int, int]) -> str:
     """Markdown card for a finished shard set; ``per_class`` counts its samples per label."""
     src, counts, names = manifest.source, manifest.counts, manifest.label_names
@@ -142,11 +164,8 @@ def render_card(manifest: Manifest, per_class: Mapping[int, int]) -> str:
         "| group | shards | samples | MB |", "|---|---:|---:|---:|",
         *(f"| {g} | {len(v.shards)} | {v.samples} | {v.bytes / 1e6:.1f} |" for g, v in manifest.groups.items()),
         "",
-        f"Positives: {counts.get('positives', 0)}, negatives: {counts.get('negatives', 0)}. Left out: " +
-        ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("positives", "negatives", "images", "images_used"))
-        + ".", "",
-        "| label | class | samples |", "|---:|---|---:|",
-        *(f"| {label} | {names[label]} | {n} |" for label, n in sorted(per_class.items())), "",
+        totals_line(counts), "",
+        *class_table(names, per_class), "",
         "## Build parameters", "",
         *(f"- `{k}`: {v}" for k, v in sorted(manifest.params.items()) if k != "sampling"),
         *(f"- `sampling.{k}`: {v}" for k, v in sorted(manifest.params["sampling"].items())), "",

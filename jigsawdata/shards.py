@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import mmap
 import os
 import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
+
+from PIL import Image, UnidentifiedImageError
 
 from .files import atomic_path, write_text_atomic
 
@@ -176,6 +179,29 @@ def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             parts[ext] = tar.extractfile(member).read()
         if key is not None:
             yield key, parts
+
+
+MAX_CROP_PIXELS = 100_000_000
+"""Largest crop decoded when checking one: a crop is never larger than the image it was cut
+from (``BuildConfig.max_pixels``), and a forged header must not claim gigapixels."""
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """Why a sample's ``.jpg`` cannot be trained on, or None: it must be a JPEG that decodes
+    whole. Decoding is the only proof: bytes that start and end like a JPEG can hold anything
+    between, which DALI and Pillow then fail on, or read short, in the middle of training."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG":
+                return f"is {img.format or 'an unknown format'}, not a JPEG"
+            if img.width * img.height > MAX_CROP_PIXELS:
+                return f"claims {img.width}x{img.height} pixels, more than any crop"
+            img.load()
+    except UnidentifiedImageError:
+        return "does not decode (not an image format Pillow knows)"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"does not decode ({exc})"
+    return None
 
 
 def read_dali_index(path: Path) -> list[str]:

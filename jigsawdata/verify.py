@@ -2,7 +2,7 @@
 
 ``verify`` trusts nothing it can recompute: every name in the manifest must stay inside the
 set, every shard is re-hashed, its members are read (and their names checked: shards from
-strangers are data, never paths or code), every label must name a class or the background,
+strangers are data, never paths or code), every JPEG is decoded, every label must name a class or the background,
 each sample count is compared with the manifest, its DALI index and ``index.parquet``, and
 the manifest's totals with its shards. ``summarize`` (``info``) only reads, it checks nothing.
 """
@@ -10,18 +10,17 @@ the manifest's totals with its shards. ``summarize`` (``info``) only reads, it c
 from __future__ import annotations
 
 import json
-
 import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from .card import CARD_NAME
+from .card import CARD_NAME, class_table, totals_line
 from .errors import InputError
 from .files import sha256_file
 from .index import read_index
 from .manifest import Manifest, ManifestError, read_manifest
-from .shards import index_path, iter_samples, read_dali_index
+from .shards import index_path, iter_samples, jpeg_problem, read_dali_index
 
 
 def _totals_problems(manifest: Manifest) -> list[str]:
@@ -40,11 +39,14 @@ def _totals_problems(manifest: Manifest) -> list[str]:
     return problems
 
 
-def _sample_problems(name: str, samples, labels: range, indexed: dict[str, int]) -> tuple[int, list[str]]:
-    """Count a shard's samples and check each: its three parts, a label in range that its
-    ``.json`` and the index (``indexed``: key -> label, empty without an index) agree on,
-    and a JPEG that is whole (starts with SOI, ends with EOI)."""
+def _sample_problems(name: str, samples, categories: dict[int, int], indexed: dict[str, int],
+                     seen: Counter) -> tuple[int, list[str]]:
+    """Count a shard's samples and check each: its three parts, a label of the manifest that
+    its ``.json`` and the index (``indexed``: key -> label, empty without an index) agree on,
+    the category id the manifest gives that label in its ``.json``, and a JPEG that decodes.
+    Each label read is counted in ``seen``."""
     count, problems = 0, []
+    labels = range(len(categories))
     for key, parts in samples:
         count += 1
         if set(parts) != {"jpg", "cls", "json"}:
@@ -62,12 +64,17 @@ def _sample_problems(name: str, samples, labels: range, indexed: dict[str, int])
             meta = json.loads(parts["json"])
         except ValueError:
             meta = None
+        seen[label] += 1
         if not isinstance(meta, dict) or meta.get("label") != label:
             problems.append(f"{name}: sample {key} has a .json that does not give its label {label}")
+        elif meta.get("category_id") != categories[label]:
+            problems.append(f"{name}: sample {key} has category_id {meta.get('category_id')!r} in its .json, the "
+                            f"manifest gives label {label} category_id {categories[label]}")
         if indexed and indexed.get(key) != label:
             problems.append(f"{name}: sample {key} has label {label}, the index says {indexed.get(key)}")
-        if not (parts["jpg"].startswith(b"\xff\xd8") and parts["jpg"].rstrip(b"\0").endswith(b"\xff\xd9")):
-            problems.append(f"{name}: sample {key} has a .jpg that is not a whole JPEG")
+        jpeg = jpeg_problem(parts["jpg"])
+        if jpeg:
+            problems.append(f"{name}: sample {key}: its .jpg {jpeg}")
     return count, problems
 
 
@@ -80,6 +87,8 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
         return [str(exc)]
     problems: list[str] = []
     labels = range(manifest.num_labels)
+    categories = {c.label: c.category_id for c in (*manifest.classes, manifest.background)}
+    seen: Counter = Counter()
     index_counts: Counter = Counter()
     index_labels: dict[str, dict[str, int]] = {}
     index_file = root / manifest.index_name
@@ -116,8 +125,8 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
         if sha256_file(path) != shard.sha256:
             problems.append(f"{name}: sha256 differs from the manifest")
         try:
-            samples, sample_problems = _sample_problems(name, iter_samples(path), labels,
-                                                        index_labels.get(name, {}))
+            samples, sample_problems = _sample_problems(name, iter_samples(path), categories,
+                                                        index_labels.get(name, {}), seen)
         except (ValueError, tarfile.TarError, OSError) as exc:
             problems.append(f"{name}: unreadable: {exc}")
             continue
@@ -135,6 +144,33 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
         if index_file.is_file() and index_counts[name] != shard.samples:
             problems.append(f"{name}: {index_counts[name]} rows in {index_file.name}, "
                             f"manifest says {shard.samples}")
+    if not problems:  # the per-label counts below are only meaningful over every sample read
+        problems += _label_count_problems(manifest, seen, root)
+    return problems
+
+
+def _label_count_problems(manifest: Manifest, seen: Counter, root: Path) -> list[str]:
+    """The manifest's positives and negatives against the labels the shards hold, and its
+    class names against the card's class table (which the build rendered from the same
+    classes and the shards' labels): a manifest edited after the build, with every sha256
+    still matching, disagrees with one of them."""
+    problems = []
+    negatives = seen[manifest.background.label]
+    counts = manifest.counts or {}
+    if "positives" in counts and (counts["positives"], counts.get("negatives", 0)) != (sum(seen.values()) - negatives,
+                                                                                      negatives):
+        problems.append(f"counts: the manifest gives {counts['positives']} positives and {counts.get('negatives', 0)} "
+                        f"negatives, the shards' labels {sum(seen.values()) - negatives} and {negatives}")
+    card = root / CARD_NAME
+    if not (manifest.card_sha256 and card.is_file()):
+        return problems
+    lines = card.read_text(encoding="utf-8", errors="replace").splitlines()
+    table = "\n".join(class_table(manifest.label_names, seen))
+    if f"\n{table}\n\n" not in "\n".join(lines):
+        problems.append(f"{CARD_NAME}: its class table is not the manifest's class names with the shards' labels "
+                        "counted (a class renamed, or counts changed, after the build)")
+    if totals_line(counts) not in lines:
+        problems.append(f"{CARD_NAME}: its positives, negatives and left-out counts are not the manifest's")
     return problems
 
 

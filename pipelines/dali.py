@@ -12,14 +12,16 @@ same but for the decoder and the stitch (see :func:`_fit_windows` and :func:`_pa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from jigsawdata.errors import InputError
+from jigsawdata.errors import InputError, first_line
 from jigsawdata.location import is_url
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
@@ -340,7 +342,7 @@ class DaliJigsawLoader:
             here = process_info()
             rank, world_size = here.rank, here.world
         check_enough_samples(open_shard_set(root), world_size * pipelines)
-        self.batch_size = batch_size
+        self.batch_size, self._root = batch_size, root
         self._next, states = _split_state(checkpoint, pipelines)
         self._iterators = []
         for part, state in enumerate(states):
@@ -349,9 +351,10 @@ class DaliJigsawLoader:
                                    num_shards=world_size * pipelines, fp16=fp16, checkpoint=state,
                                    pad_last_batch=epoch)
             pipe.build()
-            self._iterators.append(DALIGenericIterator(
-                [pipe], ["images", "labels"], reader_name="S0" if epoch else None,
-                last_batch_policy=LastBatchPolicy.DROP, auto_reset=False))
+            with self._reading():  # the iterator runs the first batch now
+                self._iterators.append(DALIGenericIterator(
+                    [pipe], ["images", "labels"], reader_name="S0" if epoch else None,
+                    last_batch_policy=LastBatchPolicy.DROP, auto_reset=False))
         self._live = list(range(pipelines))
         log.info("DALI jigsaw loader: device=%s rank %d/%d batch %d, %d pipeline(s) of %d thread(s)", device, rank,
                  world_size, batch_size, pipelines, num_threads)
@@ -364,7 +367,8 @@ class DaliJigsawLoader:
             part = self._next
             live = self._live.index(part)
             try:
-                batch = next(self._iterators[part])[0]
+                with self._reading():
+                    batch = next(self._iterators[part])[0]
             except StopIteration:  # this part's epoch is over; the others may still have batches
                 self._live.remove(part)
                 self._next = self._live[live % len(self._live)] if self._live else 0
@@ -372,6 +376,16 @@ class DaliJigsawLoader:
             self._next = self._live[(live + 1) % len(self._live)]
             return batch["images"].permute(0, 3, 1, 2), parse_labels(batch["labels"])
         raise StopIteration
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """DALI's errors name neither the shard nor the sample: point to `verify`, which does."""
+        try:
+            yield
+        except RuntimeError as exc:
+            raise InputError(f"DALI could not read or decode a sample of {self._root} ({dali_gist(exc)}): run "
+                             f"`jigsawdata verify {self._root}`, which names every such sample, and fetch or build "
+                             "the set again") from exc
 
     def reset(self) -> None:
         for iterator in self._iterators:
@@ -382,6 +396,15 @@ class DaliJigsawLoader:
         """DALI's checkpoint of the pipeline; with several, each one's and whose batch is next."""
         parts = [iterator.checkpoints()[0] for iterator in self._iterators]
         return parts[0] if len(parts) == 1 else {"next": self._next, "parts": parts}
+
+
+def dali_gist(exc: BaseException) -> str:
+    """The operator and the cause of a DALI pipeline error, in one line: its text is a page
+    (the pipeline's definition traceback, then the cause after ``encountered:``)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    op = next((line.rstrip(",") for line in lines if line.startswith("Error in")), None)
+    cause = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "encountered:"), None)
+    return ": ".join(part for part in (op, cause) if part) or first_line(exc)
 
 
 def _split_state(checkpoint: bytes | dict | None, pipelines: int) -> tuple[int, list]:

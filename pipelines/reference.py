@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jigsawdata.errors import InputError
 from jigsawdata.location import url_filesystem
-from jigsawdata.shards import check_member_name
+from jigsawdata.shards import check_member_name, jpeg_problem
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from .fit import fit_inside, place, scaled_size, window, window_anchor
@@ -32,6 +33,7 @@ from .template import READER_GROUPS
 
 log = logging.getLogger(__name__)
 
+_VERIFY_HINT = "run `jigsawdata verify` on the set, which names every such sample, and fetch or build it again"
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
@@ -66,8 +68,13 @@ def read_samples(tars: Sequence[str]) -> Iterator[dict]:
     return group_by_keys(_checked(tar_file_expander(_open_streams(tars))))
 
 
-def _samples(tars: Sequence[str], cfg: JigsawConfig, part: int, parts: int, stream: int) -> Iterator[tuple[bytes, int]]:
-    """Endless ``(jpeg bytes, label)`` of one group for one reader, epoch after epoch."""
+Drawn = tuple[bytes, int, str]
+"""A sample as a reader draws it: ``(jpeg bytes, label, where)``, ``where`` naming its shard
+and key for errors."""
+
+
+def _samples(tars: Sequence[str], cfg: JigsawConfig, part: int, parts: int, stream: int) -> Iterator[Drawn]:
+    """Endless samples of one group for one reader, epoch after epoch."""
     import webdataset as wds
 
     by_shard = len(tars) >= parts
@@ -81,7 +88,12 @@ def _samples(tars: Sequence[str], cfg: JigsawConfig, part: int, parts: int, stre
             samples = wds.shuffle(cfg.initial_fill, rng=random.Random(f"{cfg.seed}/{stream}/{part}/{epoch}/buffer"))(samples)
         for i, sample in enumerate(samples):
             if by_shard or i % parts == part:
-                yield sample["jpg"], int(sample["cls"])
+                where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
+                try:
+                    jpeg, label = sample["jpg"], int(sample["cls"])
+                except (KeyError, ValueError) as exc:
+                    raise InputError(f"{where} has no .jpg or no integer .cls ({exc}): {_VERIFY_HINT}") from None
+                yield jpeg, label, where
 
 
 def worker_part(rank: int, world_size: int) -> tuple[int, int]:
@@ -91,15 +103,21 @@ def worker_part(rank: int, world_size: int) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
-def reader_streams(shards: ShardSet, cfg: JigsawConfig, part: int, parts: int) -> list[Iterator[tuple[bytes, int]]]:
-    """One endless ``(jpeg bytes, label)`` stream per reader of the template: S, S, T, W."""
+def reader_streams(shards: ShardSet, cfg: JigsawConfig, part: int, parts: int) -> list[Iterator[Drawn]]:
+    """One endless stream of samples per reader of the template: S, S, T, W."""
     return [_samples(shards.groups[g].tars, cfg, part, parts, i) for i, g in enumerate(READER_GROUPS)]
 
 
-def _decode(jpeg: bytes, cfg: JigsawConfig, rng: np.random.Generator) -> tuple[Image.Image, int, int]:
-    """Decode and draw the random resize: (image, width, height) with the resized size."""
-    img = Image.open(io.BytesIO(jpeg))
-    img = img.convert("RGB") if img.mode != "RGB" else img
+def _decode(jpeg: bytes, where: str, cfg: JigsawConfig, rng: np.random.Generator) -> tuple[Image.Image, int, int]:
+    """Decode and draw the random resize: (image, width, height) with the resized size. A
+    sample that does not decode stops the run naming it (only a set read with --no-verify
+    can hold one)."""
+    try:
+        img = Image.open(io.BytesIO(jpeg))
+        img.load()
+        img = img.convert("RGB") if img.mode != "RGB" else img
+    except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError is an OSError
+        raise InputError(f"{where}: its .jpg {jpeg_problem(jpeg)}: {_VERIFY_HINT}") from None
     lo, hi = cfg.scale
     if cfg.fit == "pad_crop" and (lo, hi) != (1.0, 1.0):
         return (img, *scaled_size(*img.size, rng.uniform(lo, hi)))
@@ -163,7 +181,7 @@ class ReferenceJigsaw(torch.utils.data.IterableDataset):
         part, parts = worker_part(self.rank, self.world_size)
         rng = np.random.default_rng([self.cfg.seed, 3, part])
         for drawn in zip(*reader_streams(self.shards, self.cfg, part, parts)):
-            samples = [(*_decode(jpeg, self.cfg, rng), label) for jpeg, label in drawn]
+            samples = [(*_decode(jpeg, where, self.cfg, rng), label) for jpeg, label, where in drawn]
             canvas, labels = assemble(samples, self.cfg, rng)
             yield normalize(canvas), torch.tensor(labels, dtype=torch.int64)
 

@@ -30,6 +30,15 @@ class Template:
             raise ValueError(f"split must be inside the canvas (0 < split < {self.canvas}), got {self.split}")
         if self.canvas % self.stride:
             raise ValueError(f"canvas {self.canvas} is not a multiple of the stride {self.stride}")
+        if self.canvas < 2 * self.stride:
+            raise ValueError(f"canvas {self.canvas} holds one cell of the stride-{self.stride} feature grid, too few "
+                             f"for four regions: use a canvas of at least {2 * self.stride}")
+        low, high = self.stride // 2, self.canvas - self.stride // 2
+        if not low < self.split <= high:  # a region without a cell has no loss: its mean is 0 / 0 = NaN
+            fit = self.stride * min(max(1, round(self.split / self.stride)), self.grid - 1)
+            raise ValueError(f"split {self.split} leaves a region without a cell of the stride-{self.stride} feature "
+                             f"grid (cell centres at {low}, {low + self.stride}, ...): use a split in {low + 1}.."
+                             f"{high}, e.g. {fit}")
 
     @property
     def boxes(self) -> tuple[tuple[int, int, int, int], ...]:

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -176,7 +177,8 @@ def test_verify_passes_then_catches_a_flipped_byte(tmp_path, synthetic_source, s
     data[700] ^= 0x01
     victim.write_bytes(bytes(data))
     problems = verify_shard_set(out)
-    assert len(problems) == 1 and problems[0].startswith(str(victim.relative_to(out))) and "sha256" in problems[0]
+    assert problems[0] == f"{victim.relative_to(out)}: sha256 differs from the manifest"
+    assert all(p.startswith(str(victim.relative_to(out))) for p in problems), problems  # with what the byte broke
     result = CliRunner().invoke(main, ["verify", str(out)])
     assert result.exit_code == 1 and str(victim.relative_to(out)) in result.output
 
@@ -376,7 +378,7 @@ def test_split_shards_matches_the_greedy_rule(seed):
         assert split_shards(sizes, max_bytes, max_samples) == greedy(sizes, max_bytes, max_samples)
 
 
-def test_verify_checks_each_sample_against_its_json_the_index_and_the_jpeg_end(built_synthetic, tmp_path):
+def test_verify_and_the_training_check_decode_each_jpeg_and_check_it_against_its_json_and_the_index(built_synthetic, tmp_path):
     """A set whose sha256s are all consistent (re-written by someone) can still be wrong inside."""
     import shutil
 
@@ -388,8 +390,12 @@ def test_verify_checks_each_sample_against_its_json_the_index_and_the_jpeg_end(b
     manifest = json.loads((out / "manifest.json").read_text())
     shard = manifest["groups"]["S"]["shards"][0]
     samples = [(key, dict(parts)) for key, parts in iter_samples(out / shard["name"])]
-    (k0, p0), (k1, p1) = samples[0], samples[1]
+    (k0, p0), (k1, p1), (k2, p2), (k3, p3) = samples[:4]
     p0["jpg"] = p0["jpg"][: len(p0["jpg"]) // 2]  # truncated
+    p2["jpg"] = b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"  # starts and ends as a JPEG, decodes to nothing
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    p3["jpg"] = png.getvalue()
     other = (int(p1["cls"]) + 1) % len(manifest["classes"])
     meta = json.loads(p1["json"])
     meta["label"] = other
@@ -400,7 +406,13 @@ def test_verify_checks_each_sample_against_its_json_the_index_and_the_jpeg_end(b
     manifest["groups"]["S"]["bytes"] = sum(s["bytes"] for s in manifest["groups"]["S"]["shards"])
     write_json_atomic(out / "manifest.json", manifest)
     problems = verify_shard_set(out)
-    assert f"{shard['name']}: sample {k0} has a .jpg that is not a whole JPEG" in problems
+    assert any(p.startswith(f"{shard['name']}: sample {k0}: its .jpg does not decode") for p in problems), problems
+    assert any(p.startswith(f"{shard['name']}: sample {k2}: its .jpg does not decode") for p in problems), problems
+    assert f"{shard['name']}: sample {k3}: its .jpg is PNG, not a JPEG" in problems
+    from jigsawdata.pipelines.integrity import check_shard_set
+    with pytest.raises(InputError, match=rf"{shard['name']} of .* is damaged or unsafe \(sample {k0}: its .jpg does "
+                                         "not decode"):
+        check_shard_set(out, cache_dir=tmp_path / "cache")
     assert any(p.startswith(f"{shard['name']}: sample {k1} has label {other}, the index says") for p in problems)
 
 
@@ -489,3 +501,120 @@ def test_a_resume_after_the_missing_images_arrive_extracts_them(tmp_path, synthe
     assert "image_missing" not in resumed.counts and not resumed.skipped_images
     build_shards(source, tmp_path / "fresh", small_cfg)
     assert _tree_digest(out) == _tree_digest(tmp_path / "fresh")
+
+
+def _interrupted_in_write(source, out, cfg, monkeypatch) -> None:
+    import jigsawdata.build
+    real_write, written = jigsawdata.build.write_shard, []
+
+    def write_then_crash(*args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed during the write phase")
+        written.append(args[0])
+        return real_write(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(jigsawdata.build, "write_shard", write_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            build_shards(source, out, cfg)
+
+
+def test_a_resume_from_another_image_folder_with_other_pixels_uses_only_the_new_pixels(
+        tmp_path, synthetic_root, small_cfg, monkeypatch, built_synthetic):
+    """Same names, same sizes, same modification times, other pixels: the staged crops are not
+    kept, and the result is the build of the new folder, byte for byte."""
+    import shutil
+
+    ann = synthetic_root / "annotations" / "instances_train.json"
+    out = tmp_path / "out"
+    _interrupted_in_write(load_coco(ann, synthetic_root / "train"), out, small_cfg, monkeypatch)
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_root / "train", other)
+    for path in sorted(other.iterdir()):
+        st, data = path.stat(), bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    resumed = build_shards(load_coco(ann, other), out, small_cfg)
+    assert resumed.counts.get("images_used")
+    build_shards(load_coco(ann, other), tmp_path / "fresh", small_cfg)
+    assert _tree_digest(out) == _tree_digest(tmp_path / "fresh")
+    assert _tree_digest(out) != _tree_digest(built_synthetic), "the new pixels should give other crops"
+
+
+def test_a_resume_from_a_moved_image_folder_keeps_the_staged_chunks(tmp_path, synthetic_root, small_cfg, monkeypatch,
+                                                                     built_synthetic):
+    """The same files elsewhere are proved the same by their sha256: nothing is extracted again."""
+    import shutil
+
+    ann = synthetic_root / "annotations" / "instances_train.json"
+    images = tmp_path / "images"
+    shutil.copytree(synthetic_root / "train", images)
+    out = tmp_path / "out"
+    _interrupted_in_write(load_coco(ann, images), out, small_cfg, monkeypatch)
+    moved = images.rename(tmp_path / "moved")
+    events = []
+    build_shards(load_coco(ann, moved), out, small_cfg, progress=lambda s, i, c: events.append((s, i, c)))
+    assert [e for e in events if e[0] == "extract"] == [("extract", 24, 0)], "every chunk should be kept"
+    assert _tree_digest(out) == _tree_digest(built_synthetic)
+
+
+def _edited_manifest(root: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    out = shutil.copytree(root, tmp_path / "edited")
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    write_json_atomic(out / "manifest.json", manifest)
+    return out
+
+
+def _swap_names(m):
+    a, b = m["classes"][0], m["classes"][1]
+    a["name"], b["name"] = b["name"], a["name"]
+
+
+def _recategorise(m):
+    m["classes"][0]["category_id"] += 100
+
+
+def _move_counts(m):
+    m["counts"]["positives"] -= 3
+    m["counts"]["negatives"] += 3
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (_swap_names, "README.md: its class table is not the manifest's class names with the shards' labels counted"),
+    (_recategorise, "has category_id"),
+    (_move_counts, "counts: the manifest gives"),
+])
+def test_verify_catches_manifest_edits_that_keep_every_sha256(built_synthetic, tmp_path, edit, expected):
+    """Class names, category ids and the positive/negative split are not hashed anywhere:
+    they are checked against the card, every sample's .json and the shards' labels."""
+    assert verify_shard_set(built_synthetic) == []
+    problems = verify_shard_set(_edited_manifest(built_synthetic, tmp_path, edit))
+    assert any(expected in p for p in problems), problems
+
+
+def test_the_cards_rebuild_command_rebuilds_a_non_default_set_byte_for_byte(synthetic_root, tmp_path):
+    """Every setting recorded, non-default ones included, is in the card's command: running it
+    gives the same shards, index and card."""
+    import re
+    import shlex
+
+    first = tmp_path / "first"
+    args = ["build-shards", str(synthetic_root), "--split", "train", "--out", str(first), "--seed", "5",
+            "--negatives-avoid", "gt", "--negative-tries", "7", "--negative-shrink", "0.75", "--pos-per-neg", "3.5",
+            "--jpeg-quality", "77", "--shard-samples", "20", "--chunk-images", "6", "--max-enlarge", "1.5",
+            "--license", "CC0 (it's ours)", "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    card = (first / "README.md").read_text()
+    command = re.search(r"```bash\n(jigsawdata build-shards .*?)\n```", card, re.S)[1]
+    words = shlex.split(command.replace("\\\n", " "))
+    assert words[:2] == ["jigsawdata", "build-shards"]
+    again = tmp_path / "again"
+    words = [str(synthetic_root) if w == "COCO_ROOT" else str(again) if w == "SHARDS" else w for w in words[2:]]
+    result = CliRunner().invoke(main, ["build-shards", *words, "-q"])
+    assert result.exit_code == 0, result.output
+    assert _tree_digest(again) == _tree_digest(first)

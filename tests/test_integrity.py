@@ -87,8 +87,29 @@ def _label_out_of_range(root: Path) -> str:
     return f"S/{victim.name}"
 
 
+_NOT_A_JPEG = b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"
+"""Starts and ends as a JPEG; decodes to nothing."""
+
+
+def _undecodable(root: Path, shards: slice = slice(0, 1)) -> str:
+    """Every sample of the chosen W shards gets a .jpg that does not decode, and the manifest
+    vouches for it."""
+    victims = sorted(root.glob("W/*.tar"))[shards]
+    for victim in victims:
+        with tarfile.open(victim) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar]
+        samples: dict[str, list] = {}
+        for name, data in members:
+            stem, ext = name.split(".", 1)
+            samples.setdefault(stem, []).append((ext, _NOT_A_JPEG if ext == "jpg" else data))
+        write_shard(victim, list(samples.items()))
+        _vouch(root, f"W/{victim.name}")
+    return f"W/{victims[0].name}"
+
+
 DAMAGES = {"truncated": (_truncate, "bytes, the manifest says"), "header": (_damage_a_header, "sha256 differs"),
-           "unsafe": (_unsafe_member, "parent reference"), "label": (_label_out_of_range, "label 77 is outside 0..6")}
+           "unsafe": (_unsafe_member, "parent reference"), "label": (_label_out_of_range, "label 77 is outside 0..6"),
+           "undecodable": (_undecodable, "its .jpg does not decode (not an image format Pillow knows)")}
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
@@ -109,6 +130,23 @@ def test_pretrain_refuses_a_damaged_shard_before_the_first_batch(shards, tmp_pat
                             "--iterations", "1", "--batch", "4", "--pipeline", pipeline, "--device", "cpu",
                             "--workers", "1", "--erf-images", "2"])
     assert line.startswith(f"Error: {name} of {shards} is damaged") and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("pipeline,workers", [("dali", 1), ("reference", 0), ("reference", 1)])
+def test_a_sample_that_does_not_decode_stops_an_unchecked_run_in_one_line(shards, tmp_path, pipeline, workers):
+    """With --no-verify nothing is checked first: the reader names the sample (the reference
+    pipeline, also from a DataLoader worker) or the set and `verify` (DALI names neither)."""
+    name = _undecodable(shards, slice(None))
+    line = _one_line_error(["pretrain", "--shards", str(shards), "--out", str(tmp_path / "run"), "--arch", "resnet18",
+                            "--iterations", "2", "--batch", "2", "--canvas", "64", "--template-split", "32",
+                            "--pipeline", pipeline, "--device", "cpu", "--workers", str(workers),
+                            "--erf-images", "2", "--no-verify"])
+    if pipeline == "dali":
+        assert line.startswith(f"Error: DALI could not read or decode a sample of {shards} (") and \
+            f"run `jigsawdata verify {shards}`" in line, line
+    else:
+        assert line.startswith(f"Error: {shards / name.split('-')[0]}") and \
+            ": its .jpg does not decode (not an image format Pillow knows): run `jigsawdata verify`" in line, line
 
 
 def test_the_check_is_cached_by_size_and_mtime(shards, tmp_path):
@@ -205,3 +243,34 @@ def test_a_bad_canvas_is_a_one_line_error(built_synthetic, tmp_path):
                                        "--canvas", "100", "--device", "cpu", "--arch", "resnet18"])
     assert result.exit_code == 1 and "canvas 100 is not a multiple of the stride 32" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("canvas,split,message", [
+    ("64", "16", "split 16 leaves a region without a cell of the stride-32 feature grid (cell centres at 16, 48, ...): "
+                 "use a split in 17..48, e.g. 32"),
+    ("224", "209", "use a split in 17..208, e.g. 192"),
+    ("32", "16", "canvas 32 holds one cell of the stride-32 feature grid, too few for four regions")])
+def test_a_template_with_a_region_of_no_cell_is_refused(built_synthetic, tmp_path, canvas, split, message):
+    """Such a region's loss is a mean over no cells, NaN: the run trained on it silently."""
+    line = _one_line_error(["pretrain", "--shards", str(built_synthetic), "--out", str(tmp_path / "r"), "--canvas",
+                            canvas, "--template-split", split, "--device", "cpu", "--arch", "resnet18"])
+    assert message in line and not (tmp_path / "r").exists()
+
+
+def test_a_diverged_loss_stops_the_run_before_its_weights_are_saved(built_synthetic, tmp_path, monkeypatch):
+    import torch
+
+    from jigsawdata.trainer.pretrain import Trainer
+
+    real_loss = Trainer.loss
+    monkeypatch.setattr(Trainer, "loss", lambda self, output, labels: real_loss(self, output, labels)
+                        * (float("nan") if self.iteration >= 2 else 1.0))
+    run = tmp_path / "run"
+    line = _one_line_error(["pretrain", "--shards", str(built_synthetic), "--out", str(run), "--arch", "resnet18",
+                            "--iterations", "6", "--batch", "2", "--canvas", "64", "--template-split", "32",
+                            "--device", "cpu", "--workers", "1", "--erf-images", "2", "--log-every", "2",
+                            "--checkpoint-every", "2"])
+    assert line == (f"Error: the loss became nan by iteration 4: the run diverged (lower --lr-peak, or --amp off); "
+                    f"{run} keeps the last checkpoint from before")
+    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert saved["iteration"] == 2 and all(torch.isfinite(t).all() for t in saved["model"].values())

@@ -60,7 +60,7 @@ def test_translated_shares_equal_shifting_each_map_by_hand():
     pixels, with what leaves the canvas dropped: built here map by map."""
     torch.manual_seed(1)
     canvas, stride, step = 32, 4, 4  # P2 of a 32-pixel canvas: an 8 x 8 grid, a 2 x 2 lattice
-    template = Template(canvas=canvas, split=8, stride=16)
+    template = Template(canvas=canvas, split=12, stride=16)
     masks = torch.from_numpy(template.masks())
     maps = torch.rand(4, canvas, canvas)
     got = translated_shares(maps, masks, stride, step)

@@ -84,6 +84,22 @@ def test_pretrain_logs_validation_and_evaluate_pretrain_reproduces_it(built_real
     measured = json.loads(again.output)
     assert measured == {k: v for k, v in val[-1].items()}, "the same checkpoint gives the same figure"
 
+    # validation shards go through the same check as the training shards
+    import shutil
+    damaged = shutil.copytree(built_real, tmp_path / "damaged")
+    victim = sorted(damaged.glob("T/*.tar"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    expected = f"Error: T/{victim.name} of {damaged} is damaged: its sha256 differs from the manifest's"
+    refused = CliRunner().invoke(main, ["evaluate-pretrain", str(out), "--shards", str(damaged), "--images", "6"])
+    assert refused.exit_code == 1 and refused.output.startswith(expected), refused.output
+    args[args.index("--val-shards") + 1] = str(damaged)
+    args[args.index("--out") + 1] = str(tmp_path / "run2")
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and refused.output.startswith(expected), refused.output
+    assert not (tmp_path / "run2" / "checkpoint.pt").exists()
+
 
 def test_bad_pretrain_ablation_settings_are_one_line_errors(built_real, tmp_path):
     result = CliRunner().invoke(main, ["pretrain", "--shards", str(built_real), "--out", str(tmp_path / "r"),

@@ -18,11 +18,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from jigsawdata.errors import InputError
-from jigsawdata.fetch import cached_shards
-from jigsawdata.location import ShardLocation
+from jigsawdata.errors import InputError, TrainingError
 from jigsawdata.pipelines.dali import require_dali
-from jigsawdata.pipelines.integrity import check_shard_set
+from jigsawdata.pipelines.integrity import local_checked
 from jigsawdata.pipelines.ranks import process_info
 from jigsawdata.pipelines.shardset import open_shard_set
 
@@ -68,14 +66,13 @@ class Trainer:
         self.local_batch = cfg.batch // self.dist.world
         self.out = claim_run_dir(Path(cfg.out), resume)
         self.shards = self._local_shards()
-        shards = open_shard_set(self.shards)
-        if cfg.verify:
-            check_shard_set(self.shards, cfg.cache_dir)
-        self.class_names = shards.class_names
+        self.class_names = open_shard_set(self.shards).class_names
         self.template = cfg.template
         self.jigsaw = cfg.jigsaw_config(cfg.seed + 1000 * self.dist.rank)
-        self.validation = (load_validation_set(cfg.val_shards, self.template, cfg.val_images, cfg.fit,
-                                               self.class_names) if cfg.val_shards and self.dist.main else None)
+        self.validation = (load_validation_set(local_checked(cfg.val_shards, verify=cfg.verify,
+                                                             cache_dir=cfg.cache_dir),
+                                               self.template, cfg.val_images, cfg.fit, self.class_names)
+                           if cfg.val_shards and self.dist.main else None)
         self.last_validation: dict = {}
         self.area = torch.from_numpy(region_fractions(self.template)).to(self.device)
 
@@ -108,12 +105,12 @@ class Trainer:
         """A URL is fetched (every file checked against the manifest) into the cache by one
         process per node while the others wait, for either pipeline: training never reads
         a byte that was not verified."""
-        where = ShardLocation.of(self.cfg.shards)
-        if where.remote and self.dist.local_rank == 0:
-            cached_shards(self.cfg.shards, self.cfg.cache_dir)
-        if where.remote and self.dist.world > 1:
+        cfg = self.cfg
+        first = self.dist.local_rank == 0
+        local = local_checked(cfg.shards, verify=cfg.verify and first, cache_dir=cfg.cache_dir, fetch=first)
+        if self.dist.world > 1:
             dist.barrier()
-        return where.local_copy(self.cfg.cache_dir)
+        return local
 
     # ------------------------------------------------------------------ state
 
@@ -266,6 +263,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - window["start"]
         steps = window["steps"]
+        self._check_finite(window["loss"])
         metrics = {
             "iteration": self.iteration, "loss": float(window["loss"]) / steps, "lr": self._lr(self.iteration - 1),
             "images_per_s": steps * self.cfg.batch / elapsed, "step_s": elapsed / steps,
@@ -284,6 +282,18 @@ class Trainer:
             if self.on_log:
                 self.on_log(metrics)
         return metrics
+
+
+    def _check_finite(self, loss_sum: torch.Tensor) -> None:
+        """Stop when the loss of the last log window is NaN or infinite, on every rank at once
+        (one rank stopping alone would leave the others waiting in their next collective).
+        Nothing of it is saved: the last checkpoint holds the weights from before."""
+        finite = torch.isfinite(loss_sum).to(torch.int32)
+        if self.dist.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise TrainingError(f"the loss became {float(loss_sum)} by iteration {self.iteration}: the run diverged "
+                                f"(lower --lr-peak, or --amp off); {self.out} keeps the last checkpoint from before")
 
 
 def _changed(saved: dict, cfg: PretrainConfig) -> list[str]:

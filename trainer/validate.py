@@ -138,8 +138,12 @@ def format_validation(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(run: Path | str, shards: Path | str, images: int = 256, device: str = "auto") -> dict:
-    """:func:`validate` for a pre-training run directory or checkpoint file."""
+def evaluate_checkpoint(run: Path | str, shards: Path | str, images: int = 256, device: str = "auto", *,
+                        verify: bool = True, cache_dir: Path | str | None = None) -> dict:
+    """:func:`validate` for a pre-training run directory or checkpoint file, on ``shards``
+    (a directory or URL, checked first as training checks its own)."""
+    from jigsawdata.pipelines.integrity import local_checked
+
     from .checkpoint import load
     from .model import model_from_checkpoint
     from .pretrain import PretrainConfig, saved_config
@@ -149,5 +153,6 @@ def evaluate_checkpoint(run: Path | str, shards: Path | str, images: int = 256, 
     ckpt = load(Path(run))
     cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
     model = model_from_checkpoint(ckpt)
-    data = load_validation_set(shards, cfg.template, images, cfg.fit, tuple(ckpt["class_names"]))
+    data = load_validation_set(local_checked(shards, verify=verify, cache_dir=cache_dir), cfg.template, images,
+                               cfg.fit, tuple(ckpt["class_names"]))
     return {"iteration": int(ckpt["iteration"]), **validate(model.to(dev), data, cfg.template)}
