@@ -36,7 +36,7 @@ from typing import Callable
 from .card import CARD_NAME
 from .errors import FetchError
 from .files import exchange_paths, sha256_file, write_bytes_atomic, write_json_atomic
-from .location import ShardLocation, read_remote_manifest, url_filesystem
+from .location import MAX_CARD_BYTES, ShardLocation, read_bounded, read_remote_manifest, url_filesystem
 from .manifest import MANIFEST_NAME, ListedFile, Manifest
 from .shards import header_problem, mapped, walk_members
 
@@ -118,9 +118,14 @@ def _prefix_digest(part: Path, length: int):
     return digest
 
 
+class _TooLarge(FetchError):
+    """The server sent more than the file can hold: never retried."""
+
+
 def _download(fs, remote: str, part: Path, size: int | None, progress: Callable[[int], None] | None,
-              block: int) -> str:
-    """Stream ``remote`` into ``part`` (continuing it where possible); returns the sha256."""
+              block: int, limit: int) -> str:
+    """Stream ``remote`` into ``part`` (continuing it where possible), never past ``limit``
+    bytes; returns the sha256."""
     have = part.stat().st_size if part.exists() else 0
     if size is not None and have > size:
         have = 0
@@ -132,11 +137,15 @@ def _download(fs, remote: str, part: Path, size: int | None, progress: Callable[
         with open(part, "r+b" if start else "wb") as dst:
             dst.seek(start)
             dst.truncate()
-            while chunk := stream.read(block):
+            while chunk := stream.read(min(block, limit + 1 - dst.tell())):
                 dst.write(chunk)
                 digest.update(chunk)
                 if progress:
                     progress(len(chunk))
+                if dst.tell() > limit:
+                    dst.truncate(0)
+                    raise _TooLarge(f"the server sent more than the {limit} bytes the manifest allows; "
+                                    "the published copy is corrupt or hostile")
             got = dst.tell()
     finally:
         stream.close()
@@ -160,10 +169,13 @@ def fetch_file(fs, root: str, item: ListedFile, out: Path, progress: Callable[[i
     remote = f"{root.rstrip('/')}/{item.name}"
     for attempt in range(1, retries + 1):
         try:
-            digest = _download(fs, remote, part, item.size, progress, block)
+            digest = _download(fs, remote, part, item.size, progress, block, item.limit or item.size or 0)
             break
         except FileNotFoundError as exc:  # only a real "not found" answer: never a dropped connection
             raise FetchError(f"{item.name}: not found at {remote}") from exc
+        except _TooLarge as exc:
+            part.unlink(missing_ok=True)
+            raise FetchError(f"{item.name}: {exc}") from exc
         except Exception as exc:  # network errors of any fsspec backend; bounded retries
             if attempt == retries:
                 raise FetchError(f"{item.name}: transfer interrupted {retries} times (last: {exc or type(exc).__name__}); "
@@ -282,7 +294,7 @@ def _fetch_card(fs, root: str, target: Path, expected: str | None, url: str) -> 
     has one (and then required); sets built before it was recorded take the card as
     published, if any."""
     try:
-        data = fs.cat_file(f"{root.rstrip('/')}/{CARD_NAME}")
+        data = read_bounded(fs, f"{root.rstrip('/')}/{CARD_NAME}", MAX_CARD_BYTES, CARD_NAME)
     except (FileNotFoundError, OSError) as exc:
         if expected:
             raise FetchError(f"{CARD_NAME}: the manifest vouches for it but it could not be fetched ({exc})") from exc

@@ -61,7 +61,7 @@ def read_remote_manifest(url: str) -> Manifest:
     fs, root = url_filesystem(url)
     where = f"{url}/{MANIFEST_NAME}"  # the URL as given: Path would fold its "//"
     try:
-        data = json.loads(fs.cat_file(f"{root.rstrip('/')}/{MANIFEST_NAME}"))
+        data = json.loads(read_bounded(fs, f"{root.rstrip('/')}/{MANIFEST_NAME}", MAX_MANIFEST_BYTES, where))
     except FileNotFoundError as exc:
         raise FetchError(f"no {MANIFEST_NAME} at {url}: not a published shard set") from exc
     except json.JSONDecodeError as exc:
@@ -70,6 +70,27 @@ def read_remote_manifest(url: str) -> Manifest:
         return Manifest.from_json(data, where)
     except ManifestError as exc:
         raise FetchError(str(exc)) from exc
+
+
+MAX_MANIFEST_BYTES = 1 << 30
+"""A manifest grows by ~200 bytes a shard and ~100 a skipped image: COCO's is a few MB."""
+MAX_CARD_BYTES = 64 << 20
+
+
+def read_bounded(fs, path: str, limit: int, what: str) -> bytes:
+    """A remote file's bytes, refused once past ``limit``: a server that streams without end
+    (or lies about the length) fills neither memory nor disk."""
+    from fsspec.implementations.http import HTTPFileSystem
+
+    # over HTTP, one plain GET streamed (fsspec's default reads by ranges, which servers without
+    # range support answer with the whole file each time)
+    with fs.open(path, "rb", **({"block_size": 0} if isinstance(fs, HTTPFileSystem) else {})) as stream:
+        data = bytearray()
+        while len(data) <= limit and (chunk := stream.read(min(1 << 20, limit + 1 - len(data)))):
+            data += chunk  # a stream may return less than asked before its end
+    if len(data) > limit:
+        raise FetchError(f"{what} is larger than {limit} bytes, more than any shard set needs: refusing it")
+    return bytes(data)
 
 
 @dataclass(frozen=True)

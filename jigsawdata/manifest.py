@@ -52,6 +52,9 @@ class ListedFile:
     sha256: str
     size: int | None
     """Known for shards; ``None`` for their DALI indexes and the sample index."""
+    limit: int = 0
+    """Most bytes the file can hold: its ``size`` when known, else a bound from its sample
+    count (a download never reads past it: a server streaming without end fills no disk)."""
 
 
 def _checked_name(name, suffix: str) -> str:
@@ -405,11 +408,12 @@ class Manifest(_Record):
         indexes and the sample index (the dataset card is checked on its own)."""
         files: list[ListedFile] = []
         for shard in self.shards:
-            files.append(ListedFile(shard.name, shard.sha256, shard.bytes))
-            if shard.idx_sha256 is not None:
-                files.append(ListedFile(shard.idx_name, shard.idx_sha256, None))
-        if self.index_sha256 is not None:
-            files.append(ListedFile(self.index_name, self.index_sha256, None))
+            files.append(ListedFile(shard.name, shard.sha256, shard.bytes, shard.bytes))
+            if shard.idx_sha256 is not None:  # a line of ~70 bytes per sample
+                files.append(ListedFile(shard.idx_name, shard.idx_sha256, None, (64 << 10) + 1024 * shard.samples))
+        if self.index_sha256 is not None:  # ~30 bytes per sample
+            samples = sum(s.samples for s in self.shards)
+            files.append(ListedFile(self.index_name, self.index_sha256, None, (1 << 20) + 1024 * samples))
         return files
 
     def write(self, path: Path) -> None:

@@ -34,6 +34,16 @@ class _PlainHandler(SimpleHTTPRequestHandler):
         if self.server.dead:
             self.close_connection = True
             return
+        if self.path in self.server.endless:  # no Content-Length, and bytes until the client hangs up
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(2000):  # 128 MB at most, so a failing test ends
+                    self.wfile.write(bytes(64 << 10))
+            except OSError:
+                pass
+            self.close_connection = True
+            return
         cuts = self.server.cut.get(self.path, 0)
         if cuts:
             self.server.cut[self.path] = cuts - 1
@@ -57,7 +67,7 @@ def plain_server(tmp_path, built_synthetic):
     root = tmp_path / "www"
     shutil.copytree(built_synthetic, root / "set")
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_PlainHandler, directory=str(root)))
-    httpd.requests, httpd.cut, httpd.dead = [], {}, False
+    httpd.requests, httpd.cut, httpd.dead, httpd.endless = [], {}, False, set()
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield root / "set", f"http://127.0.0.1:{httpd.server_address[1]}/set", httpd
@@ -111,6 +121,34 @@ def test_a_dead_server_is_reported_as_interrupted_not_missing(plain_server, tmp_
     fs, root = fsspec.core.url_to_fs(f"http://127.0.0.1:{port}/set")
     with pytest.raises(FetchError, match="transfer interrupted 2 times"):
         fetch_file(fs, root, item, tmp_path, retries=2)
+
+
+def test_a_server_streaming_without_end_fills_nothing(plain_server, tmp_path, monkeypatch):
+    """A shard, a DALI index, the manifest or the card sent without Content-Length and without
+    end: the download stops past what the manifest allows, is not retried, and leaves nothing."""
+    import jigsawdata.location
+
+    src, url, httpd = plain_server
+    shard = sorted(p.relative_to(src).as_posix() for p in src.glob("S/*.tar"))[0]
+    idx = shard.replace(".tar", ".idx")
+    for name, allowed in ((shard, (src / shard).stat().st_size), (idx, None)):
+        httpd.endless, httpd.requests[:] = {f"/set/{name}"}, []
+        target = tmp_path / name.replace("/", "-")
+        with pytest.raises(FetchError, match=rf"{name}: the server sent more than the \d+ bytes the manifest allows"
+                                             ) as refused:
+            fetch(url, target, workers=1, retries=3)
+        assert len([p for p, _ in httpd.requests if p == f"/set/{name}"]) == 1, "not retried"
+        assert not [p for p in tmp_path.rglob("*.part") if p.stat().st_size], "nothing of it kept"
+        if allowed:
+            assert f"the {allowed} bytes" in str(refused.value)
+    monkeypatch.setattr(jigsawdata.location, "MAX_MANIFEST_BYTES", 1 << 20)
+    httpd.endless = {"/set/manifest.json"}
+    with pytest.raises(FetchError, match=r"manifest.json is larger than 1048576 bytes"):
+        fetch(url, tmp_path / "copy3", workers=1)
+    monkeypatch.setattr(jigsawdata.fetch, "MAX_CARD_BYTES", 1 << 20)
+    httpd.endless = {"/set/README.md"}
+    with pytest.raises(FetchError, match=r"README.md is larger than 1048576 bytes"):
+        fetch(url, tmp_path / "copy4", workers=1)
 
 
 def test_a_missing_file_is_not_found_and_not_retried(plain_server, tmp_path):

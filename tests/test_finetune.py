@@ -241,7 +241,7 @@ def test_evaluation_writes_a_cocoeval_table(real_coco, jigsaw_ckpt, tmp_path):
     assert sum(n for n, _ in seen) == 3 and {total for _, total in seen} == {3}
     assert set(metrics) == {"bbox", "segm"} and all(set(m) == set(METRICS) for m in metrics.values())
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved == metrics
+    assert saved == {**metrics, "evaluated": {"images": 3}}
     preds = json.loads((tmp_path / "predictions_bbox.json").read_text())
     assert preds and {"image_id", "category_id", "bbox", "score"} <= set(preds[0])
     assert {p["image_id"] for p in preds} <= set(ds.ids)
@@ -265,8 +265,16 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
     assert result.exit_code == 0, result.output
     resumed = torch.load(out / "checkpoint.pt", weights_only=True)
     assert resumed["iteration"] == 2 and resumed["train_device_seconds"] > first > 0  # the clock continues
+    own = json.loads((out / "eval.json").read_text())
+    assert own["evaluated"] == {"coco": str(real_coco), "split": "train2017", "max_images": 4, "images": 4,
+                                "checkpoint": str((out / "checkpoint.pt").resolve()), "epoch": 0, "iteration": 2}
+    # a subset is its own file: the run's figures stay
     result = CliRunner().invoke(main, ["evaluate", str(out), "--max-images", "2"])
     assert result.exit_code == 0 and "bbox" in result.output
+    subset = json.loads((out / "eval-train2017-first2.json").read_text())
+    assert subset["evaluated"]["images"] == 2 and subset["evaluated"]["iteration"] == 2
+    assert (out / "predictions_bbox-train2017-first2.json").is_file() and (out / "eval-train2017-first2.txt").is_file()
+    assert json.loads((out / "eval.json").read_text()) == own
 
 
 def test_logged_losses_are_means_over_the_steps_since_the_last_record(real_coco, jigsaw_ckpt, tmp_path, monkeypatch):

@@ -41,6 +41,10 @@ def _no_detections(coco_gt: COCO, image_ids: list[int] | None) -> dict:
     return {m: 0.0 if found[m] else -1.0 for m in METRICS}
 
 
+EVALUATED_KEY = "evaluated"
+"""Key of an ``eval*.json`` that says what was evaluated; the other keys are the metrics."""
+
+
 def format_table(metrics: dict[str, dict]) -> str:
     """``{iou_type: {metric: value}}`` -> a fixed-width table in percent ("-": no object of
     that size to find, COCOeval's -1)."""

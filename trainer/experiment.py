@@ -51,7 +51,7 @@ from jigsawdata.pipelines.config import FIT_MODES
 
 from .checkpoint import CHECKPOINT_NAME
 from .config import ARCHS, DETECTORS, LOSSES, FinetuneConfig, PretrainConfig, schedule_epochs, schedule_multiple
-from .evaluate import METRICS
+from .evaluate import EVALUATED_KEY, METRICS
 from .runtime import init_distributed
 
 log = logging.getLogger(__name__)
@@ -552,7 +552,8 @@ def _result_problem(path: Path, value: Any, keys: tuple[str, ...]) -> str | None
         return "its eval holds no bbox metrics"
     run_eval = path.parent / f"finetune-{value['schedule']}" / "eval.json"
     try:
-        if json.loads(run_eval.read_text()) != value["eval"]:
+        saved = json.loads(run_eval.read_text())
+        if {k: v for k, v in saved.items() if k != EVALUATED_KEY} != value["eval"]:
             return f"its metrics differ from {run_eval}"
     except (OSError, ValueError):
         pass  # the run's own copy is gone or damaged: the result is all there is

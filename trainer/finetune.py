@@ -19,14 +19,14 @@ from typing import Callable
 import torch
 
 from jigsawdata.coco import resolve_coco_root
-from jigsawdata.errors import InputError
+from jigsawdata.errors import InputError, TrainingError
 from jigsawdata.files import write_json_atomic, write_text_atomic
 
 from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
 from .config import FinetuneConfig, schedule_epochs
 from .detection import build_detector, default_norm
-from .evaluate import coco_eval, format_table
+from .evaluate import EVALUATED_KEY, coco_eval, format_table
 from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, config_from, drop_records_after,
                       dump_config, gather, init_distributed, pick_device, resolved, rng_state, set_rng_state,
                       wrap_ddp)
@@ -167,7 +167,9 @@ class Finetuner:
         loss = sum(losses.values())
         values = {k: float(v.detach()) for k, v in losses.items()}
         if not math.isfinite(sum(values.values())):
-            raise FloatingPointError(f"loss is not finite at iteration {self.iteration}: {values}")
+            raise TrainingError(f"the loss became {sum(values.values())} at iteration {self.iteration} ({values}): "
+                                f"the run diverged (lower --lr, or --amp off); {self.out} keeps the last checkpoint "
+                                "from before")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -179,11 +181,23 @@ def load_run(run_dir: Path) -> dict:
     return ckpt_io.load(run_dir, fmt=FORMAT, kind="fine-tuning")
 
 
+def evaluation_name(split: str, max_images: int | None, own: bool) -> str:
+    """The stem of an evaluation's files: ``eval`` for the run's own evaluation (its split and
+    image count, as ``finetune`` ends with), else ``eval-<split>`` (``-first<N>``), so an
+    evaluation of another split or of a subset never replaces the run's figures."""
+    if own:
+        return "eval"
+    return f"eval-{split}" + (f"-first{max_images}" if max_images else "")
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.device, out: Path | None = None,
-             batch: int = 2, workers: int = 2, progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
-    """Run the detector over ``dataset``, write COCO-format predictions, return COCOeval's APs.
-    ``progress(images, total)`` is called after every batch with the images it held."""
+             batch: int = 2, workers: int = 2, progress: Callable[[int, int], None] | None = None,
+             name: str = "eval", evaluated: dict | None = None) -> dict[str, dict]:
+    """Run the detector over ``dataset``, return COCOeval's APs; with ``out``, write them as
+    ``<name>.json`` (with ``evaluated``: what was evaluated) and ``<name>.txt``, and the
+    COCO-format predictions beside them. ``progress(images, total)`` is called after every
+    batch with the images it held."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate)
     results: dict[str, list] = {"bbox": [], "segm": []}
@@ -198,19 +212,25 @@ def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.devic
     iou_types = ("bbox", "segm") if dataset.masks else ("bbox",)
     metrics = {t: coco_eval(dataset.coco, results[t], t, dataset.ids) for t in iou_types}
     if out is not None:
+        suffix = name.removeprefix("eval")
         for t in iou_types:
-            write_text_atomic(out / f"predictions_{t}.json", json.dumps(results[t]))
-        write_json_atomic(out / "eval.json", metrics)
-        write_text_atomic(out / "eval.txt", format_table(metrics) + "\n")
+            write_text_atomic(out / f"predictions_{t}{suffix}.json", json.dumps(results[t]))
+        write_json_atomic(out / f"{name}.json", {**metrics, EVALUATED_KEY: {**(evaluated or {}),
+                                                                          "images": len(dataset)}})
+        write_text_atomic(out / f"{name}.txt", format_table(metrics) + "\n")
     return metrics
 
 
 def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = None, max_images: int | None = None,
                  device: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
+    """Evaluate a fine-tuning run's checkpoint on ``split`` of ``coco`` (default: the run's
+    own); the files written say what was evaluated (:func:`evaluation_name`)."""
     dev = pick_device(device)
     ckpt = load_run(run_dir)
     cfg = config_from(FinetuneConfig, ckpt["config"])
-    root, split = coco or cfg.coco, split or cfg.val_split or cfg.split
+    own_split = cfg.val_split or cfg.split
+    root, split = coco or cfg.coco, split or own_split
+    own = (Path(root).resolve(), split, max_images) == (Path(cfg.coco).resolve(), own_split, cfg.max_images)
     dataset = _dataset(root, split, train=False, masks=cfg.detector == "mask", max_images=max_images)
     if dataset.cat_ids != list(ckpt["cat_ids"]):
         raise InputError(f"split {split} of {root} has other categories than the set {run_dir} was trained on")
@@ -218,4 +238,8 @@ def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = Non
                            box_head=cfg.box_head, fpn_channels=cfg.fpn_channels, min_size=cfg.min_size,
                            max_size=cfg.max_size).to(dev)
     model.load_state_dict(ckpt["model"])
-    return evaluate(model, dataset, dev, Path(run_dir), progress=progress)
+    evaluated = {"coco": str(root), "split": split, "max_images": max_images,
+                 "checkpoint": str(ckpt_io.checkpoint_file(Path(run_dir)).resolve()),
+                 "epoch": int(ckpt["epoch"]), "iteration": int(ckpt["iteration"])}
+    return evaluate(model, dataset, dev, Path(run_dir), progress=progress,
+                    name=evaluation_name(split, max_images, own), evaluated=evaluated)
