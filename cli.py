@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -65,11 +67,19 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # here, not at exit, so that a reader gone is handled below
+            return result
+        except BrokenPipeError:  # the reader of our output left (`| head`): 128 + SIGPIPE, silently
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush goes nowhere
+            raise click.exceptions.Exit(141) from None
         except InputError as exc:
             raise click.ClickException(message(exc)) from exc
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
         except Exception as exc:
             logging.getLogger("jigsawdata").debug("unexpected failure", exc_info=True)
             raise click.ClickException(f"{type(exc).__name__}: {first_line(exc)} (rerun with -vv for the traceback)") \
@@ -100,6 +110,16 @@ def _more_verbose(ctx: click.Context, param: click.Parameter, value: int) -> Non
 def _quieter(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:
         ctx.find_root().obj["quiet"] = True
+        logging.getLogger(_WARNINGS).setLevel(logging.ERROR)
+
+
+_WARNINGS = "py.warnings"
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Libraries' warnings (torch's DataLoader, pycocotools, ...) as one log line each, which
+    ``-q`` silences, instead of a source excerpt on stderr."""
+    logging.getLogger(_WARNINGS).warning("%s: %s", category.__name__, first_line(Warning(str(message))))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,6 +130,9 @@ def _quieter(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Cheap object-detection pre-training: jigsaw shards from your own detection data."""
     logging.basicConfig(level=_log_level(verbose), format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = _warning_line
+    if quiet:
+        logging.getLogger(_WARNINGS).setLevel(logging.ERROR)
     ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 

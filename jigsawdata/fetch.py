@@ -118,6 +118,10 @@ def _prefix_digest(part: Path, length: int):
     return digest
 
 
+_LOGGED_ERRORS = 10
+"""Failed files named in the log beside the one the error names: a dead server fails them all."""
+
+
 class _TooLarge(FetchError):
     """The server sent more than the file can hold: never retried."""
 
@@ -178,7 +182,8 @@ def fetch_file(fs, root: str, item: ListedFile, out: Path, progress: Callable[[i
             raise FetchError(f"{item.name}: {exc}") from exc
         except Exception as exc:  # network errors of any fsspec backend; bounded retries
             if attempt == retries:
-                raise FetchError(f"{item.name}: transfer interrupted {retries} times (last: {exc or type(exc).__name__}); "
+                times = "once" if retries == 1 else f"{retries} times"
+                raise FetchError(f"{item.name}: transfer interrupted {times} (last: {exc or type(exc).__name__}); "
                                  "rerun fetch to resume it") from exc
             log.warning("%s: transfer interrupted (%s); retrying (attempt %d of %d)", item.name,
                         exc or type(exc).__name__, attempt + 1, retries)
@@ -276,7 +281,11 @@ def fetch(url: str, out: Path, *, workers: int = 8, retries: int = 5, block: int
                 except FetchError as exc:
                     errors.append(str(exc))
         if errors:
-            raise FetchError("; ".join(errors))
+            for error in errors[1:_LOGGED_ERRORS + 1]:
+                log.warning("%s", error)
+            more = f" (and {len(errors) - 1} more files failed, the first {min(len(errors) - 1, _LOGGED_ERRORS)} " \
+                   "logged above)" if len(errors) > 1 else ""
+            raise FetchError(f"{errors[0]}{more}")
     except BaseException:
         if target != out:
             shutil.rmtree(target, ignore_errors=True)

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import InputError, first_line
 from .files import atomic_path
 
 SCHEMA = pa.schema([
@@ -49,7 +50,13 @@ def write_index_slices(path: Path, rows: int, make_slice: Callable[[int, int], p
 
 
 def read_index(path: Path) -> pa.Table:
-    return pq.read_table(path, schema=SCHEMA)
+    """The sample index; a damaged file or one of another schema is an :class:`InputError`
+    naming it (Arrow's own errors name neither the file nor what to do)."""
+    try:
+        return pq.read_table(path, schema=SCHEMA)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable sample index ({first_line(exc, type(exc).__name__)}): restore it, "
+                         "or fetch or build the set again") from exc
 
 
 def merge_index_files(paths: Sequence[Path], out: Path) -> None:

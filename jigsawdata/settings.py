@@ -124,17 +124,12 @@ def read_config_file(path: Path | str, cls) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise InputError(f"--config {path}: cannot read it ({exc.strerror or exc})") from exc
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        data = _load_yaml(text) if yaml_file else json.loads(text, object_pairs_hook=_unique_keys)
     except Exception as exc:  # both parsers' errors: one line naming the file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"--config {path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}"
-                         f": {first}") from exc
+        raise InputError(f"--config {path} is not valid {'YAML' if yaml_file else 'JSON'}: {first}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -154,15 +149,43 @@ def read_config_file(path: Path | str, cls) -> dict[str, Any]:
             raise InputError(f"--config {path}: unknown setting {key!r} (known: {', '.join(sorted(set(names)))})")
         if name in values:
             raise InputError(f"--config {path}: {flag(name)} is given twice (as {key!r} and before)")
-        values[name] = _number(value) if types[name][0] is float else value
+        values[name] = value
     return values
 
 
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads ``1e-4`` (no dot) as text; a float setting takes it as the number it spells."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are each given once: the last of two would silently win."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"{key!r} is given twice")
+        seen[key] = value
+    return seen
+
+
+_YAML_FLOAT = r"""^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"""
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML with two fixes to PyYAML's safe loader: ``1e-4`` (YAML 1.2, no dot) is a number,
+    not text, so a quoted ``"0.5"`` can stay text and be refused like any string; and a key
+    given twice is an error instead of the last one silently winning."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            keys.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_YAML_FLOAT), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)

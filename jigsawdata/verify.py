@@ -92,8 +92,12 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
     index_counts: Counter = Counter()
     index_labels: dict[str, dict[str, int]] = {}
     index_file = root / manifest.index_name
-    if index_file.is_file():
-        table = read_index(index_file)
+    try:
+        table = read_index(index_file) if index_file.is_file() else None
+    except InputError as exc:  # the shards are still checked: the index is one file among them
+        problems.append(f"index {index_file.name}: {exc}")
+        table = None
+    if table is not None:
         shard_col, label_col = table.column("shard").to_pylist(), table.column("label").to_pylist()
         index_counts = Counter(shard_col)
         for shard_name, key, label in zip(shard_col, table.column("key").to_pylist(), label_col):
@@ -103,7 +107,7 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
             problems.append(f"index {index_file.name}: labels {bad[:10]} outside 0..{labels[-1]}")
         if manifest.index_sha256 and sha256_file(index_file) != manifest.index_sha256:
             problems.append(f"index {index_file.name}: sha256 differs from the manifest")
-    else:
+    elif not index_file.is_file():
         problems.append(f"index {index_file.name} is missing")
     if manifest.card_sha256:
         card = root / CARD_NAME
@@ -141,7 +145,7 @@ def verify_shard_set(root: Path, on_shard: Callable[[str], None] | None = None) 
                 problems.append(f"{name}: DALI index {idx.name} sha256 differs from the manifest")
         except (ValueError, OSError) as exc:
             problems.append(f"{name}: DALI index: {exc}")
-        if index_file.is_file() and index_counts[name] != shard.samples:
+        if table is not None and index_counts[name] != shard.samples:
             problems.append(f"{name}: {index_counts[name]} rows in {index_file.name}, "
                             f"manifest says {shard.samples}")
     if not problems:  # the per-label counts below are only meaningful over every sample read

@@ -618,3 +618,19 @@ def test_the_cards_rebuild_command_rebuilds_a_non_default_set_byte_for_byte(synt
     result = CliRunner().invoke(main, ["build-shards", *words, "-q"])
     assert result.exit_code == 0, result.output
     assert _tree_digest(again) == _tree_digest(first)
+
+
+def test_a_damaged_sample_index_is_one_problem_and_every_shard_is_still_checked(built_synthetic, tmp_path):
+    import shutil
+
+    out = shutil.copytree(built_synthetic, tmp_path / "set")
+    (out / "index.parquet").write_bytes(b"PAR1 not really")
+    problems = verify_shard_set(out)
+    assert problems[0].startswith(f"index index.parquet: {out / 'index.parquet'} is not a readable sample index ("), \
+        problems
+    assert len(problems) == 1, problems
+    victim = _shards(out)[0]
+    victim.write_bytes(victim.read_bytes()[:-1024])
+    assert any(p.startswith(str(victim.relative_to(out))) for p in verify_shard_set(out))
+    result = CliRunner().invoke(main, ["info", str(out)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "is not a readable sample index" in result.output

@@ -27,11 +27,11 @@ from jigsawdata.verify import verify_shard_set
 
 class _PlainHandler(SimpleHTTPRequestHandler):
     """``python -m http.server``: no range support. Can cut a response short (``cut``: path ->
-    times) or drop every request like a dead server (``dead``)."""
+    times) or drop every request like a dead server (``dead``: True, or "files" for all but the manifest)."""
 
     def do_GET(self):
         self.server.requests.append((self.path, self.headers.get("Range")))
-        if self.server.dead:
+        if self.server.dead is True or (self.server.dead == "files" and not self.path.endswith("/manifest.json")):
             self.close_connection = True
             return
         if self.path in self.server.endless:  # no Content-Length, and bytes until the client hangs up
@@ -149,6 +149,18 @@ def test_a_server_streaming_without_end_fills_nothing(plain_server, tmp_path, mo
     httpd.endless = {"/set/README.md"}
     with pytest.raises(FetchError, match=r"README.md is larger than 1048576 bytes"):
         fetch(url, tmp_path / "copy4", workers=1)
+
+
+def test_a_dead_server_fails_every_file_in_one_short_line(plain_server, tmp_path, caplog):
+    src, url, httpd = plain_server
+    files = len(list(src.glob("*/*.tar"))) + len(list(src.glob("*/*.idx"))) + 1
+    httpd.dead = "files"  # all but the manifest
+    result = CliRunner().invoke(main, ["fetch", url, "--out", str(tmp_path / "copy"), "--retries", "1"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines[-1].startswith("Error: ") and len(lines[-1]) < 300, lines[-1]
+    assert f"(and {files - 1} more files failed, the first 10 logged above)" in lines[-1]
+    logged = [r.getMessage() for r in caplog.records if r.name == "jigsawdata.fetch" and r.levelno == logging.WARNING]
+    assert len(logged) == 10 and all("transfer interrupted once" in m for m in logged), logged
 
 
 def test_a_missing_file_is_not_found_and_not_retried(plain_server, tmp_path):

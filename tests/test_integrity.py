@@ -177,6 +177,7 @@ def test_no_verify_skips_the_check(shards, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["make-synthetic", "X", "--images", "-1"], "-1 is not in the range x>=1"),
+    (["evaluate-pretrain", ".", "--shards", ".", "--images", "0"], "'--images': 0 is not in the range x>=1"),
     (["make-synthetic", "X", "--images", "0"], "0 is not in the range x>=1"),
     (["preview", ".", "--out", "p.png", "--count", "0"], "0 is not in the range x>=1"),
     (["pretrain", "--shards", ".", "--out", "r", "--workers", "-1"], "-1 is not in the range x>=0"),
@@ -274,3 +275,30 @@ def test_a_diverged_loss_stops_the_run_before_its_weights_are_saved(built_synthe
                     f"{run} keeps the last checkpoint from before")
     saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert saved["iteration"] == 2 and all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_ctrl_c_exits_130_in_one_line_and_a_closed_pipe_quietly(built_synthetic, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "jigsawdata", "pretrain", "--shards", str(built_synthetic), "--out",
+                             str(run), "--arch", "resnet18", "--iterations", "100000", "--batch", "2", "--canvas",
+                             "64", "--template-split", "32", "--device", "cpu", "--pipeline", "reference",
+                             "--workers", "0", "--erf-images", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "config.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+
+    # a reader that has gone before the first line is written (`| head -1` once it has its line)
+    info = subprocess.run(f"{sys.executable} -m jigsawdata info {built_synthetic} | true; exit ${{PIPESTATUS[0]}}",
+                          shell=True, capture_output=True, text=True, executable="/bin/bash")
+    assert info.returncode == 141 and info.stderr == "", info.stderr

@@ -101,6 +101,10 @@ def test_a_runs_config_json_is_a_config_file(tmp_path, captured):
     ("shards: a\nout: [b\n", ".yaml", "is not valid YAML"),
     ('{"shards": "a",', ".json", "is not valid JSON"),
     ("- shards\n", ".yaml", "must hold a mapping of settings"),
+    ("shards: a\nout: b\nbatch: 4\nbatch: 8\n", ".yaml", "is not valid YAML: 'batch' is given twice"),
+    ('{"shards": "a", "out": "b", "batch": 4, "batch": 8}', ".json", "is not valid JSON: 'batch' is given twice"),
+    ('shards: a\nout: b\ntau: "0.5"\n', ".yaml", "--tau must be a number, got '0.5'"),
+    ('{"shards": "a", "out": "b", "tau": "0.5"}', ".json", "--tau must be a number, got '0.5'"),
 ])
 def test_bad_config_files_are_one_line_errors(tmp_path, captured, text, suffix, message):
     conf = tmp_path / f"c{suffix}"
@@ -131,8 +135,9 @@ def test_read_config_file_accepts_flags_fields_and_aliases(tmp_path):
     assert read_config_file(conf, PretrainConfig) == {"erf_every": 5, "val_images": 8, "checkpoint_every": 3,
                                                       "lr_peak": 0.1}
     conf = tmp_path / "c.yaml"
-    conf.write_text("weight_decay: 1e-4\nmomentum: 0.8\n")  # YAML 1.1 reads 1e-4 as text
-    assert read_config_file(conf, PretrainConfig) == {"weight_decay": 1e-4, "momentum": 0.8}
+    conf.write_text("weight_decay: 1e-4\nmomentum: 0.8\nwarmup: 5\nlr_peak: -2.5E+1\n")  # YAML 1.1 reads 1e-4 as text
+    assert read_config_file(conf, PretrainConfig) == {"weight_decay": 1e-4, "momentum": 0.8, "warmup": 5,
+                                                      "lr_peak": -25.0}
 
 
 def test_progress_bars_follow_quiet_and_the_terminal(monkeypatch):
@@ -209,3 +214,24 @@ def test_quiet_and_verbose_work_before_or_after_the_command(monkeypatch, built_s
     assert seen == [True]
     if where == "after":  # before the command, logging.basicConfig sets it (once per process)
         assert root.level == logging.DEBUG
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_library_warnings_are_one_log_line_and_quiet_silences_them(monkeypatch, built_synthetic, caplog, quiet):
+    import logging
+    import warnings
+
+    import jigsawdata.verify
+
+    def warn_then_verify(root, on_shard=None):
+        warnings.warn("This DataLoader will create 4 worker processes\nmore advice", UserWarning)
+        return []
+
+    monkeypatch.setattr(jigsawdata.verify, "verify_shard_set", warn_then_verify)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    monkeypatch.setattr(logging.getLogger("py.warnings"), "level", logging.NOTSET)
+    with caplog.at_level(logging.WARNING):
+        result = CliRunner().invoke(main, [*(["-q"] if quiet else []), "verify", str(built_synthetic)])
+    assert result.exit_code == 0, result.output
+    logged = [r.getMessage() for r in caplog.records if r.name == "py.warnings"]
+    assert logged == ([] if quiet else ["UserWarning: This DataLoader will create 4 worker processes"])

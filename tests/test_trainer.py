@@ -356,11 +356,28 @@ class _Evil:
         return (print, ("pwned",))
 
 
-def test_checkpoints_are_never_unpickled(tmp_path):
+def test_checkpoints_are_never_unpickled(tmp_path, real_coco):
+    from click.testing import CliRunner
+
+    from jigsawdata.cli import main
+
     path = tmp_path / "bad.pt"
     torch.save({"format": ckpt_io.FORMAT, "payload": _Evil()}, path)
     with pytest.raises(InputError, match="not a loadable checkpoint"):
         ckpt_io.load(path)
+    # every command that loads a file says so in one line, without torch's advice to unpickle it anyway
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(path.read_bytes())
+    for args in (["export", str(path), "--out", str(tmp_path / "x.pth")],
+                 ["evaluate-pretrain", str(path), "--shards", str(tmp_path)],
+                 ["erf", str(run), "--out", str(tmp_path / "x.png")],
+                 ["evaluate", str(run)],
+                 ["finetune", "--coco", str(real_coco), "--out", str(tmp_path / "ft"), "--init", str(path)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "weights_only" not in result.output, (args, result.output)
+        assert result.output.count("\n") == 1 and "Warning" not in result.output, (args, result.output)
+        assert "names Python code (print) that loading would run: refused" in result.output, result.output
     torch.save({"format": "something-else"}, path)
     with pytest.raises(InputError, match="not a jigsawdata pre-training checkpoint"):
         ckpt_io.load(path)

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +24,31 @@ def checkpoint_file(path: Path | str) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
+def load_tensors(path: Path, map_location="cpu", *, what: str) -> object:
+    """A torch file of tensors and plain data, loaded with ``weights_only=True``; anything else
+    is refused as ``"<what>: <why>"``. torch's own message advises loading with
+    ``weights_only=False``, which would run whatever code the file holds: it is never shown,
+    nor are the unpickler's warnings."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"{what}: {_refusal(str(exc))}") from exc
+    except Exception as exc:  # a truncated file, not a torch file at all, ...
+        raise InputError(f"{what}: {first_line(exc, type(exc).__name__)}") from exc
+
+
+def _refusal(text: str) -> str:
+    """Why torch's weights-only unpickler refused a file, without its advice."""
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return (f"it names Python code ({named[1]}) that loading would run: refused (a Detectron2 .pkl or another "
+                "tool's checkpoint is not read here)")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return f"not a file of tensors and plain data ({detail[1].strip() if detail else 'unreadable'})"
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -31,11 +59,7 @@ def load(path: Path, map_location="cpu", *, fmt: str = FORMAT, kind: str = "pre-
     path = checkpoint_file(path)
     if not path.is_file():
         raise InputError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # a foreign pickle, a truncated file, ...
-        reason = first_line(exc, type(exc).__name__)
-        raise InputError(f"{path} is not a loadable checkpoint: {reason}") from exc
+    ckpt = load_tensors(path, map_location, what=f"{path} is not a loadable checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         raise InputError(f"{path} is not a jigsawdata {kind} checkpoint")
     return ckpt

@@ -30,10 +30,10 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from jigsawdata.errors import InputError, first_line
+from jigsawdata.errors import InputError
 
 from .checkpoint import FORMAT as PRETRAIN_FORMAT
-from .checkpoint import checkpoint_file
+from .checkpoint import checkpoint_file, load_tensors
 from .config import ARCHS, DETECTORS, NORMS
 from .model import build_backbone
 
@@ -121,11 +121,7 @@ def read_init(init: str, arch: str) -> InitWeights | None:
     path = checkpoint_file(init.removeprefix("imagenet:"))
     if not path.is_file():
         raise InputError(f"--init {init}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        reason = first_line(exc, type(exc).__name__)
-        raise InputError(f"--init {init}: not a loadable weights file ({reason})") from exc
+    obj = load_tensors(path, what=f"--init {init}: not a loadable weights file")
     if isinstance(obj, dict) and obj.get("format") == PRETRAIN_FORMAT:
         if obj["arch"] != arch:
             raise InputError(f"--init {init} holds a {obj['arch']} backbone, not {arch} (use --arch {obj['arch']})")
