@@ -16,7 +16,7 @@ from click.core import ParameterSource
 
 from jigsawdata import __version__
 from jigsawdata.build import BuildConfig
-from jigsawdata.errors import InputError, first_line, message
+from jigsawdata.errors import InputError, Stopped, first_line, message
 from jigsawdata.settings import field_types, flag, read_config_file, spec_of
 from jigsawdata.pipelines.config import FIT_MODES
 from jigsawdata.pipelines.template import REGION_NAMES
@@ -75,6 +75,9 @@ class _Group(click.Group):
             raise click.exceptions.Exit(141) from None
         except InputError as exc:
             raise click.ClickException(message(exc)) from exc
+        except Stopped as exc:
+            click.echo(str(exc), err=True)
+            raise click.exceptions.Exit(exc.exit_code) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT
@@ -136,13 +139,16 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     ctx.obj = {"quiet": quiet, "verbose": verbose}
 
 
+def _quiet() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and (ctx.find_root().obj or {}).get("quiet"))
+
+
 def progress_bar(**kwargs):
     """A tqdm bar on stderr, off with ``-q`` or when stderr is not a terminal (logs, CI, pipes)."""
     from tqdm import tqdm
 
-    ctx = click.get_current_context(silent=True)
-    quiet = bool(ctx and (ctx.find_root().obj or {}).get("quiet"))
-    return tqdm(disable=True if quiet else None, dynamic_ncols=True, **kwargs)
+    return tqdm(disable=True if _quiet() else None, dynamic_ncols=True, **kwargs)
 
 
 def _evaluation_bar():
@@ -192,6 +198,16 @@ def setting_options(cls, skip: tuple[str, ...] = (), kinds: dict | None = None, 
                             help="YAML or JSON file of these settings (a run's config.json works); flags given "
                                  "here override it.")(fn)
     return decorate
+
+
+def resumed_config(resume: bool, config_file: Path | None, options: dict) -> Path | None:
+    """``--config``, or when resuming without one the run's own ``config.json``: ``--out RUN
+    --resume`` alone continues a run with its settings (flags given still override them)."""
+    if resume and config_file is None and options.get("out"):
+        saved = Path(options["out"]) / "config.json"
+        if saved.is_file():
+            return saved
+    return config_file
 
 
 def settings_from(cls, config_file: Path | None, options: dict):
@@ -444,15 +460,20 @@ def pretrain(resume: bool, config_file: Path | None, **options) -> None:
     from jigsawdata.trainer.pretrain import Trainer
     from jigsawdata.trainer.validate import format_validation
 
-    cfg = settings_from(PretrainConfig, config_file, options)
+    cfg = settings_from(PretrainConfig, resumed_config(resume, config_file, options), options)
     bar = None
     shown: dict = {}
 
     def on_log(m: dict) -> None:
-        bar.n = m["iteration"]
         val = {"val": f"{100 * shown['val_accuracy']:.1f}%/{100 * shown['val_majority']:.1f}%"} if shown else {}
-        bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.4f}", ips=f"{m['images_per_s']:.0f}",
-                        wait=f"{100 * m['data_wait_fraction']:.1f}%", **val, refresh=False)
+        figures = {"loss": f"{m['loss']:.3f}", "lr": f"{m['lr']:.4f}", "ips": f"{m['images_per_s']:.0f}",
+                   "wait": f"{100 * m['data_wait_fraction']:.1f}%", **val}
+        if bar.disable:  # no terminal (a batch job, a pipe): a line per --log-every, as finetune prints
+            if not _quiet():
+                click.echo(f"it {m['iteration']}/{cfg.iterations} " + " ".join(f"{k} {v}" for k, v in figures.items()))
+            return
+        bar.n = m["iteration"]
+        bar.set_postfix(**figures, refresh=False)
         bar.refresh()
 
     trainer = Trainer(cfg, resume=resume, on_log=on_log, on_validate=shown.update)
@@ -562,7 +583,7 @@ def finetune(resume: bool, config_file: Path | None, **options) -> None:
     from jigsawdata.trainer.evaluate import format_table
     from jigsawdata.trainer.finetune import Finetuner, evaluate_run
 
-    cfg = settings_from(FinetuneConfig, config_file, options)
+    cfg = settings_from(FinetuneConfig, resumed_config(resume, config_file, options), options)
     trainer = Finetuner(cfg, resume=resume, on_log=lambda m: click.echo(
         f"epoch {m['epoch']} it {m['iteration']} lr {m['lr']:.5f} loss {m['loss']:.4f}"))
     trainer.train()

@@ -31,3 +31,12 @@ class FetchError(InputError):
 
 class TrainingError(InputError):
     """A run cannot go on as set up (its loss diverged): the user acts on the settings."""
+
+
+class Stopped(Exception):
+    """A run stopped on request (SIGTERM: a scheduler's preemption) after saving its state;
+    the CLI prints the message and exits with ``exit_code`` (128 + the signal)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -139,7 +139,6 @@ def read_config_file(path: Path | str, cls) -> dict[str, Any]:
         spec = spec_of(f)
         for alias in (f.name, *(spec.aliases if spec else ())):
             names[alias.lstrip("-").replace("-", "_")] = f.name
-    types = field_types(cls)
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key == RESOLVED_KEY:

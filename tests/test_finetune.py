@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,6 +260,10 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
     assert "AP50" in result.output and (out / "predictions_bbox.json").is_file()
     resolved = json.loads((out / "config.json").read_text())["resolved"]
     assert (resolved["device"], resolved["precision"], resolved["world_size"]) == ("cpu", "fp32", 1)
+    ann = real_coco / "annotations" / "instances_train2017.json"
+    assert resolved["provenance"]["annotations"] == {"location": str(ann),
+                                                     "sha256": hashlib.sha256(ann.read_bytes()).hexdigest()}
+    assert resolved["provenance"]["init"]["sha256"] == hashlib.sha256(Path(jigsaw_ckpt[0]).read_bytes()).hexdigest()
     assert resolved["versions"]["torch"] == torch.__version__ and resolved["versions"]["jigsawdata"]
     assert CliRunner().invoke(main, [*args, "--max-iters", "1"]).exit_code == 1  # run exists, no --resume
     first = torch.load(out / "checkpoint.pt", weights_only=True)["train_device_seconds"]

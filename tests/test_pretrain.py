@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -86,6 +87,54 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(built_real, t
     logged = [[json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
               for run in (straight, killed)]
     assert logged[0] == logged[1] == sorted(set(logged[0]))  # one record per logged iteration, none repeated
+
+
+def test_sigterm_saves_and_resume_alone_continues_to_the_weights_of_an_uninterrupted_run(built_real, tmp_path,
+                                                                                       caplog):
+    """Slurm's preemption: SIGTERM saves the iteration reached (not only every --checkpoint-every)
+    and exits 143; `--out RUN --resume` alone reads the rest from the run's config.json."""
+    straight = tmp_path / "straight"
+    assert CliRunner().invoke(main, [*_args(built_real, straight), "--keep-checkpoints", "2"]).exit_code == 0
+    kept = sorted(p.name for p in straight.glob("checkpoint-*.pt"))
+    assert kept == ["checkpoint-00000008.pt", "checkpoint-00000012.pt"]
+    assert os.path.samefile(straight / "checkpoint-00000012.pt", straight / "checkpoint.pt")
+    assert load(straight / "checkpoint-00000008.pt")["iteration"] == 8
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "jigsawdata", *_args(built_real, stopped)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (stopped / "metrics.jsonl").is_file() or not (stopped / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "no log record before the run ended"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    at = load(stopped)["iteration"]
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM at iteration {at} of 12, checkpoint saved: continue with `jigsawdata pretrain --out "
+        f"{stopped} --resume`"), err
+    assert 2 <= at < 12
+    command = load(stopped)["provenance"]["command"]  # of the subprocess: this test's own argv is pytest's
+    assert command == " ".join(["jigsawdata", *_args(built_real, stopped)])
+    result = CliRunner().invoke(main, ["pretrain", "--out", str(stopped), "--resume"])
+    assert result.exit_code == 0, result.output
+    a, b = load(straight), load(stopped)
+    assert b["iteration"] == 12 and all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+    # runs are tied to their data and their command
+    manifest_sha = hashlib.sha256((built_real / "manifest.json").read_bytes()).hexdigest()
+    for record in (json.loads((stopped / "config.json").read_text())["resolved"]["provenance"], b["provenance"]):
+        assert record["shards"] == {"location": str(built_real), "manifest_sha256": manifest_sha}
+        assert record["revision"] is None or len(record["revision"].removesuffix("+dirty")) == 40
+
+    # a longer run continues on the longer schedule, saying so; a shorter one than reached is refused
+    with caplog.at_level("WARNING"):
+        result = CliRunner().invoke(main, ["pretrain", "--out", str(stopped), "--resume", "--iterations", "14"])
+    assert result.exit_code == 0 and load(stopped)["iteration"] == 14, result.output
+    assert any("--iterations 14 instead of 12: from iteration 12 the learning rate follows the 14-iteration "
+               "schedule" in r.getMessage() for r in caplog.records)
+    result = CliRunner().invoke(main, ["pretrain", "--out", str(stopped), "--resume", "--iterations", "13"])
+    assert result.exit_code == 1 and "it is at iteration 14 already" in result.output
 
 
 def test_run_directory_is_protected(built_real, tmp_path):

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 import re
 import warnings
 from pathlib import Path
@@ -64,3 +66,18 @@ def load(path: Path, map_location="cpu", *, fmt: str = FORMAT, kind: str = "pre-
         raise InputError(f"{path} is not a jigsawdata {kind} checkpoint")
     return ckpt
 
+
+
+def keep_last(latest: Path, iteration: int, keep: int) -> None:
+    """With ``keep`` > 1, also keep the checkpoint just written as ``checkpoint-<iteration>.pt``
+    (a hard link: no second copy on disk) and delete all but the newest ``keep`` of those."""
+    if keep <= 1:
+        return
+    named = latest.with_name(f"{latest.stem}-{iteration:08d}{latest.suffix}")
+    named.unlink(missing_ok=True)
+    try:
+        os.link(latest, named)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(latest, named)
+    for old in sorted(latest.parent.glob(f"{latest.stem}-[0-9]*{latest.suffix}"))[:-keep]:
+        old.unlink(missing_ok=True)

@@ -68,7 +68,10 @@ class PretrainConfig:
     seed: int = setting(0, "Seed of the model, the augmentation and the readers.", min=0)
     erf_every: int = setting(5000, "Iterations between ERF weight refreshes.", min=1)
     erf_images: int = setting(64, "Images the ERF is averaged over.", min=1)
-    checkpoint_every: int = setting(1000, "Iterations between checkpoints.", min=1)
+    checkpoint_every: int = setting(1000, "Iterations between checkpoints (and one on SIGTERM, e.g. Slurm "
+                                    "preemption).", min=1)
+    keep_checkpoints: int = setting(1, "Checkpoints kept: the latest is checkpoint.pt; above 1, the last K are "
+                                    "also kept as checkpoint-<iteration>.pt.", min=1)
     log_every: int = setting(10, "Iterations between log lines and metrics records.", min=1)
     amp: str = setting("bf16", "Mixed precision on a GPU: bf16, fp16 (with a grad scaler) or off; the CPU runs "
                        "fp32.", choices=AMP_MODES)

@@ -20,7 +20,7 @@ import torch
 
 from jigsawdata.coco import resolve_coco_root
 from jigsawdata.errors import InputError, TrainingError
-from jigsawdata.files import write_json_atomic, write_text_atomic
+from jigsawdata.files import sha256_file, write_json_atomic, write_text_atomic
 
 from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
@@ -28,7 +28,7 @@ from .config import FinetuneConfig, schedule_epochs
 from .detection import build_detector, default_norm
 from .evaluate import EVALUATED_KEY, coco_eval, format_table
 from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, config_from, drop_records_after,
-                      dump_config, gather, init_distributed, pick_device, resolved, rng_state, set_rng_state,
+                      dump_config, gather, init_distributed, pick_device, provenance, resolved, rng_state, set_rng_state,
                       wrap_ddp)
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,18 @@ class Finetuner:
         if resume:
             self._restore()
         if self.dist.main:
-            dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist))
+            dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist, self._provenance()))
         self.net = wrap_ddp(self.model, self.dist, self.device)
+
+    def _provenance(self) -> dict:
+        """The annotation file trained on and the initial weights, by sha256 (the images are
+        named by the annotations; hashing them all would cost a pass over the set)."""
+        ann, _ = resolve_coco_root(Path(self.cfg.coco), self.cfg.split)
+        data = {"annotations": {"location": str(ann), "sha256": sha256_file(ann)}}
+        init = self.cfg.init.removeprefix("imagenet:")
+        if self.cfg.init != "scratch":
+            data["init"] = {"location": self.cfg.init, "sha256": sha256_file(ckpt_io.checkpoint_file(init))}
+        return provenance(**data)
 
     def _restore(self) -> None:
         ckpt = load_run(self.out)  # to the CPU: RNG states must stay CPU tensors

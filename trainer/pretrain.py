@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from jigsawdata.errors import InputError, TrainingError
+from jigsawdata.errors import InputError, Stopped, TrainingError
+from jigsawdata.files import sha256_file
+from jigsawdata.manifest import MANIFEST_NAME
 from jigsawdata.pipelines.dali import require_dali
 from jigsawdata.pipelines.integrity import local_checked
 from jigsawdata.pipelines.ranks import process_info
@@ -31,7 +33,8 @@ from .erf import blockwise_weights, level_receptive_fields, level_region_maps, l
 from .losses import blockwise_loss, erf_dense_loss, global_loss, mean_over_levels
 from .model import BACKBONE_LEVEL, build_model, level_logits
 from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, drop_records_after, dump_config,
-                      gather, init_distributed, resolved, rng_state, set_rng_state, wrap_ddp)
+                      gather, init_distributed, provenance, resolved, rng_state, set_rng_state, stop_requests,
+                      wrap_ddp)
 from .schedule import learning_rate, scaled
 from .validate import load_validation_set, validate
 
@@ -48,8 +51,8 @@ def saved_config(values: dict) -> dict:
     return {_RENAMED.get(k, k): v for k, v in values.items()}
 
 
-_RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "device", "cache_dir", "verify", "val_shards",
-              "val_every", "val_images"}
+_RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "keep_checkpoints", "device", "cache_dir", "verify",
+              "val_shards", "val_every", "val_images", "iterations"}
 
 
 class Trainer:
@@ -69,10 +72,13 @@ class Trainer:
         self.class_names = open_shard_set(self.shards).class_names
         self.template = cfg.template
         self.jigsaw = cfg.jigsaw_config(cfg.seed + 1000 * self.dist.rank)
-        self.validation = (load_validation_set(local_checked(cfg.val_shards, verify=cfg.verify,
-                                                             cache_dir=cfg.cache_dir),
-                                               self.template, cfg.val_images, cfg.fit, self.class_names)
-                           if cfg.val_shards and self.dist.main else None)
+        data = {"shards": _data_record(cfg.shards, self.shards)}
+        self.validation = None
+        if cfg.val_shards and self.dist.main:
+            val = local_checked(cfg.val_shards, verify=cfg.verify, cache_dir=cfg.cache_dir)
+            self.validation = load_validation_set(val, self.template, cfg.val_images, cfg.fit, self.class_names)
+            data["val_shards"] = _data_record(cfg.val_shards, val)
+        self.provenance = provenance(**data)
         self.last_validation: dict = {}
         self.area = torch.from_numpy(region_fractions(self.template)).to(self.device)
 
@@ -94,7 +100,7 @@ class Trainer:
         if resume:
             data_state = self._restore()
         if self.dist.main:
-            dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist))
+            dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist, self.provenance))
         self.net = wrap_ddp(self.model, self.dist, self.device)
         self.source = SOURCES[cfg.pipeline](self.shards, self.local_batch, self.jigsaw, device=self.device,
                                             workers=cfg.workers, rank=self.dist.rank, world_size=self.dist.world,
@@ -128,6 +134,7 @@ class Trainer:
                              f"pipelines, each with its own data position; resume with --workers {saved['workers']}")
         if len(ckpt["data"]["states"]) != self.dist.world:
             raise InputError(f"{self.out} was saved by {len(ckpt['data']['states'])} ranks; resume it with as many")
+        self._check_new_length(int(saved_config(saved)["iterations"]), int(ckpt["iteration"]))
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -140,11 +147,28 @@ class Trainer:
         log.info("resumed %s at iteration %d", self.out, self.iteration)
         return ckpt["data"]["states"][self.dist.rank]
 
+    def _check_new_length(self, saved_total: int, at: int) -> None:
+        """``--iterations`` may change on resume, past the saved iteration. The cosine decay is
+        a function of the total, so from the saved iteration on the rate follows the new
+        schedule: said here with the step it makes."""
+        total = self.cfg.iterations
+        if total == saved_total:
+            return
+        if total <= at:
+            raise InputError(f"cannot resume {self.out} with --iterations {total}: it is at iteration {at} already")
+        c = self.cfg
+        old = learning_rate(at, total=saved_total, warmup=c.warmup, lr_start=scaled(c.lr_start, c.batch),
+                            lr_peak=scaled(c.lr_peak, c.batch))
+        log.warning("--iterations %d instead of %d: from iteration %d the learning rate follows the %d-iteration "
+                    "schedule (%.5f there, against %.5f in the saved one); a run of %d from the start would have had "
+                    "other rates before it", total, saved_total, at, total, self._lr(at), old, total)
+
     def save(self) -> None:
         data_states = gather(self.source.state(), self.dist)
         rng = gather(rng_state(self.device), self.dist)
         if not self.dist.main:
             return
+        path = self.out / ckpt_io.CHECKPOINT_NAME
         ckpt_io.save_atomic({
             "format": ckpt_io.FORMAT, "iteration": self.iteration, "arch": self.cfg.arch,
             "device_type": self.device.type, "train_device_seconds": self.clock.seconds,
@@ -154,7 +178,9 @@ class Trainer:
             "data": {"kind": self.source.kind, "states": data_states},
             "schedule": {"warmup": self.cfg.warmup, "total": self.cfg.iterations,
                          "lr_start": self._lr(0), "lr_peak": scaled(self.cfg.lr_peak, self.cfg.batch)},
-        }, self.out / ckpt_io.CHECKPOINT_NAME)
+            "provenance": self.provenance,
+        }, path)
+        ckpt_io.keep_last(path, self.iteration, self.cfg.keep_checkpoints)
 
     def _tensorboard(self):
         try:
@@ -212,36 +238,57 @@ class Trainer:
         return loss.detach()
 
     def train(self) -> dict:
-        """Run to ``cfg.iterations``; returns the last logged metrics."""
-        cfg, metrics = self.cfg, {}
-        window = self._new_window()
+        """Run to ``cfg.iterations``; returns the last logged metrics. On SIGTERM (a scheduler's
+        preemption) it saves a checkpoint and raises :class:`Stopped`."""
         metrics_file = open(self.out / "metrics.jsonl", "a") if self.dist.main else None
         self.clock.start()
         try:
-            while self.iteration < cfg.iterations:
-                if self.weights is None or self.iteration % cfg.erf_every == 0:
-                    self.refresh_erf()
-                t0 = time.perf_counter()
-                images, labels = next(self.source)
-                window["wait"] += time.perf_counter() - t0
-                loss = self.step(images, labels)
-                self.iteration += 1
-                window["loss"] += loss  # stays on the device: no synchronisation per step
-                window["steps"] += 1
-                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
-                    metrics = self._log(window, metrics_file)
-                    window = self._new_window()
-                if self.validation and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations):
-                    with self.clock.paused():
-                        self._validate(metrics_file)
-                if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
-                    with self.clock.paused():
-                        self.save()
+            with stop_requests() as requested:
+                return self._loop(metrics_file, requested)
         finally:
             self.clock.stop()
             if metrics_file:
                 metrics_file.close()
+
+    def _loop(self, metrics_file, requested: Callable[[], bool]) -> dict:
+        cfg, metrics = self.cfg, {}
+        window = self._new_window()
+        while self.iteration < cfg.iterations:
+            if self.weights is None or self.iteration % cfg.erf_every == 0:
+                self.refresh_erf()
+            t0 = time.perf_counter()
+            images, labels = next(self.source)
+            window["wait"] += time.perf_counter() - t0
+            loss = self.step(images, labels)
+            self.iteration += 1
+            window["loss"] += loss  # stays on the device: no synchronisation per step
+            window["steps"] += 1
+            logged = self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations
+            if logged:
+                metrics = self._log(window, metrics_file)
+                window = self._new_window()
+            if self.validation and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations):
+                with self.clock.paused():
+                    self._validate(metrics_file)
+            stop = self._stop_agreed(requested(), logged)
+            if stop or self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+                with self.clock.paused():
+                    self.save()
+            if stop and self.iteration < cfg.iterations:
+                raise Stopped(f"stopped by SIGTERM at iteration {self.iteration} of {cfg.iterations}, checkpoint "
+                              f"saved: continue with `jigsawdata pretrain --out {self.out} --resume`", 128 + 15)
         return metrics
+
+    def _stop_agreed(self, requested: bool, logged: bool) -> bool:
+        """Whether every rank stops now. A lone process stops at the next iteration; ranks agree
+        at the next log step (one all-reduce there), so that they save the same iteration."""
+        if self.dist.world == 1:
+            return requested
+        if not logged:
+            return False
+        flag = torch.tensor(int(requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _new_window(self) -> dict:
         return {"loss": torch.zeros((), device=self.device), "wait": 0.0, "start": time.perf_counter(), "steps": 0}
@@ -294,6 +341,12 @@ class Trainer:
         if not finite.item():
             raise TrainingError(f"the loss became {float(loss_sum)} by iteration {self.iteration}: the run diverged "
                                 f"(lower --lr-peak, or --amp off); {self.out} keeps the last checkpoint from before")
+
+
+def _data_record(location: str, local: Path) -> dict:
+    """Where a shard set was read from and the sha256 of its manifest, which vouches for every
+    file of it: the run is tied to exactly these shards."""
+    return {"location": str(location), "manifest_sha256": sha256_file(Path(local) / MANIFEST_NAME)}
 
 
 def _changed(saved: dict, cfg: PretrainConfig) -> list[str]:

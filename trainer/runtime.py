@@ -6,12 +6,17 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import shlex
+import signal
+import subprocess
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -209,9 +214,34 @@ def versions() -> dict[str, str | None]:
             "cuda": torch.version.cuda}
 
 
-def resolved(device: torch.device, precision: Precision, info: DistInfo) -> dict:
-    """What ``auto`` and the environment turned a run's settings into."""
-    return {"device": str(device), "precision": precision.name, "world_size": info.world, "versions": versions()}
+def source_revision() -> str | None:
+    """The git commit of the jigsawdata source that runs (``+dirty`` with uncommitted changes),
+    or None for an installed copy or without git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def provenance(**data) -> dict:
+    """What ties a run to its inputs: the command line (as ``jigsawdata ...``, however it was
+    started: the script, ``python -m``, torchrun), the source revision where known, and
+    ``data`` (each data set's location and manifest or annotation sha256)."""
+    return {"command": shlex.join(["jigsawdata", *sys.argv[1:]]), "revision": source_revision(), **data}
+
+
+def resolved(device: torch.device, precision: Precision, info: DistInfo, origin: dict | None = None) -> dict:
+    """What ``auto`` and the environment turned a run's settings into, and (``origin``) its
+    :func:`provenance`."""
+    return {"device": str(device), "precision": precision.name, "world_size": info.world, "versions": versions(),
+            **({"provenance": origin} if origin else {})}
 
 
 def dump_config(out: Path, cfg, resolved_values: dict) -> None:
@@ -219,3 +249,19 @@ def dump_config(out: Path, cfg, resolved_values: dict) -> None:
     under ``resolved``. The file works as ``--config`` of a new run (``resolved`` is skipped)."""
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(out) / "config.json", {**asdict(cfg), RESOLVED_KEY: resolved_values})
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """While open, SIGTERM (Slurm's and Kubernetes' preemption notice) is noted instead of
+    ending the process; the callable says whether it came. The previous handler is restored
+    after. Outside the main thread (signals cannot be handled there) nothing is noted."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
