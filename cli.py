@@ -319,6 +319,28 @@ def build_shards_cmd(coco_root, out, split, ann, images, workers, part_spec, str
         click.echo(f"part {part} of {parts} done; when all are, run: jigsawdata merge-manifests {out}")
 
 
+@main.command("split")
+@click.argument("ann", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for instances_<train>.json and instances_<val>.json.")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              help="Share of the images held out (rounded, at least one).")
+@click.option("--val-images", type=click.IntRange(min=1), help="Number of images held out.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the draw.")
+@click.option("--names", default="train,val", show_default=True, help="Names of the two splits.")
+def split_cmd(ann: Path, out: Path, val_fraction: float | None, val_images: int | None, seed: int, names: str) -> None:
+    """Cut a seeded held-out split from one COCO-format annotation file (by image), for
+    `finetune --ann` / `--val-ann` and for validation shards."""
+    from jigsawdata.split import split_annotations
+
+    parts = _comma_list("--names", names)
+    if len(parts) != 2:
+        raise click.BadParameter(f"two names, e.g. train,val; got {names!r}", param_hint="--names")
+    train, val = split_annotations(ann, out, val_fraction=val_fraction, val_images=val_images, seed=seed,
+                                   names=parts)
+    click.echo(f"wrote {train} and {val} (seed {seed}); images stay where they are: use --image-dir with both")
+
+
 @main.command("merge-manifests")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def merge_manifests(root: Path) -> None:
@@ -590,8 +612,7 @@ def finetune(resume: bool, config_file: Path | None, **options) -> None:
     if trainer.dist.main:
         bar, update = _evaluation_bar()
         with bar:
-            metrics = evaluate_run(cfg.out, split=cfg.val_split, max_images=cfg.max_images, device=cfg.device,
-                                   progress=update)
+            metrics = evaluate_run(cfg.out, max_images=cfg.max_images, device=cfg.device, progress=update)
         click.echo(format_table(metrics))
 
 
@@ -599,17 +620,27 @@ def finetune(resume: bool, config_file: Path | None, **options) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--coco", type=click.Path(exists=True, file_okay=False), help="COCO root (default: the run's).")
 @click.option("--split", help="Split to evaluate (default: the run's --val-split, else its --split).")
+@click.option("--ann", type=click.Path(exists=True, dir_okay=False),
+              help="Annotation file of any COCO-format set to evaluate on, instead of --coco/--split.")
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False),
+              help="Image folder of --ann (default: the run's evaluation images).")
 @click.option("--max-images", type=click.IntRange(min=1), help="Evaluate only the first N images.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where to run (auto: a CUDA GPU if torch sees one).")
-def evaluate(run_dir: Path, coco: str | None, split: str | None, max_images: int | None, device: str) -> None:
-    """COCO AP of a fine-tuned detector; writes eval.json and predictions_*.json into RUN_DIR."""
+def evaluate(run_dir: Path, coco: str | None, split: str | None, ann: str | None, image_dir: str | None,
+             max_images: int | None, device: str) -> None:
+    """COCO AP of a fine-tuned detector. Its own evaluation (the run's split and image count) is
+    eval.json; another split, set or subset is eval-<name>[-first<N>].json, with predictions_*
+    beside it; each file says what was evaluated."""
     from jigsawdata.trainer.evaluate import format_table
     from jigsawdata.trainer.finetune import evaluate_run
 
+    if image_dir and not ann:
+        raise click.UsageError("--image-dir goes with --ann")
     bar, update = _evaluation_bar()
     with bar:
-        metrics = evaluate_run(run_dir, coco, split, max_images, device, progress=update)
+        metrics = evaluate_run(run_dir, coco, split, max_images, device, progress=update, ann=ann,
+                               image_dir=image_dir)
     click.echo(format_table(metrics))
 
 

@@ -257,7 +257,7 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
             "--max-images", "4", "--workers", "0", "--log-every", "1", "--device", "cpu"]
     result = CliRunner().invoke(main, [*args, "--max-iters", "1"])
     assert result.exit_code == 0, result.output
-    assert "AP50" in result.output and (out / "predictions_bbox.json").is_file()
+    assert "AP50" in result.output and (out / "predictions_bbox.json").is_file() and (out / "metrics.png").is_file()
     resolved = json.loads((out / "config.json").read_text())["resolved"]
     assert (resolved["device"], resolved["precision"], resolved["world_size"]) == ("cpu", "fp32", 1)
     ann = real_coco / "annotations" / "instances_train2017.json"
@@ -272,7 +272,8 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
     resumed = torch.load(out / "checkpoint.pt", weights_only=True)
     assert resumed["iteration"] == 2 and resumed["train_device_seconds"] > first > 0  # the clock continues
     own = json.loads((out / "eval.json").read_text())
-    assert own["evaluated"] == {"coco": str(real_coco), "split": "train2017", "max_images": 4, "images": 4,
+    assert own["evaluated"] == {"annotations": str(real_coco / "annotations" / "instances_train2017.json"),
+                                "image_dir": str(real_coco / "train2017"), "max_images": 4, "images": 4,
                                 "checkpoint": str((out / "checkpoint.pt").resolve()), "epoch": 0, "iteration": 2}
     # a subset is its own file: the run's figures stay
     result = CliRunner().invoke(main, ["evaluate", str(out), "--max-images", "2"])
@@ -330,3 +331,42 @@ def test_training_time_leaves_out_checkpoint_writes(real_coco, jigsaw_ckpt, tmp_
     trainer.train()
     assert trainer.iteration == 4 and trainer.clock.seconds < time.perf_counter() - start - 2 * 0.5
     assert torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["train_device_seconds"] > 0
+
+
+def test_split_then_finetune_on_any_coco_format_files(real_coco, tmp_path):
+    """`split` cuts a seeded held-out part by image (annotations follow their images, every
+    other key copied); finetune and evaluate take the two files with --ann/--image-dir."""
+    source = real_coco / "annotations" / "instances_train2017.json"
+    args = ["split", str(source), "--val-images", "4", "--seed", "3"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b")]).exit_code == 0
+    for name in ("instances_train.json", "instances_val.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), "seeded: the same split"
+    original = json.loads(source.read_text())
+    train, val = (json.loads((tmp_path / "a" / f"instances_{n}.json").read_text()) for n in ("train", "val"))
+    ids = [{im["id"] for im in part["images"]} for part in (train, val)]
+    assert len(ids[1]) == 4 and not ids[0] & ids[1] and ids[0] | ids[1] == {im["id"] for im in original["images"]}
+    for part, own in zip((train, val), ids):
+        assert {a["image_id"] for a in part["annotations"]} <= own and part["categories"] == original["categories"]
+    assert len(train["annotations"]) + len(val["annotations"]) == len(original["annotations"])
+    again = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert again.exit_code == 1 and "exists already" in again.output
+    both = CliRunner().invoke(main, [*args, "--val-fraction", "0.5", "--out", str(tmp_path / "c")])
+    assert both.exit_code == 1 and "give one of --val-fraction and --val-images" in both.output
+
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(main, [
+        "finetune", "--ann", str(tmp_path / "a" / "instances_train.json"), "--image-dir", str(real_coco / "train2017"),
+        "--val-ann", str(tmp_path / "a" / "instances_val.json"), "--out", str(out), "--detector", "fpn", "--arch",
+        "resnet18", "--batch", "2", "--min-size", "96", "--max-size", "128", "--max-images", "8", "--workers", "0",
+        "--max-iters", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((out / "eval.json").read_text())["evaluated"]
+    assert evaluated["annotations"] == str(tmp_path / "a" / "instances_val.json") and evaluated["images"] == 4
+    result = CliRunner().invoke(main, ["evaluate", str(out), "--ann", str(tmp_path / "a" / "instances_train.json"),
+                                       "--max-images", "2"])
+    assert result.exit_code == 0 and (out / "eval-train-first2.json").is_file(), result.output
+    refused = CliRunner().invoke(main, ["finetune", "--coco", str(real_coco), "--ann", str(source), "--out",
+                                        str(tmp_path / "x")])
+    assert refused.exit_code == 1 and "one of the two" in refused.output

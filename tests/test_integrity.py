@@ -267,8 +267,8 @@ def test_a_diverged_loss_stops_the_run_before_its_weights_are_saved(built_synthe
     monkeypatch.setattr(Trainer, "loss", lambda self, output, labels: real_loss(self, output, labels)
                         * (float("nan") if self.iteration >= 2 else 1.0))
     run = tmp_path / "run"
-    line = _one_line_error(["pretrain", "--shards", str(built_synthetic), "--out", str(run), "--arch", "resnet18",
-                            "--iterations", "6", "--batch", "2", "--canvas", "64", "--template-split", "32",
+    line = _one_line_error(["-q", "pretrain", "--shards", str(built_synthetic), "--out", str(run), "--arch",
+                            "resnet18", "--iterations", "6", "--batch", "2", "--canvas", "64", "--template-split", "32",
                             "--device", "cpu", "--workers", "1", "--erf-images", "2", "--log-every", "2",
                             "--checkpoint-every", "2"])
     assert line == (f"Error: the loss became nan by iteration 4: the run diverged (lower --lr-peak, or --amp off); "

@@ -425,3 +425,20 @@ def test_train_clock_counts_only_while_running():
         pass
     time.sleep(0.02)
     assert clock.seconds == stopped
+
+
+def test_metrics_png_draws_each_series_present_and_skips_a_cut_line(tmp_path):
+    from PIL import Image
+
+    from jigsawdata.trainer.metricsplot import read_records, render_metrics, write_metrics_png
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"iteration": i, "loss": 5.0 / i, "lr": 0.1 * i}) for i in range(1, 6)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"iteration": 6, "lo')
+    assert [r["iteration"] for r in read_records(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert write_metrics_png(run, "t") == run / "metrics.png"
+    assert Image.open(run / "metrics.png").size == (640, 20 + 2 * 170)  # loss and lr; no validation records
+    with_val = [*read_records(run / "metrics.jsonl"), {"iteration": 5, "val_accuracy": 0.4}]
+    assert render_metrics(with_val, "t").size == (640, 20 + 3 * 170)
+    assert render_metrics([{"iteration": 1, "loss": float("nan")}], "t") is None

@@ -73,6 +73,9 @@ def test_pretrain_logs_validation_and_evaluate_pretrain_reproduces_it(built_real
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "majority-class rate" in result.output and "BL (T)" in result.output
+    from PIL import Image
+    with Image.open(out / "metrics.png") as png:  # loss, lr and held-out accuracy, one panel each
+        assert png.format == "PNG" and png.size == (640, 20 + 3 * 170)
     lines = [line for line in result.output.splitlines() if line.startswith("it ")]  # no terminal: a line per log
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"] and " loss " in lines[0] and " val " in lines[1]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

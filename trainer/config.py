@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+from jigsawdata.coco import resolve_coco_root
 from jigsawdata.errors import InputError
 from jigsawdata.pipelines.config import FIT_MODES, JigsawConfig
 from jigsawdata.pipelines.template import Template
@@ -109,6 +111,20 @@ class PretrainConfig:
                             fit=self.fit, seed=seed)
 
 
+def train_files(cfg: FinetuneConfig) -> tuple[Path, Path]:
+    """``(annotation file, image folder)`` a fine-tuning run trains on."""
+    if cfg.ann is not None:
+        return Path(cfg.ann), Path(cfg.image_dir)
+    return resolve_coco_root(Path(cfg.coco), cfg.split)
+
+
+def val_files(cfg: FinetuneConfig) -> tuple[Path, Path]:
+    """``(annotation file, image folder)`` a fine-tuning run is evaluated on after training."""
+    if cfg.ann is not None:
+        return Path(cfg.val_ann or cfg.ann), Path(cfg.val_image_dir or cfg.image_dir)
+    return resolve_coco_root(Path(cfg.coco), cfg.val_split or cfg.split, "--val-split")
+
+
 def schedule_epochs(schedule: str = "1x", epochs: int | None = None) -> tuple[int, tuple[int, ...]]:
     """Epochs and the epochs after which the learning rate drops tenfold (PAPER.md 5).
 
@@ -137,8 +153,14 @@ class FinetuneConfig:
     """Every fine-tuning setting, with its help text, choices and range (the CLI's options
     are built from these fields; see :mod:`jigsawdata.settings`)."""
 
-    coco: str = setting(help="COCO root (annotations/instances_<split>.json and <split>/).")
     out: str = setting(help="Run directory (new or empty; --resume continues it).")
+    coco: str | None = setting(None, "COCO root (annotations/instances_<split>.json and <split>/); or --ann and "
+                               "--image-dir.")
+    ann: str | None = setting(None, "Training annotation file of any COCO-format set (LVIS, Objects365, your own), "
+                              "instead of --coco and --split; `jigsawdata split` cuts a held-out part from one.")
+    image_dir: str | None = setting(None, "Image folder of --ann (and of --val-ann unless --val-image-dir).")
+    val_ann: str | None = setting(None, "Annotation file evaluated after training, with --ann (default: --ann).")
+    val_image_dir: str | None = setting(None, "Image folder of --val-ann (default: --image-dir).")
     init: str = setting("scratch", "A jigsaw run directory or checkpoint, an exported backbone, imagenet:FILE (a "
                         "torchvision ResNet state dict), or scratch.")
     detector: str = setting("c4", "Faster R-CNN C4, Faster R-CNN FPN, or Mask R-CNN FPN.", choices=DETECTORS)
@@ -182,6 +204,13 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        if (self.coco is None) == (self.ann is None):
+            raise InputError("give --coco ROOT (with --split), or --ann FILE with --image-dir DIR: one of the two")
+        if self.ann is not None and self.image_dir is None:
+            raise InputError("--ann needs --image-dir, the folder its file_names are relative to")
+        if self.coco is not None and (self.image_dir or self.val_ann or self.val_image_dir):
+            raise InputError("--image-dir, --val-ann and --val-image-dir go with --ann; with --coco use --split and "
+                             "--val-split")
         schedule_epochs(self.schedule, self.epochs)
         if self.fpn_channels % 32:
             raise InputError(f"--fpn-channels {self.fpn_channels} is not a multiple of 32 (GroupNorm's 32 groups)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,12 +25,13 @@ from jigsawdata.files import sha256_file, write_json_atomic, write_text_atomic
 
 from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
-from .config import FinetuneConfig, schedule_epochs
+from .config import FinetuneConfig, schedule_epochs, train_files, val_files
 from .detection import build_detector, default_norm
 from .evaluate import EVALUATED_KEY, coco_eval, format_table
+from .metricsplot import write_metrics_png
 from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, config_from, drop_records_after,
                       dump_config, gather, init_distributed, pick_device, provenance, resolved, rng_state, set_rng_state,
-                      wrap_ddp)
+                      tensorboard_writer, wrap_ddp)
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +45,14 @@ def lr_factor(iteration: int, epoch: int, warmup: int, milestones: tuple[int, ..
     return warm * 0.1 ** sum(epoch >= m for m in milestones)
 
 
-def _dataset(root: str, split: str, **kwargs) -> CocoDetection:
-    """A split of a COCO root (``annotations/instances_<split>.json`` and ``<split>/``)."""
-    return CocoDetection(*resolve_coco_root(Path(root), split), **kwargs)
-
-
 class Finetuner:
     def __init__(self, cfg: FinetuneConfig, resume: bool = False, on_log: Callable[[dict], None] | None = None):
         self.cfg, self.on_log = cfg, on_log
         self.dist, self.device = init_distributed(cfg.device)
         self.out = claim_run_dir(Path(cfg.out), resume)
         self.masks = cfg.detector == "mask"
-        self.train_set = _dataset(cfg.coco, cfg.split, train=True, masks=self.masks, flip_p=cfg.flip_p,
-                                  max_images=cfg.max_images)
+        self.train_set = CocoDetection(*train_files(cfg), train=True, masks=self.masks, flip_p=cfg.flip_p,
+                                       max_images=cfg.max_images)
         local = max(1, cfg.batch // self.dist.world)
         if len(self.train_set) // self.dist.world < local:
             raise InputError(f"--batch {cfg.batch} needs {local} training images per process, but split {cfg.split} "
@@ -77,11 +74,12 @@ class Finetuner:
         if self.dist.main:
             dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist, self._provenance()))
         self.net = wrap_ddp(self.model, self.dist, self.device)
+        self._tb = tensorboard_writer(self.out) if self.dist.main else None
 
     def _provenance(self) -> dict:
         """The annotation file trained on and the initial weights, by sha256 (the images are
         named by the annotations; hashing them all would cost a pass over the set)."""
-        ann, _ = resolve_coco_root(Path(self.cfg.coco), self.cfg.split)
+        ann, _ = train_files(self.cfg)
         data = {"annotations": {"location": str(ann), "sha256": sha256_file(ann)}}
         init = self.cfg.init.removeprefix("imagenet:")
         if self.cfg.init != "scratch":
@@ -155,6 +153,10 @@ class Finetuner:
                         if self.dist.main:
                             metrics_file.write(json.dumps(metrics) + "\n")
                             metrics_file.flush()
+                            if self._tb:
+                                for key, value in metrics.items():
+                                    if key not in ("epoch", "iteration"):
+                                        self._tb.add_scalar(key, value, self.iteration)
                             if self.on_log:
                                 self.on_log(metrics)
                     if self._done():
@@ -165,6 +167,10 @@ class Finetuner:
                 with self.clock.paused():
                     self.save()
         self.clock.stop()
+        if self.dist.main:
+            write_metrics_png(self.out, f"finetune {self.out.name}: {self.cfg.detector}, {self.cfg.arch}")
+            if self._tb:
+                self._tb.close()
         return metrics
 
     def step(self, images, targets, factor: float) -> dict:
@@ -197,7 +203,7 @@ def evaluation_name(split: str, max_images: int | None, own: bool) -> str:
     evaluation of another split or of a subset never replaces the run's figures."""
     if own:
         return "eval"
-    return f"eval-{split}" + (f"-first{max_images}" if max_images else "")
+    return f"eval-{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}" + (f"-first{max_images}" if max_images else "")
 
 
 @torch.no_grad()
@@ -232,24 +238,40 @@ def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.devic
 
 
 def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = None, max_images: int | None = None,
-                 device: str = "auto", progress: Callable[[int, int], None] | None = None) -> dict[str, dict]:
-    """Evaluate a fine-tuning run's checkpoint on ``split`` of ``coco`` (default: the run's
-    own); the files written say what was evaluated (:func:`evaluation_name`)."""
+                 device: str = "auto", progress: Callable[[int, int], None] | None = None, *,
+                 ann: str | None = None, image_dir: str | None = None) -> dict[str, dict]:
+    """Evaluate a fine-tuning run's checkpoint on ``split`` of ``coco``, or on ``ann`` with
+    ``image_dir``; by default on what the run itself is evaluated on (:func:`val_files`).
+    The files written say what was evaluated (:func:`evaluation_name`)."""
     dev = pick_device(device)
     ckpt = load_run(run_dir)
     cfg = config_from(FinetuneConfig, ckpt["config"])
-    own_split = cfg.val_split or cfg.split
-    root, split = coco or cfg.coco, split or own_split
-    own = (Path(root).resolve(), split, max_images) == (Path(cfg.coco).resolve(), own_split, cfg.max_images)
-    dataset = _dataset(root, split, train=False, masks=cfg.detector == "mask", max_images=max_images)
+    own_files = val_files(cfg)
+    if ann is not None:
+        if coco is not None or split is not None:
+            raise InputError("evaluate takes --ann with --image-dir, or --coco with --split: not both")
+        files = (Path(ann), Path(image_dir) if image_dir else own_files[1])
+        name = Path(ann).stem.removeprefix("instances_")
+    elif coco is not None or split is not None:
+        if cfg.coco is None and coco is None:
+            raise InputError(f"{run_dir} was trained with --ann: evaluate another set with --ann (and --image-dir), "
+                             "or give --coco with --split")
+        split = split or cfg.val_split or cfg.split
+        files = resolve_coco_root(Path(coco or cfg.coco), split)
+        name = split
+    else:
+        files, name = own_files, Path(own_files[0]).stem.removeprefix("instances_")
+    own = (Path(files[0]).resolve(), Path(files[1]).resolve(), max_images) == (
+        Path(own_files[0]).resolve(), Path(own_files[1]).resolve(), cfg.max_images)
+    dataset = CocoDetection(*files, train=False, masks=cfg.detector == "mask", max_images=max_images)
     if dataset.cat_ids != list(ckpt["cat_ids"]):
-        raise InputError(f"split {split} of {root} has other categories than the set {run_dir} was trained on")
+        raise InputError(f"{files[0]} has other categories than the set {run_dir} was trained on")
     model = build_detector(cfg.detector, cfg.arch, len(dataset.cat_ids), norm=cfg.norm or default_norm(cfg.init),
                            box_head=cfg.box_head, fpn_channels=cfg.fpn_channels, min_size=cfg.min_size,
                            max_size=cfg.max_size).to(dev)
     model.load_state_dict(ckpt["model"])
-    evaluated = {"coco": str(root), "split": split, "max_images": max_images,
+    evaluated = {"annotations": str(files[0]), "image_dir": str(files[1]), "max_images": max_images,
                  "checkpoint": str(ckpt_io.checkpoint_file(Path(run_dir)).resolve()),
                  "epoch": int(ckpt["epoch"]), "iteration": int(ckpt["iteration"])}
     return evaluate(model, dataset, dev, Path(run_dir), progress=progress,
-                    name=evaluation_name(split, max_images, own), evaluated=evaluated)
+                    name=evaluation_name(name, max_images, own), evaluated=evaluated)

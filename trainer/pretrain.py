@@ -32,9 +32,10 @@ from .data import SOURCES
 from .erf import blockwise_weights, level_receptive_fields, level_region_maps, level_weights, region_fractions
 from .losses import blockwise_loss, erf_dense_loss, global_loss, mean_over_levels
 from .model import BACKBONE_LEVEL, build_model, level_logits
+from .metricsplot import write_metrics_png
 from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, drop_records_after, dump_config,
                       gather, init_distributed, provenance, resolved, rng_state, set_rng_state, stop_requests,
-                      wrap_ddp)
+                      tensorboard_writer, wrap_ddp)
 from .schedule import learning_rate, scaled
 from .validate import load_validation_set, validate
 
@@ -183,11 +184,7 @@ class Trainer:
         ckpt_io.keep_last(path, self.iteration, self.cfg.keep_checkpoints)
 
     def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(str(self.out / "tensorboard"))
+        return tensorboard_writer(self.out)
 
     # ------------------------------------------------------------------ steps
 
@@ -249,6 +246,9 @@ class Trainer:
             self.clock.stop()
             if metrics_file:
                 metrics_file.close()
+                write_metrics_png(self.out, f"pretrain {self.out.name}: {self.cfg.arch}, {self.cfg.loss} loss")
+            if self._tb:
+                self._tb.close()
 
     def _loop(self, metrics_file, requested: Callable[[], bool]) -> dict:
         cfg, metrics = self.cfg, {}

@@ -4,6 +4,7 @@ state in checkpoints, and run directories."""
 from __future__ import annotations
 
 import datetime
+import logging
 import json
 import platform
 import shlex
@@ -29,6 +30,8 @@ from jigsawdata.settings import RESOLVED_KEY
 
 from .checkpoint import CHECKPOINT_NAME
 from .config import AMP_MODES
+
+log = logging.getLogger(__name__)
 
 
 class TrainClock:
@@ -265,3 +268,15 @@ def stop_requests() -> Iterator[Callable[[], bool]]:
         yield lambda: bool(received)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def tensorboard_writer(out: Path):
+    """A TensorBoard writer into ``out/tensorboard``, or None (said at ``-v``) without the
+    ``tensorboard`` package: ``pip install 'jigsawdata[tensorboard]'``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("TensorBoard logging is off: pip install 'jigsawdata[tensorboard]' for it (metrics.jsonl and "
+                 "metrics.png are written either way)")
+        return None
+    return SummaryWriter(str(Path(out) / "tensorboard"))
