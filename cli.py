@@ -60,6 +60,19 @@ def parse_part(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+class LocalPath(click.Path):
+    """A file or folder this command writes (or a local-only input): a URL is refused in one
+    line instead of becoming a local ``s3:/`` tree."""
+
+    def convert(self, value, param, ctx):
+        from jigsawdata.location import is_url
+
+        if is_url(str(value)):
+            self.fail(f"{value} is a URL: this writes a local file or folder; write it locally, then copy it up "
+                      "(e.g. aws s3 sync DIR s3://bucket/DIR)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class _Group(click.Group):
     """Turns :class:`InputError` into a one-line error (exit status 1), and any other
     failure into one line naming it, with the traceback in the debug log (``-vv``): no stack
@@ -224,7 +237,7 @@ def settings_from(cls, config_file: Path | None, options: dict):
 
 
 @main.command("make-synthetic")
-@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("root", type=LocalPath(file_okay=False, path_type=Path))
 @click.option("--images", default=48, show_default=True, type=click.IntRange(min=1), help="Number of images.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the drawn scenes.")
 @click.option("--split", default="train", show_default=True,
@@ -259,7 +272,7 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 
 @main.command("build-shards")
 @click.argument("coco_root", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
+@click.option("--out", required=True, type=LocalPath(file_okay=False, path_type=Path), help="Output directory.")
 @click.option("--split", help="Split name: reads annotations/instances_<split>.json and <split>/ (default: the only one).")
 @click.option("--ann", type=click.Path(dir_okay=False, path_type=Path), help="Annotation file (with --image-dir).")
 @click.option("--image-dir", "images", type=click.Path(file_okay=False, path_type=Path),
@@ -321,7 +334,7 @@ def build_shards_cmd(coco_root, out, split, ann, images, workers, part_spec, str
 
 @main.command("split")
 @click.argument("ann", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", required=True, type=LocalPath(file_okay=False, path_type=Path),
               help="Folder for instances_<train>.json and instances_<val>.json.")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               help="Share of the images held out (rounded, at least one).")
@@ -352,13 +365,21 @@ def merge_manifests(root: Path) -> None:
                ", ".join(f"{g}: {v.samples}" for g, v in manifest.groups.items()))
 
 
+_VERIFY_OPTION = click.option("--verify/--no-verify", default=True, show_default=True,
+                              help="Check every shard against the manifest first, JPEGs decoded (cached: free on "
+                                   "later runs).")
+_CACHE_OPTION = click.option("--cache-dir", help="Where a URL is fetched to (default: $JIGSAWDATA_CACHE or "
+                                                 "~/.cache/jigsawdata).")
+
+
 @main.command()
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("root")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--padding", is_flag=True, help="Also the share of jigsaw canvas pixels that are zero padding "
               "(the paper's setting: pad_crop, resize 0.8-1.5, 224 canvas cut at 64).")
-def info(root: Path, as_json: bool, padding: bool) -> None:
-    """Summarise a shard set: samples per group and class, sizes, skips (reads; does not verify)."""
+def info(root: str, as_json: bool, padding: bool) -> None:
+    """Summarise a shard set, a directory or a URL: samples per group and class, sizes, skips
+    (reads the manifest and index; does not verify)."""
     from jigsawdata.verify import summarize
 
     summary = summarize(root)
@@ -386,13 +407,17 @@ def info(root: Path, as_json: bool, padding: bool) -> None:
 
 
 @main.command()
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("location")
 @click.option("--all", "show_all", is_flag=True, help=f"Print every problem, not the first {SHOWN_PROBLEMS}.")
-def verify(root: Path, show_all: bool) -> None:
-    """Re-hash every shard and check counts against the manifest and the index."""
+@_CACHE_OPTION
+def verify(location: str, show_all: bool, cache_dir: str | None) -> None:
+    """Re-hash every shard, decode every sample and check it against the manifest, the index and
+    the card. A URL is fetched into the cache first (each file against the manifest)."""
     from jigsawdata.manifest import read_manifest
+    from jigsawdata.pipelines.integrity import local_checked
     from jigsawdata.verify import verify_shard_set
 
+    root = local_checked(location, verify=False, cache_dir=cache_dir)
     total = len(read_manifest(root).shards)
     with progress_bar(total=total, unit="shard", desc="verify") as bar:
         problems = verify_shard_set(root, on_shard=lambda _: bar.update(1))
@@ -423,16 +448,9 @@ def _jigsaw_config(canvas: int, split: int, fit: str, seed: int, **overrides):
         raise click.BadParameter(str(exc)) from exc
 
 
-_VERIFY_OPTION = click.option("--verify/--no-verify", default=True, show_default=True,
-                              help="Check every shard against the manifest first, JPEGs decoded (cached: free on "
-                                   "later runs).")
-_CACHE_OPTION = click.option("--cache-dir", help="Where a URL is fetched to (default: $JIGSAWDATA_CACHE or "
-                                                 "~/.cache/jigsawdata).")
-
-
 @main.command()
 @click.argument("shards")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
+@click.option("--out", required=True, type=LocalPath(dir_okay=False, path_type=Path), help="PNG to write.")
 @click.option("--count", default=8, show_default=True, type=click.IntRange(min=1), help="Assembled images to draw.")
 @click.option("--columns", default=4, show_default=True, type=click.IntRange(min=1), help="Images per row.")
 @click.option("--pipeline", type=click.Choice(PIPELINES), default="dali", show_default=True,
@@ -539,17 +557,21 @@ def evaluate_pretrain(run: Path, shards: str, images: int, device: str, as_json:
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["torchvision", "detectron2", "mmdet"]), default="torchvision",
               show_default=True, help="Key names and file layout of the framework that will load the backbone.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="File to write; for detectron2 .pkl (Detectron2's own format, read with pickle.load) or .pth.")
+@click.option("--out", required=True, type=LocalPath(dir_okay=False, path_type=Path),
+              help="File to write: .pth, .pt or .safetensors (torchvision), .pkl (Detectron2's own format, read "
+                   "with pickle.load) or .pth (detectron2), .pth or .pt (mmdet).")
 @click.option("--backbone-only", is_flag=True, help="Of a --neck fpn run, write the backbone alone, named as a "
                                                     "backbone-only run's export (e.g. for resnet50().load_state_dict).")
-def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool) -> None:
-    """Write a pre-trained backbone (and FPN, of a --neck fpn run) for torchvision, Detectron2 or MMDetection."""
+@click.option("--load-from", is_flag=True, help="mmdet: name a lone backbone's keys backbone.* for MMDetection's "
+                                                "load_from (default: bare ResNet keys, for the backbone's init_cfg).")
+def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool, load_from: bool) -> None:
+    """Write a pre-trained backbone (and FPN, of a --neck fpn run) for torchvision (.pth, .pt or .safetensors),
+    Detectron2 (.pkl or .pth) or MMDetection (.pth or .pt)."""
     import yaml
 
     from jigsawdata.trainer.export import detectron2_config, export as export_backbone
 
-    done = export_backbone(checkpoint, fmt, out, backbone_only)
+    done = export_backbone(checkpoint, fmt, out, backbone_only, load_from)
     click.echo(f"wrote {out}: {done.tensors} tensors ({'backbone and FPN' if done.neck else 'backbone'}), "
                f"{fmt} naming")
     if fmt == "detectron2":
@@ -561,7 +583,7 @@ def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
+@click.option("--out", required=True, type=LocalPath(dir_okay=False, path_type=Path), help="PNG to write.")
 @click.option("--region", type=click.Choice(REGION_NAMES), default="TL", show_default=True,
               help="Template region whose cells' fields are drawn.")
 @click.option("--images", default=16, show_default=True, type=click.IntRange(min=1), help="Jigsaw images to average over.")
@@ -657,7 +679,7 @@ def _multiple(text: str) -> float:
 
 
 @main.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=LocalPath(file_okay=False),
               help="Experiment folder: new or empty, or this grid's own (continued where it stopped).")
 @click.option("--preset", type=click.Choice(["tiny", "gpu", "paper"]), default="tiny", show_default=True,
               help="tiny: a cluttered synthetic set, ResNet-18, a 2-core CPU; gpu: a larger one on one H100/H200; "
@@ -746,7 +768,7 @@ def experiment(out: str, preset: str, coco: str | None, split: str | None, val_s
 
 @main.command()
 @click.argument("which", type=click.Choice(["all", "build", "pipeline", "loss", "cost"]))
-@click.option("--out", default="bench-report", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", default="bench-report", show_default=True, type=LocalPath(file_okay=False, path_type=Path),
               help="Report directory (report.json, report.md, charts).")
 @click.option("--coco", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="COCO root with real photographs (default: ../shared/data/coco-train288).")
@@ -776,7 +798,7 @@ def bench(which: str, out: Path, coco: Path | None, split: str, quick: bool) -> 
 
 @main.command()
 @click.argument("url")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", required=True, type=LocalPath(file_okay=False, path_type=Path),
               help="Folder to download into (new, empty, or holding this same set).")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(min=1), help="Parallel downloads.")
 @click.option("--retries", default=5, show_default=True, type=click.IntRange(min=1),

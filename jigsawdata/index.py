@@ -49,13 +49,15 @@ def write_index_slices(path: Path, rows: int, make_slice: Callable[[int, int], p
             writer.write_table(make_slice(start, min(start + ROW_GROUP, rows)), row_group_size=ROW_GROUP)
 
 
-def read_index(path: Path) -> pa.Table:
-    """The sample index; a damaged file or one of another schema is an :class:`InputError`
-    naming it (Arrow's own errors name neither the file nor what to do)."""
+def read_index(path: Path | pa.BufferReader, where: str | None = None) -> pa.Table:
+    """The sample index (a file, or the bytes of one read from ``where``); a damaged file or
+    one of another schema is an :class:`InputError` naming it (Arrow's own errors name neither
+    the file nor what to do)."""
     try:
         return pq.read_table(path, schema=SCHEMA)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InputError(f"{path} is not a readable sample index ({first_line(exc, type(exc).__name__)}): restore it, "
+        raise InputError(f"{where or path} is not a readable sample index ({first_line(exc, type(exc).__name__)}): "
+                         "restore it, "
                          "or fetch or build the set again") from exc
 
 

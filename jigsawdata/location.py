@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
 
 from .errors import FetchError, InputError, first_line
+from .index import read_index
 from .manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
 
 
@@ -115,6 +117,22 @@ class ShardLocation:
 
     def manifest(self) -> Manifest:
         return read_remote_manifest(self.where) if self.remote else read_manifest(Path(self.where))
+
+    def index(self, manifest: Manifest) -> pa.Table:
+        """The set's sample index, read from where it is; a remote one is checked against the
+        manifest's sha256 before it is parsed."""
+        if not self.remote:
+            path = Path(self.where) / manifest.index_name
+            if not path.is_file():
+                raise InputError(f"{path} is missing: run `jigsawdata verify {self.where}`")
+            return read_index(path)
+        fs, root = url_filesystem(self.where)
+        where = self.file(manifest.index_name)
+        limit = next(f.limit for f in manifest.files() if f.name == manifest.index_name)
+        data = read_bounded(fs, f"{root.rstrip('/')}/{manifest.index_name}", limit, where)
+        if manifest.index_sha256 and hashlib.sha256(data).hexdigest() != manifest.index_sha256:
+            raise FetchError(f"{where}: sha256 does not match the manifest's")
+        return read_index(pa.BufferReader(data), where)
 
     def local_copy(self, cache_dir: Path | str | None = None) -> Path:
         """The local directory to read: the set itself, or for a URL its folder in the

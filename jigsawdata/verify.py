@@ -19,6 +19,7 @@ from .card import CARD_NAME, class_table, totals_line
 from .errors import InputError
 from .files import sha256_file
 from .index import read_index
+from .location import ShardLocation
 from .manifest import Manifest, ManifestError, read_manifest
 from .shards import index_path, iter_samples, jpeg_problem, read_dali_index
 
@@ -178,14 +179,12 @@ def _label_count_problems(manifest: Manifest, seen: Counter, root: Path) -> list
     return problems
 
 
-def summarize(root: Path) -> dict:
-    """Counts per group and class, sizes and skips, for ``jigsawdata info``."""
-    root = Path(root)
-    manifest = read_manifest(root)
-    index_file = root / manifest.index_name
-    if not index_file.is_file():
-        raise InputError(f"{index_file} is missing: run `jigsawdata verify {root}`")
-    table = read_index(index_file)
+def summarize(location: Path | str) -> dict:
+    """Counts per group and class, sizes and skips, for ``jigsawdata info``: of a local set or
+    of one at a URL (its manifest and index only are read)."""
+    where = ShardLocation.of(location)
+    manifest = where.manifest()
+    table = where.index(manifest)
     names = manifest.label_names
     per_class = Counter(table.column("label").to_pylist())
     return {

@@ -283,7 +283,7 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
     return pipe(checkpoint=checkpoint)
 
 
-INSTALL_DALI = "pip install nvidia-dali-cuda130 (or nvidia-dali-cuda120 for a CUDA 12 driver)"
+INSTALL_DALI = "pip install 'jigsawdata[dali]' (or 'jigsawdata[dali-cuda120]' for a CUDA 12 driver)"
 
 
 def dali_missing() -> str | None:

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from jigsawdata.index import read_index
-from jigsawdata.manifest import read_manifest
+from jigsawdata.location import ShardLocation
 
 from .config import JigsawConfig
 from .fit import fit_inside
 from .template import REGION_NAMES
 
 
-def crop_sizes(root: Path | str) -> dict[str, np.ndarray]:
-    """``(n, 2)`` width, height of every crop per group, from a local shard set's index."""
-    root = Path(root)
-    table = read_index(root / read_manifest(root).index_name)
+def crop_sizes(location: Path | str) -> dict[str, np.ndarray]:
+    """``(n, 2)`` width, height of every crop per group, from a shard set's index (local or at
+    a URL)."""
+    where = ShardLocation.of(location)
+    table = where.index(where.manifest())
     groups = np.array(table.column("group").to_pylist())
     sizes = np.stack([table.column("width").to_numpy(), table.column("height").to_numpy()], axis=1)
     return {g: sizes[groups == g] for g in ("S", "T", "W")}

@@ -103,7 +103,7 @@ def test_bench_all_without_dali_runs_the_benchmarks_that_fit(real_coco, tmp_path
     assert "skipping pipeline, cost: NVIDIA DALI cannot be imported (" in result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["results"]) == {"build", "loss"} and set(report["skipped"]) == {"pipeline", "cost"}
-    assert "pip install nvidia-dali-cuda130" in report["skipped"]["cost"]
+    assert "pip install 'jigsawdata[dali]'" in report["skipped"]["cost"]
     assert "## pipeline: not run" in (tmp_path / "report.md").read_text()
 
 

@@ -344,3 +344,23 @@ def test_fetch_benchmark_measures_both_sides_in_one_run():
     assert result["bytes"] > 2_000_000 and len(result["fetch_seconds"]["runs"]) == 1
     assert len(result["urllib_seconds"]["runs"]) == 1 and result["ratio"] > 0
     assert "fetch / urllib throughput" in format_table(result)
+
+
+def test_a_url_is_read_where_commands_read_and_refused_where_they_write(plain_server, tmp_path, monkeypatch):
+    src, url, httpd = plain_server
+    monkeypatch.chdir(tmp_path)
+    info = CliRunner().invoke(main, ["info", url, "--json"])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output) == json.loads(CliRunner().invoke(main, ["info", str(src), "--json"]).output)
+    checked = CliRunner().invoke(main, ["verify", url, "--cache-dir", str(tmp_path / "cache")])
+    assert checked.exit_code == 0 and checked.output.startswith("OK: "), checked.output
+    preview = CliRunner().invoke(main, ["preview", url, "--pipeline", "reference", "--count", "2", "--out",
+                                        str(tmp_path / "p.png"), "--cache-dir", str(tmp_path / "cache")])
+    assert preview.exit_code == 0 and (tmp_path / "p.png").is_file(), preview.output
+    for args in (["build-shards", str(src), "--out", "s3://bucket/shards"],
+                 ["pretrain", "--shards", url, "--out", "s3://bucket/run", "--device", "cpu", "--arch", "resnet18"],
+                 ["fetch", url, "--out", "gs://bucket/copy"], ["export", str(src), "--out", "s3://b/x.pth"]):
+        refused = CliRunner().invoke(main, args)
+        assert refused.exit_code != 0 and "is a URL" in refused.output and "Traceback" not in refused.output, \
+            (args, refused.output)
+    assert not any(p.name in ("s3:", "gs:") for p in tmp_path.iterdir()), "no local s3:/ tree"

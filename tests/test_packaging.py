@@ -47,3 +47,39 @@ def test_installed_layout_runs_as_a_module(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert str(ROOT) not in done.stdout and str(site) in done.stdout
+
+
+_WITHOUT_DALI = """
+import sys
+
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+            raise ImportError("No module named " + repr(name))
+
+sys.meta_path.insert(0, Blocked())
+from jigsawdata.cli import main
+main(prog_name="jigsawdata")
+"""
+
+
+def test_the_core_works_without_dali(tmp_path):
+    """pip install jigsawdata without [dali]: build, verify, info, preview and pre-training on
+    the reference pipeline work; what needs DALI says in one line how to get it."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _WITHOUT_DALI, *args], capture_output=True, text=True,
+                              timeout=600, cwd=ROOT)
+
+    coco, shards = tmp_path / "coco", tmp_path / "shards"
+    for args in (["make-synthetic", str(coco), "--images", "12"],
+                 ["build-shards", str(coco), "--out", str(shards), "-q"],
+                 ["verify", str(shards), "-q"], ["info", str(shards)],
+                 ["preview", str(shards), "--pipeline", "reference", "--out", str(tmp_path / "p.png"), "--count", "2"],
+                 ["pretrain", "--shards", str(shards), "--out", str(tmp_path / "run"), "--pipeline", "reference",
+                  "--arch", "resnet18", "--iterations", "2", "--batch", "2", "--canvas", "64", "--template-split",
+                  "32", "--erf-images", "2", "--workers", "0", "--device", "cpu", "-q"]):
+        done = run(*args)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+    refused = run("pretrain", "--shards", str(shards), "--out", str(tmp_path / "r2"), "--device", "cpu")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "pip install 'jigsawdata[dali]'" in refused.stderr and "--pipeline reference" in refused.stderr

@@ -169,7 +169,7 @@ def test_missing_dali_is_one_line_naming_the_fallback(monkeypatch, built_synthet
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     run = tmp_path / "run"
     result = CliRunner().invoke(main, ["pretrain", "--shards", str(built_synthetic), "--out", str(run)])
-    assert result.exit_code == 1 and "pip install nvidia-dali-cuda130" in result.output
+    assert result.exit_code == 1 and "pip install 'jigsawdata[dali]'" in result.output
     assert not run.exists()
     result = CliRunner().invoke(main, ["bench", "pipeline", "--quick", "--out", str(tmp_path / "b")])
     assert result.exit_code == 1 and result.output.strip().endswith(

@@ -19,6 +19,8 @@ from jigsawdata.trainer.losses import blockwise_loss, erf_dense_loss, global_los
 from jigsawdata.trainer.model import ARCHS, DenseClassifier, build_backbone
 from jigsawdata.trainer.schedule import learning_rate, scaled
 
+from .needs import require
+
 T = Template()
 G = T.grid
 
@@ -349,6 +351,59 @@ def test_cli_detectron2_export_prints_its_config_and_refuses_other_suffixes(tmp_
         result = CliRunner().invoke(main, ["export", str(path), "--format", "detectron2", "--out", str(tmp_path / name)])
         assert result.exit_code == 1 and ".pkl" in result.output and "Traceback" not in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("fmt,name", [("torchvision", "r18.txt"), ("torchvision", "r18"), ("mmdet", "r18.pkl"),
+                                      ("mmdet", "r18.safetensors"), ("detectron2", "r18.safetensors")])
+def test_every_export_format_refuses_a_suffix_its_readers_would_misread(tmp_path, fmt, name):
+    from click.testing import CliRunner
+
+    from jigsawdata.cli import main
+
+    path, _ = _fake_checkpoint(tmp_path, arch="resnet18")
+    result = CliRunner().invoke(main, ["export", str(path), "--format", fmt, "--out", str(tmp_path / name)])
+    assert result.exit_code == 1 and f"a {fmt} export ends in" in result.output, result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / name).exists()
+
+
+def test_safetensors_export_is_the_reference_layout_and_finetune_reads_it(tmp_path):
+    from click.testing import CliRunner
+
+    from jigsawdata.cli import main
+    from jigsawdata.trainer.detection import build_detector
+    from jigsawdata.trainer.tensorfile import read_safetensors, safetensors_bytes
+
+    path, _ = _fake_checkpoint(tmp_path, arch="resnet18")
+    for out in ("r18.safetensors", "r18.pth"):
+        result = CliRunner().invoke(main, ["export", str(path), "--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+    state = torch.load(tmp_path / "r18.pth", weights_only=True)
+    read = read_safetensors(tmp_path / "r18.safetensors")
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+    missing = torchvision.models.resnet18().load_state_dict(read, strict=False)
+    assert set(missing.missing_keys) == {"fc.weight", "fc.bias"} and not missing.unexpected_keys
+    reference = require("safetensors.torch")  # the format's own implementation, byte for byte
+    assert reference.save(state, {"format": "pt"}) == safetensors_bytes(state, {"format": "pt"})
+    assert all(torch.equal(reference.load_file(tmp_path / "r18.safetensors")[k], state[k]) for k in state)
+    model = build_detector("c4", "resnet18", 80, init=str(tmp_path / "r18.safetensors"))
+    assert any(torch.equal(p, state["conv1.weight"]) for p in model.parameters())
+
+
+def test_mmdet_load_from_names_a_lone_backbone_as_a_detectors(tmp_path):
+    from click.testing import CliRunner
+
+    from jigsawdata.cli import main
+
+    path, _ = _fake_checkpoint(tmp_path, arch="resnet18")
+    for flag, name in (([], "init.pth"), (["--load-from"], "load.pth")):
+        result = CliRunner().invoke(main, ["export", str(path), "--format", "mmdet", *flag, "--out",
+                                           str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    bare = torch.load(tmp_path / "init.pth", weights_only=True)["state_dict"]
+    prefixed = torch.load(tmp_path / "load.pth", weights_only=True)["state_dict"]
+    assert list(prefixed) == ["backbone." + k for k in bare]
+    refused = CliRunner().invoke(main, ["export", str(path), "--load-from", "--out", str(tmp_path / "tv.pth")])
+    assert refused.exit_code == 1 and "--load-from is for --format mmdet" in refused.output
 
 
 class _Evil:

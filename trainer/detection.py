@@ -34,6 +34,7 @@ from jigsawdata.errors import InputError
 
 from .checkpoint import FORMAT as PRETRAIN_FORMAT
 from .checkpoint import checkpoint_file, load_tensors
+from .tensorfile import SUFFIX, read_safetensors
 from .config import ARCHS, DETECTORS, NORMS
 from .model import build_backbone
 
@@ -121,7 +122,8 @@ def read_init(init: str, arch: str) -> InitWeights | None:
     path = checkpoint_file(init.removeprefix("imagenet:"))
     if not path.is_file():
         raise InputError(f"--init {init}: no such file")
-    obj = load_tensors(path, what=f"--init {init}: not a loadable weights file")
+    obj = (read_safetensors(path) if path.suffix == SUFFIX
+           else load_tensors(path, what=f"--init {init}: not a loadable weights file"))
     if isinstance(obj, dict) and obj.get("format") == PRETRAIN_FORMAT:
         if obj["arch"] != arch:
             raise InputError(f"--init {init} holds a {obj['arch']} backbone, not {arch} (use --arch {obj['arch']})")

@@ -12,7 +12,11 @@
   Detectron2 config needs :func:`detectron2_config`, or it builds a different network and the
   weights load into it without a warning.
 - ``mmdet``: ``{"state_dict": ..., "meta": ...}``; MMDetection's ResNet uses torchvision's key
-  names, so ``init_cfg=dict(type="Pretrained", checkpoint=FILE)`` loads it.
+  names, so ``init_cfg=dict(type="Pretrained", checkpoint=FILE)`` loads it; with ``load_from``
+  the keys are ``backbone.*``, a detector's, for ``load_from=FILE``.
+
+``torchvision`` also writes ``.safetensors`` (the same state dict; tensors only, so loading
+it runs no code): ``safetensors.torch.load_file`` and ``finetune --init`` read it.
 
 A ``--neck fpn`` run exports its FPN too, under each framework's names for a whole
 detector's backbone and neck, so the file initialises both (and the recipes above, made for
@@ -44,9 +48,14 @@ from jigsawdata.files import write_bytes_atomic
 from jigsawdata.pipelines.config import IMAGENET_MEAN, IMAGENET_STD
 
 from .checkpoint import checkpoint_file, load, save_atomic
+from .tensorfile import SUFFIX, write_safetensors
 
 FORMATS = ("torchvision", "detectron2", "mmdet")
-DETECTRON2_SUFFIXES = (".pkl", ".pth")
+SUFFIXES = {"torchvision": (".pth", ".pt", SUFFIX), "detectron2": (".pkl", ".pth"), "mmdet": (".pth", ".pt")}
+"""What each format's file may be called: its readers pick the loader by the suffix."""
+_SUFFIX_WHY = {"torchvision": f"a torch file, or {SUFFIX} (tensors only, written as safetensors)",
+               "detectron2": "what Detectron2's converter writes, opened with pickle.load, or a torch file",
+               "mmdet": "a torch file, as MMEngine's load_checkpoint reads"}
 
 # Detectron2's MODEL.RESNETS keys that differ from its defaults (DEPTH 50, NUM_GROUPS 1,
 # WIDTH_PER_GROUP 64, RES2_OUT_CHANNELS 256) for each backbone; its first bottleneck is
@@ -124,20 +133,23 @@ def detectron2_config(arch: str, weights: Path, fpn_channels: int | None = None)
 
 
 def _check_out(fmt: str, out: Path, source: Path) -> None:
-    if fmt == "detectron2" and out.suffix not in DETECTRON2_SUFFIXES:
-        raise InputError(f"--out {out}: a Detectron2 export ends in .pkl (what Detectron2's converter writes, "
-                         f"opened with pickle.load) or .pth (a torch file), not {out.suffix or 'no suffix'!r}")
+    if out.suffix not in SUFFIXES[fmt]:
+        raise InputError(f"--out {out}: a {fmt} export ends in {' or '.join(SUFFIXES[fmt])} ({_SUFFIX_WHY[fmt]}), "
+                         f"not {out.suffix or 'no suffix'!r}")
     if out.resolve() == source.resolve():
         raise InputError(f"--out {out} would overwrite its input {source}: choose another file")
     if out.exists() and out.resolve().parent == source.resolve().parent:
         raise InputError(f"--out {out} would overwrite a file of the run it exports: choose another file")
 
 
-def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool = False) -> Exported:
+def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool = False, load_from: bool = False) -> Exported:
     """Write the backbone (and the FPN of a ``--neck fpn`` run, unless ``backbone_only``) of a
-    pre-training checkpoint in ``fmt``."""
+    pre-training checkpoint in ``fmt``. ``load_from`` (mmdet) names a lone backbone as a
+    detector's (``backbone.*``), for MMDetection's ``load_from`` instead of ``init_cfg``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if load_from and fmt != "mmdet":
+        raise InputError("--load-from is for --format mmdet: the other formats name keys one way")
     out = Path(out)
     source = checkpoint_file(checkpoint)
     _check_out(fmt, out, source)
@@ -146,6 +158,8 @@ def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool = False) -
     meta = {"arch": ckpt["arch"], "iteration": ckpt["iteration"], "source": "jigsawdata " + __version__}
     as_numpy = fmt == "detectron2" and out.suffix == ".pkl"
     state = detectron2_state(backbone, as_numpy) if fmt == "detectron2" else backbone
+    if load_from and not neck:
+        state = OrderedDict((_BACKBONE_PREFIX_WITH_NECK[fmt] + k, v) for k, v in state.items())
     if neck:
         meta["neck"] = "fpn"
         prefix = _BACKBONE_PREFIX_WITH_NECK[fmt]
@@ -160,6 +174,8 @@ def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool = False) -
         payload = {"state_dict": state, "meta": meta}
     if fmt == "detectron2" and out.suffix == ".pkl":
         write_bytes_atomic(out, pickle.dumps(payload))
+    elif out.suffix == SUFFIX:
+        write_safetensors(out, state, {"format": "pt", **{k: str(v) for k, v in meta.items()}})
     else:
         save_atomic(payload, out)
     width = int(neck["layer_blocks.0.0.weight"].shape[0]) if neck else None

@@ -49,7 +49,7 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, resume: bool = False, on_log: Callable[[dict], None] | None = None):
         self.cfg, self.on_log = cfg, on_log
         self.dist, self.device = init_distributed(cfg.device)
-        self.out = claim_run_dir(Path(cfg.out), resume)
+        self.out = claim_run_dir(cfg.out, resume)
         self.masks = cfg.detector == "mask"
         self.train_set = CocoDetection(*train_files(cfg), train=True, masks=self.masks, flip_p=cfg.flip_p,
                                        max_images=cfg.max_images)

@@ -68,7 +68,7 @@ class Trainer:
             raise InputError(f"--batch {cfg.batch} is not divisible by the {world} ranks")
         self.dist, self.device = init_distributed(cfg.device)
         self.local_batch = cfg.batch // self.dist.world
-        self.out = claim_run_dir(Path(cfg.out), resume)
+        self.out = claim_run_dir(cfg.out, resume)
         self.shards = self._local_shards()
         self.class_names = open_shard_set(self.shards).class_names
         self.template = cfg.template

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from jigsawdata import __version__
 from jigsawdata.errors import InputError
 from jigsawdata.files import write_json_atomic, write_text_atomic
+from jigsawdata.location import is_url
 from jigsawdata.pipelines.ranks import DistInfo, process_info
 from jigsawdata.settings import RESOLVED_KEY
 
@@ -185,10 +186,12 @@ def drop_records_after(path: Path, iteration: int) -> None:
     write_text_atomic(path, "".join(kept))
 
 
-def claim_run_dir(out: Path, resume: bool) -> Path:
+def claim_run_dir(out: Path | str, resume: bool) -> Path:
     """The run directory; a finished or started run is only continued with ``resume``.
     Nothing is created here: :func:`dump_config` does, once the run has passed its checks,
     so that a refused run leaves no empty directory behind."""
+    if is_url(str(out)):
+        raise InputError(f"--out {out} is a URL: a run directory is local (copy it up when it is done)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a run directory")
