@@ -473,8 +473,6 @@ def test_a_resume_after_the_missing_images_arrive_extracts_them(tmp_path, synthe
     had every image from the start, byte for byte."""
     import shutil
 
-    import jigsawdata.build
-
     images = tmp_path / "images"
     shutil.copytree(synthetic_root / "train", images)
     held = tmp_path / "held"
@@ -482,19 +480,8 @@ def test_a_resume_after_the_missing_images_arrive_extracts_them(tmp_path, synthe
     for name in sorted(p.name for p in images.iterdir())[3:5]:
         (images / name).rename(held / name)
     source = load_coco(synthetic_root / "annotations" / "instances_train.json", images)
-    real_write, written = jigsawdata.build.write_shard, []
-
-    def write_then_crash(*args, **kwargs):
-        if len(written) == 2:
-            raise KeyboardInterrupt("killed during the write phase")
-        written.append(args[0])
-        return real_write(*args, **kwargs)
-
     out = tmp_path / "out"
-    with monkeypatch.context() as patch:
-        patch.setattr(jigsawdata.build, "write_shard", write_then_crash)
-        with pytest.raises(KeyboardInterrupt):
-            build_shards(source, out, small_cfg)
+    _interrupted_in_write(source, out, small_cfg, monkeypatch)
     for path in held.iterdir():
         path.rename(images / path.name)
     resumed = build_shards(source, out, small_cfg)

@@ -497,3 +497,16 @@ def test_metrics_png_draws_each_series_present_and_skips_a_cut_line(tmp_path):
     with_val = [*read_records(run / "metrics.jsonl"), {"iteration": 5, "val_accuracy": 0.4}]
     assert render_metrics(with_val, "t").size == (640, 20 + 3 * 170)
     assert render_metrics([{"iteration": 1, "loss": float("nan")}], "t") is None
+
+
+def test_tensorboard_off_is_said_at_verbose_and_runs_go_on(tmp_path, monkeypatch, caplog):
+    import logging
+    import sys
+
+    from jigsawdata.trainer.runtime import tensorboard_writer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the tensorboard package
+    with caplog.at_level(logging.INFO, logger="jigsawdata.trainer.runtime"):
+        assert tensorboard_writer(tmp_path) is None
+    assert any("TensorBoard logging is off: pip install 'jigsawdata[tensorboard]'" in r.getMessage()
+               for r in caplog.records)

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from jigsawdata.coco import resolve_coco_root
-from jigsawdata.errors import InputError
+from jigsawdata.errors import InputError, Stopped
 from jigsawdata.files import write_json_atomic
 from jigsawdata.outdir import BuildLock
 from jigsawdata.pipelines.config import FIT_MODES
@@ -584,7 +584,12 @@ def _pretrain(grid: Grid, arm: Arm, seed: int, folder: Path) -> dict:
 
     trainer = Trainer(pcfg, resume=grid.resumable(run), on_log=progress)
     if trainer.iteration < pcfg.iterations:
-        trainer.train()
+        try:
+            trainer.train()
+        except Stopped as exc:  # the grid, not the run, is what the user reruns
+            raise Stopped(f"stopped by SIGTERM at iteration {trainer.iteration} of {pcfg.iterations} of {run}, "
+                          "checkpoint saved: rerun the same experiment command to continue the grid",
+                          exc.exit_code) from None
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if grid.main else []
     losses = [r["loss"] for r in records if "loss" in r]
     validation = [r for r in records if "val_accuracy" in r]

@@ -53,7 +53,7 @@ from .tensorfile import SUFFIX, write_safetensors
 FORMATS = ("torchvision", "detectron2", "mmdet")
 SUFFIXES = {"torchvision": (".pth", ".pt", SUFFIX), "detectron2": (".pkl", ".pth"), "mmdet": (".pth", ".pt")}
 """What each format's file may be called: its readers pick the loader by the suffix."""
-_SUFFIX_WHY = {"torchvision": f"a torch file, or {SUFFIX} (tensors only, written as safetensors)",
+_SUFFIX_WHY = {"torchvision": "a torch file, or tensors only as safetensors",
                "detectron2": "what Detectron2's converter writes, opened with pickle.load, or a torch file",
                "mmdet": "a torch file, as MMEngine's load_checkpoint reads"}
 
@@ -133,13 +133,14 @@ def detectron2_config(arch: str, weights: Path, fpn_channels: int | None = None)
 
 
 def _check_out(fmt: str, out: Path, source: Path) -> None:
-    if out.suffix not in SUFFIXES[fmt]:
-        raise InputError(f"--out {out}: a {fmt} export ends in {' or '.join(SUFFIXES[fmt])} ({_SUFFIX_WHY[fmt]}), "
-                         f"not {out.suffix or 'no suffix'!r}")
     if out.resolve() == source.resolve():
         raise InputError(f"--out {out} would overwrite its input {source}: choose another file")
     if out.exists() and out.resolve().parent == source.resolve().parent:
         raise InputError(f"--out {out} would overwrite a file of the run it exports: choose another file")
+    if out.suffix not in SUFFIXES[fmt]:
+        *first, last = SUFFIXES[fmt]
+        raise InputError(f"--out {out}: a {fmt} export ends in {', '.join(first)} or {last} ({_SUFFIX_WHY[fmt]}), "
+                         f"not {out.suffix or 'no suffix'!r}")
 
 
 def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool = False, load_from: bool = False) -> Exported:
