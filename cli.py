@@ -61,16 +61,21 @@ def parse_part(text: str) -> tuple[int, int]:
 
 
 class LocalPath(click.Path):
-    """A file or folder this command writes (or a local-only input): a URL is refused in one
-    line instead of becoming a local ``s3:/`` tree."""
+    """A file or folder this command writes: a URL is refused in one line instead of becoming
+    a local ``s3:/`` tree, ``file://`` is the path it names, and a file's folder must exist."""
 
     def convert(self, value, param, ctx):
         from jigsawdata.location import is_url
 
-        if is_url(str(value)):
-            self.fail(f"{value} is a URL: this writes a local file or folder; write it locally, then copy it up "
-                      "(e.g. aws s3 sync DIR s3://bucket/DIR)", param, ctx)
-        return super().convert(value, param, ctx)
+        text = str(value)
+        if is_url(text):
+            raise InputError(f"{param.opts[0] if param.opts else param.name} {text} is a URL: this writes a local "
+                             "file or folder; write it locally, then copy it up (e.g. aws s3 sync DIR s3://bucket/DIR)")
+        converted = super().convert(text.removeprefix("file://"), param, ctx)
+        if not self.dir_okay and not Path(converted).parent.is_dir():
+            raise InputError(f"{param.opts[0] if param.opts else param.name} {text}: the folder "
+                             f"{Path(converted).parent} does not exist")
+        return converted
 
 
 class _Group(click.Group):
@@ -524,8 +529,11 @@ def pretrain(resume: bool, config_file: Path | None, **options) -> None:
         metrics = trainer.train()
     finally:
         bar.close()
-    if trainer.dist.main:
-        click.echo(f"done: {trainer.iteration} iterations, last loss {metrics.get('loss', float('nan')):.4f}; "
+    if trainer.dist.main and not metrics:
+        click.echo(f"nothing to do: {cfg.out} is at iteration {trainer.iteration} of {cfg.iterations} (a longer "
+                   "run: --resume --iterations N)")
+    elif trainer.dist.main:
+        click.echo(f"done: {trainer.iteration} iterations, last loss {metrics['loss']:.4f}; "
                    f"checkpoint {Path(cfg.out) / CHECKPOINT_NAME}")
         if trainer.last_validation:
             click.echo(f"region accuracy on {cfg.val_shards} (majority-class rate beside it):")

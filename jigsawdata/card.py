@@ -142,10 +142,30 @@ def totals_line(counts: Mapping[str, int]) -> str:
                                                                          "images_used")) + ".")
 
 
+def recorded_blocks(manifest: Manifest, per_class: Mapping[int, int]) -> list[list[str]]:
+    """The card's passages that state the manifest's fields (source, licence, contents,
+    counts, classes, settings), each as its lines: ``verify`` finds each in the card, so a
+    manifest field changed after the build, with every sha256 kept, disagrees with the card."""
+    src, counts, names = manifest.source, manifest.counts, manifest.label_names
+    return [
+        [f"- Annotation file: `{src.annotation_file}`, sha256 `{src.sha256}`",
+         f"- Images listed: {src.images}; used: {counts.get('images_used', 0)}; "
+         f"skipped: {len(manifest.skipped_images)} (named in `manifest.json`)",
+         f"- Built by jigsawdata {manifest.tool.version} (format {manifest.format_version})"],
+        ["## Licence", "", src.license, ""],
+        ["| group | shards | samples | MB |", "|---|---:|---:|---:|",
+         *(f"| {g} | {len(v.shards)} | {v.samples} | {v.bytes / 1e6:.1f} |" for g, v in manifest.groups.items()), ""],
+        [totals_line(counts)],
+        class_table(names, Counter(per_class)),
+        ["## Build parameters", "",
+         *(f"- `{k}`: {v}" for k, v in sorted(manifest.params.items()) if k != "sampling"),
+         *(f"- `sampling.{k}`: {v}" for k, v in sorted(manifest.params["sampling"].items())), ""],
+    ]
+
+
 def render_card(manifest: Manifest, per_class: Mapping[int, int]) -> str:
     """Markdown card for a finished shard set; ``per_class`` counts its samples per label."""
-    src, counts, names = manifest.source, manifest.counts, manifest.label_names
-    per_class = Counter(per_class)
+    source, licence, contents, totals, classes, settings = recorded_blocks(manifest, per_class)
     lines = [
         front_matter(manifest),
         "# Jigsaw pre-training shards", "",
@@ -155,20 +175,13 @@ def render_card(manifest: Manifest, per_class: Mapping[int, int]) -> str:
         "its provenance as `.json`; `manifest.json` lists every shard with its sha256 and `index.parquet` every "
         "sample.", "",
         "## Source", "",
-        f"- Annotation file: `{src.annotation_file}`, sha256 `{src.sha256}`",
-        f"- Images listed: {src.images}; used: {counts.get('images_used', 0)}; "
-        f"skipped: {len(manifest.skipped_images)} (named in `manifest.json`)",
-        f"- Built by jigsawdata {manifest.tool.version} (format {manifest.format_version})", "",
-        "## Licence", "", src.license, "",
+        *source, "",
+        *licence,
         "## Contents", "",
-        "| group | shards | samples | MB |", "|---|---:|---:|---:|",
-        *(f"| {g} | {len(v.shards)} | {v.samples} | {v.bytes / 1e6:.1f} |" for g, v in manifest.groups.items()),
-        "",
-        totals_line(counts), "",
-        *class_table(names, per_class), "",
-        "## Build parameters", "",
-        *(f"- `{k}`: {v}" for k, v in sorted(manifest.params.items()) if k != "sampling"),
-        *(f"- `sampling.{k}`: {v}" for k, v in sorted(manifest.params["sampling"].items())), "",
+        *contents,
+        *totals, "",
+        *classes, "",
+        *settings,
         "## Rebuild", "",
         "Byte-identical given the same annotation file (check its sha256 above) and images:", "",
         "```bash", rebuild_command(manifest), "```", "",
@@ -180,4 +193,3 @@ def render_card(manifest: Manifest, per_class: Mapping[int, int]) -> str:
         "```", "",
     ]
     return "\n".join(lines)
-

@@ -283,8 +283,9 @@ def fetch(url: str, out: Path, *, workers: int = 8, retries: int = 5, block: int
         if errors:
             for error in errors[1:_LOGGED_ERRORS + 1]:
                 log.warning("%s", error)
-            more = f" (and {len(errors) - 1} more files failed, the first {min(len(errors) - 1, _LOGGED_ERRORS)} " \
-                   "logged above)" if len(errors) > 1 else ""
+            others = len(errors) - 1
+            logged = "logged above" if others <= _LOGGED_ERRORS else f"the next {_LOGGED_ERRORS} logged above"
+            more = f" (and {others} more files failed, {logged})" if others else ""
             raise FetchError(f"{errors[0]}{more}")
     except BaseException:
         if target != out:

@@ -14,6 +14,9 @@ import hashlib
 import json
 import os
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +77,9 @@ def read_remote_manifest(url: str) -> Manifest:
         raise FetchError(str(exc)) from exc
 
 
-MAX_MANIFEST_BYTES = 1 << 30
+MAX_MANIFEST_BYTES = 64 << 20
 """A manifest grows by ~200 bytes a shard and ~100 a skipped image: COCO's is a few MB."""
-MAX_CARD_BYTES = 64 << 20
+MAX_CARD_BYTES = 16 << 20
 
 
 def read_bounded(fs, path: str, limit: int, what: str) -> bytes:
@@ -84,15 +87,32 @@ def read_bounded(fs, path: str, limit: int, what: str) -> bytes:
     (or lies about the length) fills neither memory nor disk."""
     from fsspec.implementations.http import HTTPFileSystem
 
-    # over HTTP, one plain GET streamed (fsspec's default reads by ranges, which servers without
-    # range support answer with the whole file each time)
-    with fs.open(path, "rb", **({"block_size": 0} if isinstance(fs, HTTPFileSystem) else {})) as stream:
+    # over HTTP, one plain GET streamed with the standard library: fsspec's default reads by
+    # ranges (which servers without range support answer with the whole file each time) and
+    # reports a server it cannot reach as a missing file
+    with (_http_get(path) if isinstance(fs, HTTPFileSystem) else fs.open(path, "rb")) as stream:
         data = bytearray()
         while len(data) <= limit and (chunk := stream.read(min(1 << 20, limit + 1 - len(data)))):
             data += chunk  # a stream may return less than asked before its end
     if len(data) > limit:
         raise FetchError(f"{what} is larger than {limit} bytes, more than any shard set needs: refusing it")
     return bytes(data)
+
+
+def _http_get(url: str):
+    """The response to a GET of ``url``: a 404 or 410 is FileNotFoundError, a server that cannot
+    be reached a :class:`FetchError` saying so."""
+    request = urllib.request.Request(urllib.parse.quote(url, safe=":/%?&=@+~#!$'()*,;[]"),
+                                     headers={"Accept-Encoding": "identity"})
+    try:
+        return urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code in (404, 410):
+            raise FileNotFoundError(url) from exc
+        raise FetchError(f"{url}: the server answered {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise FetchError(f"{url}: cannot reach the server ({getattr(exc, 'reason', exc)})") from exc
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,9 @@ def split_annotations(ann: Path, out: Path, *, val_fraction: float | None = None
         raise InputError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if names[0] == names[1]:
         raise InputError(f"the two splits need two names, got {names[0]!r} twice")
+    bad = [name for name in names if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name)]
+    if bad:
+        raise InputError(f"split name {bad[0]!r}: use letters, digits, '_', '-' and '.' (it becomes a file name)")
     paths = tuple(Path(out) / f"instances_{name}.json" for name in names)
     existing = [str(p) for p in paths if p.exists()]
     if existing:

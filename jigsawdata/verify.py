@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-from .card import CARD_NAME, class_table, totals_line
+from .card import CARD_NAME, recorded_blocks
 from .errors import InputError
 from .files import sha256_file
 from .index import read_index
@@ -169,13 +169,13 @@ def _label_count_problems(manifest: Manifest, seen: Counter, root: Path) -> list
     card = root / CARD_NAME
     if not (manifest.card_sha256 and card.is_file()):
         return problems
-    lines = card.read_text(encoding="utf-8", errors="replace").splitlines()
-    table = "\n".join(class_table(manifest.label_names, seen))
-    if f"\n{table}\n\n" not in "\n".join(lines):
-        problems.append(f"{CARD_NAME}: its class table is not the manifest's class names with the shards' labels "
-                        "counted (a class renamed, or counts changed, after the build)")
-    if totals_line(counts) not in lines:
-        problems.append(f"{CARD_NAME}: its positives, negatives and left-out counts are not the manifest's")
+    text = card.read_text(encoding="utf-8", errors="replace")
+    lines = set(text.splitlines())
+    for block in recorded_blocks(manifest, seen):
+        if "\n".join(block) not in text:
+            said = next((line for line in block if line not in lines), block[0])
+            problems.append(f"{CARD_NAME}: does not say {said!r} as the manifest with the shards' labels does (the "
+                            "manifest or the card was changed after the build)")
     return problems
 
 

@@ -571,7 +571,7 @@ def _move_counts(m):
 
 
 @pytest.mark.parametrize("edit,expected", [
-    (_swap_names, "README.md: its class table is not the manifest's class names with the shards' labels counted"),
+    (_swap_names, "README.md: does not say '| 0 | "),
     (_recategorise, "has category_id"),
     (_move_counts, "counts: the manifest gives"),
 ])
@@ -621,3 +621,14 @@ def test_a_damaged_sample_index_is_one_problem_and_every_shard_is_still_checked(
     assert any(p.startswith(str(victim.relative_to(out))) for p in verify_shard_set(out))
     result = CliRunner().invoke(main, ["info", str(out)])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "is not a readable sample index" in result.output
+
+
+@pytest.mark.parametrize("edit,said", [
+    (lambda m: m["params"].update(seed=5), "- `seed`: 5"),
+    (lambda m: m["params"]["sampling"].update(negatives_avoid="gt"), "- `sampling.negatives_avoid`: gt"),
+    (lambda m: m["source"].update(license="CC0"), "CC0"),
+    (lambda m: m["source"].update(images=m["source"]["images"] + 1), "- Images listed: "),
+])
+def test_verify_catches_edits_of_the_settings_and_source_the_card_states(built_synthetic, tmp_path, edit, said):
+    problems = verify_shard_set(_edited_manifest(built_synthetic, tmp_path, edit))
+    assert any(p.startswith(f"README.md: does not say '{said}") for p in problems), problems

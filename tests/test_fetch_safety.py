@@ -158,7 +158,7 @@ def test_a_dead_server_fails_every_file_in_one_short_line(plain_server, tmp_path
     result = CliRunner().invoke(main, ["fetch", url, "--out", str(tmp_path / "copy"), "--retries", "1"])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and lines[-1].startswith("Error: ") and len(lines[-1]) < 300, lines[-1]
-    assert f"(and {files - 1} more files failed, the first 10 logged above)" in lines[-1]
+    assert f"(and {files - 1} more files failed, the next 10 logged above)" in lines[-1]
     logged = [r.getMessage() for r in caplog.records if r.name == "jigsawdata.fetch" and r.levelno == logging.WARNING]
     assert len(logged) == 10 and all("transfer interrupted once" in m for m in logged), logged
 
@@ -361,6 +361,16 @@ def test_a_url_is_read_where_commands_read_and_refused_where_they_write(plain_se
                  ["pretrain", "--shards", url, "--out", "s3://bucket/run", "--device", "cpu", "--arch", "resnet18"],
                  ["fetch", url, "--out", "gs://bucket/copy"], ["export", str(src), "--out", "s3://b/x.pth"]):
         refused = CliRunner().invoke(main, args)
-        assert refused.exit_code != 0 and "is a URL" in refused.output and "Traceback" not in refused.output, \
+        assert refused.exit_code == 1 and "is a URL" in refused.output and refused.output.count("\n") == 1, \
             (args, refused.output)
     assert not any(p.name in ("s3:", "gs:") for p in tmp_path.iterdir()), "no local s3:/ tree"
+    local = CliRunner().invoke(main, ["fetch", url, "--out", f"file://{tmp_path / 'ff'}"])
+    assert local.exit_code == 0 and (tmp_path / "ff" / "manifest.json").is_file(), local.output
+    assert not (tmp_path / "file:").exists()
+    nowhere = CliRunner().invoke(main, ["export", str(src), "--out", str(tmp_path / "no such" / "x.pth")])
+    assert nowhere.exit_code == 1 and nowhere.output.count("\n") == 1 and "does not exist" in nowhere.output
+    with socket.socket() as free:  # nothing listens here: not "no manifest", but the server is unreachable
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    unreachable = CliRunner().invoke(main, ["fetch", f"http://127.0.0.1:{port}/set", "--out", str(tmp_path / "u")])
+    assert unreachable.exit_code == 1 and "cannot reach the server" in unreachable.output, unreachable.output

@@ -272,8 +272,8 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
     resumed = torch.load(out / "checkpoint.pt", weights_only=True)
     assert resumed["iteration"] == 2 and resumed["train_device_seconds"] > first > 0  # the clock continues
     own = json.loads((out / "eval.json").read_text())
-    assert own["evaluated"] == {"annotations": str(real_coco / "annotations" / "instances_train2017.json"),
-                                "image_dir": str(real_coco / "train2017"), "max_images": 4, "images": 4,
+    assert own["evaluated"] == {"annotations": str((real_coco / "annotations" / "instances_train2017.json").resolve()),
+                                "image_dir": str((real_coco / "train2017").resolve()), "max_images": 4, "images": 4,
                                 "checkpoint": str((out / "checkpoint.pt").resolve()), "epoch": 0, "iteration": 2}
     # a subset is its own file: the run's figures stay
     result = CliRunner().invoke(main, ["evaluate", str(out), "--max-images", "2"])
@@ -354,6 +354,8 @@ def test_split_then_finetune_on_any_coco_format_files(real_coco, tmp_path):
     assert again.exit_code == 1 and "exists already" in again.output
     both = CliRunner().invoke(main, [*args, "--val-fraction", "0.5", "--out", str(tmp_path / "c")])
     assert both.exit_code == 1 and "give one of --val-fraction and --val-images" in both.output
+    escape = CliRunner().invoke(main, [*args, "--names", "../x,val", "--out", str(tmp_path / "d")])
+    assert escape.exit_code == 1 and "split name '../x'" in escape.output and not (tmp_path / "d").exists()
 
     out = tmp_path / "ft"
     result = CliRunner().invoke(main, [
@@ -363,7 +365,7 @@ def test_split_then_finetune_on_any_coco_format_files(real_coco, tmp_path):
         "--max-iters", "1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     evaluated = json.loads((out / "eval.json").read_text())["evaluated"]
-    assert evaluated["annotations"] == str(tmp_path / "a" / "instances_val.json") and evaluated["images"] == 4
+    assert evaluated["annotations"] == str((tmp_path / "a" / "instances_val.json").resolve()) and evaluated["images"] == 4
     result = CliRunner().invoke(main, ["evaluate", str(out), "--ann", str(tmp_path / "a" / "instances_train.json"),
                                        "--max-images", "2"])
     assert result.exit_code == 0 and (out / "eval-train-first2.json").is_file(), result.output

@@ -135,6 +135,8 @@ def test_sigterm_saves_and_resume_alone_continues_to_the_weights_of_an_uninterru
                "schedule" in r.getMessage() for r in caplog.records)
     result = CliRunner().invoke(main, ["pretrain", "--out", str(stopped), "--resume", "--iterations", "13"])
     assert result.exit_code == 1 and "it is at iteration 14 already" in result.output
+    result = CliRunner().invoke(main, ["pretrain", "--out", str(stopped), "--resume"])
+    assert result.exit_code == 0 and result.output.startswith(f"nothing to do: {stopped} is at iteration 14 of 14")
 
 
 def test_run_directory_is_protected(built_real, tmp_path):

@@ -270,7 +270,8 @@ def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = Non
                            box_head=cfg.box_head, fpn_channels=cfg.fpn_channels, min_size=cfg.min_size,
                            max_size=cfg.max_size).to(dev)
     model.load_state_dict(ckpt["model"])
-    evaluated = {"annotations": str(files[0]), "image_dir": str(files[1]), "max_images": max_images,
+    evaluated = {"annotations": str(Path(files[0]).resolve()), "image_dir": str(Path(files[1]).resolve()),
+                 "max_images": max_images,
                  "checkpoint": str(ckpt_io.checkpoint_file(Path(run_dir)).resolve()),
                  "epoch": int(ckpt["epoch"]), "iteration": int(ckpt["iteration"])}
     return evaluate(model, dataset, dev, Path(run_dir), progress=progress,

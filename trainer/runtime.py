@@ -192,7 +192,7 @@ def claim_run_dir(out: Path | str, resume: bool) -> Path:
     so that a refused run leaves no empty directory behind."""
     if is_url(str(out)):
         raise InputError(f"--out {out} is a URL: a run directory is local (copy it up when it is done)")
-    out = Path(out)
+    out = Path(str(out).removeprefix("file://"))
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a run directory")
     if not resume and (out / CHECKPOINT_NAME).exists():
