@@ -2,13 +2,14 @@
 #   make demo   - install; build shards from the embedded synthetic COCO set (train and a held-out
 #                 val split), preview jigsaw images, pre-train a small backbone for a few iterations
 #                 with region accuracy on the held-out shards, and export it
-#   make test   - install, then run the test suite
+#   make test   - install, then lint (ruff check, ruff format --check) and run the test suite
+#   make test-fast - the suite without the tests marked slow (under a minute), for the edit-test loop
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: install demo test bench clean gpu-check gpu-experiment
+.PHONY: install demo test test-fast lint format bench clean gpu-check gpu-experiment
 
 install: $(VENV)/.installed
 
@@ -32,8 +33,19 @@ demo: install
 	$(BIN)/jigsawdata evaluate-pretrain $(DEMO)/run --shards $(DEMO)/val-shards
 	$(BIN)/jigsawdata export $(DEMO)/run --format torchvision --out $(DEMO)/resnet18-jigsaw.pth
 
-test: install
+test: lint
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: install
 	$(BIN)/python -m jigsawdata.benchmarks.build_shards

@@ -1,6 +1,6 @@
 """Installs the repository's top-level folders inside the one ``jigsawdata`` package.
 
-``pyproject.toml`` maps ``pipelines/``, ``trainer/`` and ``benchmarks/`` to ``jigsawdata.*``
+``pyproject.toml`` maps ``pipelines/``, ``trainer/``, ``experiments/`` and ``benchmarks/`` to ``jigsawdata.*``
 sub-packages; setuptools cannot map a single module that way, so ``cli.py`` is added here
 as ``jigsawdata/cli.py``. Everything else is declared in ``pyproject.toml``.
 """

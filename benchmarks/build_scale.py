@@ -40,16 +40,15 @@ def make_scaled_set(pool_root: Path, images: int, ann_file: Path) -> None:
         out_images.append({**source, "id": image_id})
         for ann in by_image.get(source["id"], []):
             out_anns.append({**ann, "id": len(out_anns) + 1, "image_id": image_id})
-    ann_file.write_text(json.dumps({"images": out_images, "annotations": out_anns,
-                                    "categories": pool["categories"]}))
+    ann_file.write_text(json.dumps({"images": out_images, "annotations": out_anns, "categories": pool["categories"]}))
 
 
 def _child(ann: Path, images: Path, out: Path, workers: int) -> None:
     """Runs in the measured process: build, then print the figures as JSON."""
     import pyarrow as pa
 
-    from jigsawdata.build import BuildConfig, build_shards
-    from jigsawdata.coco import load_coco
+    from jigsawdata.build.run import BuildConfig, build_shards
+    from jigsawdata.coco.reader import load_coco
 
     pa.array([0])  # Arrow's one-time set-up (~50 MB of its code and tables): part of the fixed base
     base = _rss_now()
@@ -59,8 +58,18 @@ def _child(ann: Path, images: Path, out: Path, workers: int) -> None:
     manifest = build_shards(source, out, BuildConfig(), workers=workers)
     seconds = time.perf_counter() - start
     crops = sum(g.samples for g in manifest.groups.values())
-    print(json.dumps({"seconds": seconds, "crops": crops, "images": manifest.source.images,
-                      "base_rss": base, "parse_peak_rss": parsed_peak, "peak_rss": _peak_rss()}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "crops": crops,
+                "images": manifest.source.images,
+                "base_rss": base,
+                "parse_peak_rss": parsed_peak,
+                "peak_rss": _peak_rss(),
+            }
+        )
+    )
 
 
 def _peak_rss() -> int:
@@ -77,19 +86,35 @@ def measure(size: int, pool_root: Path, tmp: Path, workers: int) -> dict:
     ann = tmp / f"instances_{size}.json"
     make_scaled_set(pool_root, size, ann)
     out = tmp / f"shards-{size}"
-    done = subprocess.run([sys.executable, "-m", "jigsawdata.benchmarks.build_scale", "--child", str(ann),
-                           str(pool_root / "train"), str(out), str(workers)],
-                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jigsawdata.benchmarks.build_scale",
+            "--child",
+            str(ann),
+            str(pool_root / "train"),
+            str(out),
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     r = json.loads(done.stdout.strip().splitlines()[-1])
-    r.update(size=size, seconds_per_image=r["seconds"] / r["images"],
-             bytes_per_crop_above_base=(r["peak_rss"] - r["base_rss"]) / r["crops"],
-             parse_bytes_per_crop=(r["parse_peak_rss"] - r["base_rss"]) / r["crops"],
-             build_bytes_per_crop=(r["peak_rss"] - r["parse_peak_rss"]) / r["crops"])
+    r.update(
+        size=size,
+        seconds_per_image=r["seconds"] / r["images"],
+        bytes_per_crop_above_base=(r["peak_rss"] - r["base_rss"]) / r["crops"],
+        parse_bytes_per_crop=(r["parse_peak_rss"] - r["base_rss"]) / r["crops"],
+        build_bytes_per_crop=(r["peak_rss"] - r["parse_peak_rss"]) / r["crops"],
+    )
     return r
 
 
 def run(sizes: tuple[int, ...] = (1000, 10_000, 100_000), workers: int = 2, pool: int = 500) -> dict:
-    from jigsawdata.synthetic import make_synthetic_coco
+    from jigsawdata.synthetic.shapes import make_synthetic_coco
 
     with tempfile.TemporaryDirectory() as tmp:
         pool_root = Path(tmp) / "pool"
@@ -97,21 +122,23 @@ def run(sizes: tuple[int, ...] = (1000, 10_000, 100_000), workers: int = 2, pool
         rows = [measure(size, pool_root, Path(tmp), workers) for size in sizes]
     for prev, row in zip(rows, rows[1:]):
         row["marginal_bytes_per_crop"] = (row["peak_rss"] - prev["peak_rss"]) / (row["crops"] - prev["crops"])
-    return {"benchmark": "build_scale", "workers": workers, "pool": pool, "sizes": rows,
-            "environment": environment()}
+    return {"benchmark": "build_scale", "workers": workers, "pool": pool, "sizes": rows, "environment": environment()}
 
 
 def format_table(result: dict) -> str:
-    lines = [f"build-shards at scale, {result['workers']} extraction workers (synthetic images, pool of "
-             f"{result['pool']})",
-             f"{'images':>9}{'crops':>10}{'s/image':>10}{'peak RSS MB':>13}{'base MB':>9}{'B/crop':>9}"
-             f"{'parse B/crop':>14}{'build B/crop':>14}{'marginal B/crop':>17}"]
+    lines = [
+        f"build-shards at scale, {result['workers']} extraction workers (synthetic images, pool of {result['pool']})",
+        f"{'images':>9}{'crops':>10}{'s/image':>10}{'peak RSS MB':>13}{'base MB':>9}{'B/crop':>9}"
+        f"{'parse B/crop':>14}{'build B/crop':>14}{'marginal B/crop':>17}",
+    ]
     for r in result["sizes"]:
         marginal = f"{r['marginal_bytes_per_crop']:.0f}" if "marginal_bytes_per_crop" in r else "-"
-        lines.append(f"{r['images']:>9}{r['crops']:>10}{r['seconds_per_image'] * 1e3:>8.2f}ms"
-                     f"{r['peak_rss'] / 2**20:>13.1f}{r['base_rss'] / 2**20:>9.1f}"
-                     f"{r['bytes_per_crop_above_base']:>9.0f}{r['parse_bytes_per_crop']:>14.0f}"
-                     f"{r['build_bytes_per_crop']:>14.0f}{marginal:>17}")
+        lines.append(
+            f"{r['images']:>9}{r['crops']:>10}{r['seconds_per_image'] * 1e3:>8.2f}ms"
+            f"{r['peak_rss'] / 2**20:>13.1f}{r['base_rss'] / 2**20:>9.1f}"
+            f"{r['bytes_per_crop_above_base']:>9.0f}{r['parse_bytes_per_crop']:>14.0f}"
+            f"{r['build_bytes_per_crop']:>14.0f}{marginal:>17}"
+        )
     return "\n".join(lines)
 
 

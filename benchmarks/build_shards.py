@@ -14,9 +14,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from jigsawdata.build import BuildConfig, _encode_jpeg, build_shards
-from jigsawdata.coco import load_coco, load_rgb, resolve_coco_root
-from jigsawdata.index import read_index
+from jigsawdata.build.run import BuildConfig, _encode_jpeg, build_shards
+from jigsawdata.coco.reader import load_coco, load_rgb, resolve_coco_root
+from jigsawdata.shardset.index import read_index
 
 from .common import DEFAULT_COCO, environment, report, stats
 
@@ -49,22 +49,32 @@ def run(coco: Path, split: str = "train2017", repeats: int = 3, workers: int = 1
     n = len(source.images)
     b, lim = stats(build_s), stats(bound_s)
     return {
-        "benchmark": "build_shards", "coco": str(coco), "images": n, "crops": crops, "workers": workers,
-        "build_seconds": b, "bound_seconds": lim,
-        "build_images_per_s": n / b["median"], "build_crops_per_s": crops / b["median"],
-        "bound_images_per_s": n / lim["median"], "bound_crops_per_s": crops / lim["median"],
-        "ratio": lim["median"] / b["median"], "environment": environment(),
+        "benchmark": "build_shards",
+        "coco": str(coco),
+        "images": n,
+        "crops": crops,
+        "workers": workers,
+        "build_seconds": b,
+        "bound_seconds": lim,
+        "build_images_per_s": n / b["median"],
+        "build_crops_per_s": crops / b["median"],
+        "bound_images_per_s": n / lim["median"],
+        "bound_crops_per_s": crops / lim["median"],
+        "ratio": lim["median"] / b["median"],
+        "environment": environment(),
     }
 
 
 def format_table(result: dict) -> str:
-    lines = [f"build-shards on {result['images']} images -> {result['crops']} crops, {result['workers']} worker(s)",
-             f"{'':<34}{'images/s':>10}{'crops/s':>10}{'median s':>10}",
-             f"{'build-shards':<34}{result['build_images_per_s']:>10.1f}{result['build_crops_per_s']:>10.1f}"
-             f"{result['build_seconds']['median']:>10.2f}",
-             f"{'bound: decode once + encode once':<34}{result['bound_images_per_s']:>10.1f}"
-             f"{result['bound_crops_per_s']:>10.1f}{result['bound_seconds']['median']:>10.2f}",
-             f"ratio build / bound: {result['ratio']:.2f}"]
+    lines = [
+        f"build-shards on {result['images']} images -> {result['crops']} crops, {result['workers']} worker(s)",
+        f"{'':<34}{'images/s':>10}{'crops/s':>10}{'median s':>10}",
+        f"{'build-shards':<34}{result['build_images_per_s']:>10.1f}{result['build_crops_per_s']:>10.1f}"
+        f"{result['build_seconds']['median']:>10.2f}",
+        f"{'bound: decode once + encode once':<34}{result['bound_images_per_s']:>10.1f}"
+        f"{result['bound_crops_per_s']:>10.1f}{result['bound_seconds']['median']:>10.2f}",
+        f"ratio build / bound: {result['ratio']:.2f}",
+    ]
     return "\n".join(lines)
 
 

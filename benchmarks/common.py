@@ -6,8 +6,9 @@ import json
 import platform
 import statistics
 import sys
-from importlib import metadata
 from pathlib import Path
+
+from jigsawdata.environment import installed
 
 DEFAULT_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-train288"
 
@@ -65,14 +66,15 @@ def interleaved(cases: dict, repeats: int) -> dict:
 
 
 def environment(packages: tuple[str, ...] = ("pillow", "numpy", "torch", "nvidia-dali-cuda130", "webdataset")) -> dict:
-    versions = {}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"python": sys.version.split()[0], "machine": platform.machine(), "processor": platform.processor(),
-            "cpus": _cpus(), "packages": versions, "command": command()}
+    versions = {name: installed(name) for name in packages}
+    return {
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": _cpus(),
+        "packages": versions,
+        "command": command(),
+    }
 
 
 def command() -> str:

@@ -31,12 +31,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from jigsawdata.coco import resolve_coco_root
+from jigsawdata.coco.reader import resolve_coco_root
 from jigsawdata.pipelines.config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from jigsawdata.pipelines.dali import DaliJigsawLoader
 from jigsawdata.pipelines.template import Template
-from jigsawdata.trainer.erf import (effective_receptive_fields, erf_weights, level_receptive_fields, level_region_maps,
-                                   level_weights)
+from jigsawdata.trainer.erf import (
+    effective_receptive_fields,
+    erf_weights,
+    level_receptive_fields,
+    level_region_maps,
+    level_weights,
+)
 from jigsawdata.trainer.losses import erf_dense_loss, mean_over_levels
 from jigsawdata.trainer.model import DenseClassifier, PyramidDenseClassifier, build_backbone
 
@@ -59,15 +64,29 @@ def imagenet_loader(image_dir: Path, batch: int, device: str, threads: int, seed
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=0 if device == "gpu" else None, seed=seed)
     def pipe():
-        jpegs, labels = fn.readers.file(files=files, labels=[i % 1000 for i in range(len(files))],
-                                        random_shuffle=True, initial_fill=256, name="reader")
-        images = fn.decoders.image_random_crop(jpegs, device="mixed" if device == "gpu" else "cpu",
-                                               output_type=types.RGB, random_area=[0.08, 1.0],
-                                               random_aspect_ratio=[3 / 4, 4 / 3])
+        jpegs, labels = fn.readers.file(
+            files=files,
+            labels=[i % 1000 for i in range(len(files))],
+            random_shuffle=True,
+            initial_fill=256,
+            name="reader",
+        )
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device="mixed" if device == "gpu" else "cpu",
+            output_type=types.RGB,
+            random_area=[0.08, 1.0],
+            random_aspect_ratio=[3 / 4, 4 / 3],
+        )
         images = fn.resize(images, resize_x=224, resize_y=224)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                          mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD],
-                                          mirror=fn.random.coin_flip())
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[m * 255 for m in IMAGENET_MEAN],
+            std=[s * 255 for s in IMAGENET_STD],
+            mirror=fn.random.coin_flip(),
+        )
         return images, labels
 
     p = pipe()
@@ -85,6 +104,7 @@ def imagenet_loader(image_dir: Path, batch: int, device: str, threads: int, seed
 def _repeat(loader, step, steps: int, cuda: bool):
     """One measured repeat: ``steps`` iterations of (next batch, step). Returns a callable
     giving ``(seconds per step, fraction of the time spent waiting for data)``."""
+
     def run() -> tuple[float, float]:
         wait = 0.0
 
@@ -98,6 +118,7 @@ def _repeat(loader, step, steps: int, cuda: bool):
 
         elapsed = timed(body, cuda)
         return elapsed / steps, wait / elapsed
+
     return run
 
 
@@ -118,12 +139,23 @@ def _sgd_step(model, loss_fn, cuda: bool):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return step
 
 
-def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = None, batch: int | None = None,
-        steps: int = 5, repeats: int = 3, warmup: int = 2, threads: int = 2, erf_every: int = 5000,
-        erf_images: int | None = None, shards: Path | None = None) -> dict:
+def run(
+    coco: Path = DEFAULT_COCO,
+    split: str = "train2017",
+    arch: str | None = None,
+    batch: int | None = None,
+    steps: int = 5,
+    repeats: int = 3,
+    warmup: int = 2,
+    threads: int = 2,
+    erf_every: int = 5000,
+    erf_images: int | None = None,
+    shards: Path | None = None,
+) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     arch = arch or ("resnet50" if cuda else "resnet18")
@@ -137,27 +169,48 @@ def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = 
         fmt = torch.channels_last if cuda else torch.contiguous_format
 
         # 1. Jigsaw
-        jigsaw = DaliJigsawLoader(root, batch, JigsawConfig(), device=dali_device, device_id=0 if cuda else None,
-                                  num_threads=threads, rank=0, world_size=1)
+        jigsaw = DaliJigsawLoader(
+            root,
+            batch,
+            JigsawConfig(),
+            device=dali_device,
+            device_id=0 if cuda else None,
+            num_threads=threads,
+            rank=0,
+            world_size=1,
+        )
         dense = DenseClassifier(arch, 81).to(device, memory_format=fmt)
         region_map = torch.from_numpy(template.feature_region_map()).to(device)
         images, _ = next(jigsaw)
         result = {}
-        erf_s = timed(lambda: result.update(weights=erf_weights(
-            effective_receptive_fields(dense, images[:erf_images].to(device)), template)), cuda)
+        erf_s = timed(
+            lambda: result.update(
+                weights=erf_weights(effective_receptive_fields(dense, images[:erf_images].to(device)), template)
+            ),
+            cuda,
+        )
         weights = result["weights"]
         jig_step = _sgd_step(dense, lambda out, y: erf_dense_loss(out, y.to(device), weights, region_map), cuda)
 
         # 1b. Jigsaw with the FPN pre-trained too, on the same batches
         pyramid = PyramidDenseClassifier(arch, 81).to(device, memory_format=fmt)
         level_maps = level_region_maps(template, pyramid.strides, device)
-        fpn_erf_s = timed(lambda: result.update(levels=level_weights(
-            level_receptive_fields(pyramid, images[:erf_images].to(device), template), template, pyramid.strides)),
-            cuda)
+        fpn_erf_s = timed(
+            lambda: result.update(
+                levels=level_weights(
+                    level_receptive_fields(pyramid, images[:erf_images].to(device), template), template, pyramid.strides
+                )
+            ),
+            cuda,
+        )
         levels = result["levels"]
-        fpn_step = _sgd_step(pyramid, lambda out, y: mean_over_levels(
-            [erf_dense_loss(logits, y.to(device), levels[name], level_maps[name]) for name, logits in out.items()]),
-            cuda)
+        fpn_step = _sgd_step(
+            pyramid,
+            lambda out, y: mean_over_levels(
+                [erf_dense_loss(logits, y.to(device), levels[name], level_maps[name]) for name, logits in out.items()]
+            ),
+            cuda,
+        )
 
         # 2. ImageNet-style
         plain = build_backbone(arch)
@@ -169,9 +222,14 @@ def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = 
         for loader, step in ((jigsaw, jig_step), (jigsaw, fpn_step), (imnet_loader, imnet_step)):
             for _ in range(warmup):
                 step(*next(loader))
-        runs = interleaved({"jigsaw": _repeat(jigsaw, jig_step, steps, cuda),
-                            "jigsaw_fpn": _repeat(jigsaw, fpn_step, steps, cuda),
-                            "imagenet": _repeat(imnet_loader, imnet_step, steps, cuda)}, repeats)
+        runs = interleaved(
+            {
+                "jigsaw": _repeat(jigsaw, jig_step, steps, cuda),
+                "jigsaw_fpn": _repeat(jigsaw, fpn_step, steps, cuda),
+                "imagenet": _repeat(imnet_loader, imnet_step, steps, cuda),
+            },
+            repeats,
+        )
     jig, fpn, imnet = (_summary(runs[k], batch) for k in ("jigsaw", "jigsaw_fpn", "imagenet"))
     for summary, refresh in ((jig, erf_s), (fpn, fpn_erf_s)):
         summary["step_with_erf_s"] = summary["step_s"]["median"] + refresh / erf_every
@@ -184,14 +242,25 @@ def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = 
     unit = "GPU-hours" if cuda else "core-hours"
     scale = 1 if cuda else (torch.get_num_threads() or 1)
     return {
-        "benchmark": "cost_claim", "device": torch.cuda.get_device_name(0) if cuda else "cpu (not the paper's setting)",
-        "arch": arch, "batch": batch, "threads": threads, "erf_every": erf_every, "erf_images": erf_images,
-        "jigsaw": jig, "jigsaw_fpn": fpn, "imagenet": imnet,
+        "benchmark": "cost_claim",
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu (not the paper's setting)",
+        "arch": arch,
+        "batch": batch,
+        "threads": threads,
+        "erf_every": erf_every,
+        "erf_images": erf_images,
+        "jigsaw": jig,
+        "jigsaw_fpn": fpn,
+        "imagenet": imnet,
         "projection": {
-            "unit": unit, "jigsaw_images": JIGSAW_IMAGES, "imagenet_images": IMAGENET_IMAGES,
-            "jigsaw": jig_hours * scale, "jigsaw_fpn": jig_hours * fpn["over_backbone_only"] * scale,
+            "unit": unit,
+            "jigsaw_images": JIGSAW_IMAGES,
+            "imagenet_images": IMAGENET_IMAGES,
+            "jigsaw": jig_hours * scale,
+            "jigsaw_fpn": jig_hours * fpn["over_backbone_only"] * scale,
             "imagenet": imnet_hours * scale,
-            "ratio": jig_hours / imnet_hours, "image_ratio": JIGSAW_IMAGES / IMAGENET_IMAGES,
+            "ratio": jig_hours / imnet_hours,
+            "image_ratio": JIGSAW_IMAGES / IMAGENET_IMAGES,
             "paper_ratio": PAPER_GPU_DAYS["jigsaw"] / PAPER_GPU_DAYS["imagenet"],
         },
         "environment": environment(),
@@ -200,20 +269,29 @@ def run(coco: Path = DEFAULT_COCO, split: str = "train2017", arch: str | None = 
 
 def format_table(r: dict) -> str:
     p = r["projection"]
-    lines = [f"pre-training cost, {r['arch']}, batch {r['batch']}, device {r['device']}",
-             f"{'':<22}{'step s':>9}{'spread':>16}{'img/s':>9}{'data wait':>11}{p['unit']:>14}"]
-    for name, key in (("Jigsaw (ERF-dense)", "jigsaw"), ("Jigsaw + FPN neck", "jigsaw_fpn"),
-                      ("ImageNet-style", "imagenet")):
+    lines = [
+        f"pre-training cost, {r['arch']}, batch {r['batch']}, device {r['device']}",
+        f"{'':<22}{'step s':>9}{'spread':>16}{'img/s':>9}{'data wait':>11}{p['unit']:>14}",
+    ]
+    for name, key in (
+        ("Jigsaw (ERF-dense)", "jigsaw"),
+        ("Jigsaw + FPN neck", "jigsaw_fpn"),
+        ("ImageNet-style", "imagenet"),
+    ):
         m = r[key]
-        lines.append(f"{name:<22}{m['step_s']['median']:>9.3f}{m['step_s']['min']:>8.3f}-{m['step_s']['max']:<7.3f}"
-                     f"{m['images_per_s']:>9.1f}{100 * m['data_wait_fraction']['median']:>10.1f}%{p[key]:>14.1f}")
-    lines += [f"ERF refresh: {r['jigsaw']['erf_refresh_s']:.2f} s (with the FPN, every level: "
-              f"{r['jigsaw_fpn']['erf_refresh_s']:.2f} s) every {r['erf_every']} iterations, included in the "
-              "Jigsaw projections",
-              f"Jigsaw step with the FPN neck / backbone only: {r['jigsaw_fpn']['over_backbone_only']:.2f}x",
-              f"projected runs: Jigsaw 64k x 512 = {p['jigsaw_images'] / 1e6:.1f}M images; "
-              f"ImageNet 90 x 1,281,167 = {p['imagenet_images'] / 1e6:.1f}M images (ratio {p['image_ratio']:.3f})",
-              f"cost ratio Jigsaw / ImageNet: measured {p['ratio']:.3f}   paper 1.73 / 6.80 = {p['paper_ratio']:.3f}"]
+        lines.append(
+            f"{name:<22}{m['step_s']['median']:>9.3f}{m['step_s']['min']:>8.3f}-{m['step_s']['max']:<7.3f}"
+            f"{m['images_per_s']:>9.1f}{100 * m['data_wait_fraction']['median']:>10.1f}%{p[key]:>14.1f}"
+        )
+    lines += [
+        f"ERF refresh: {r['jigsaw']['erf_refresh_s']:.2f} s (with the FPN, every level: "
+        f"{r['jigsaw_fpn']['erf_refresh_s']:.2f} s) every {r['erf_every']} iterations, included in the "
+        "Jigsaw projections",
+        f"Jigsaw step with the FPN neck / backbone only: {r['jigsaw_fpn']['over_backbone_only']:.2f}x",
+        f"projected runs: Jigsaw 64k x 512 = {p['jigsaw_images'] / 1e6:.1f}M images; "
+        f"ImageNet 90 x 1,281,167 = {p['imagenet_images'] / 1e6:.1f}M images (ratio {p['image_ratio']:.3f})",
+        f"cost ratio Jigsaw / ImageNet: measured {p['ratio']:.3f}   paper 1.73 / 6.80 = {p['paper_ratio']:.3f}",
+    ]
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@ the set is fetched with ``jigsawdata.fetch.fetch`` (verifying every sha256 while
 and downloaded file by file with ``urllib`` into a fresh folder (no checks). Medians over
 repeats, one warm-up of each excluded. Usage:
 
-    python -m jigsawdata.benchmarks.fetch_throughput [--megabytes 128] [--shards 8] [--workers 8] [--repeats 5] [--json out.json]
+    python -m jigsawdata.benchmarks.fetch_throughput [--megabytes 128] [--shards 8] [--workers 8] \\
+        [--repeats 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from jigsawdata.fetch import fetch
 from jigsawdata.files import sha256_file
-from jigsawdata.manifest import FORMAT_VERSION, ClassInfo, GroupInfo, Manifest, ShardInfo, read_manifest
-from jigsawdata.shards import index_path, write_shard
+from jigsawdata.shardset.fetch import fetch
+from jigsawdata.shardset.manifest import FORMAT_VERSION, ClassInfo, GroupInfo, Manifest, ShardInfo, read_manifest
+from jigsawdata.shardset.shards import index_path, write_shard
 
 from .common import environment, interleaved, report, stats
 
@@ -38,12 +39,18 @@ def make_set(root: Path, megabytes: int, shards: int, sample_kb: int = 24) -> in
     (root / "S").mkdir(parents=True)
     for s in range(shards):
         name = f"S/S-{s:06d}.tar"
-        samples = ((f"{s:03d}{i:06d}", [("jpg", os.urandom(sample_kb * 1024)), ("cls", b"0"), ("json", b"{}")])
-                   for i in range(per_shard))
+        samples = (
+            (f"{s:03d}{i:06d}", [("jpg", os.urandom(sample_kb * 1024)), ("cls", b"0"), ("json", b"{}")])
+            for i in range(per_shard)
+        )
         n, nbytes, digest = write_shard(root / name, samples)
         infos.append(ShardInfo(name, n, nbytes, digest, sha256_file(index_path(root / name))))
-    Manifest(FORMAT_VERSION, {"S": GroupInfo.of(infos)}, classes=(ClassInfo(0, 1, "thing"),),
-             background=ClassInfo(1, 0, "background")).write(root / "manifest.json")
+    Manifest(
+        FORMAT_VERSION,
+        {"S": GroupInfo.of(infos)},
+        classes=(ClassInfo(0, 1, "thing"),),
+        background=ClassInfo(1, 0, "background"),
+    ).write(root / "manifest.json")
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
@@ -55,8 +62,11 @@ def _free_port() -> int:
 
 def _serve(directory: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(200):  # bounded wait for the server to listen
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -93,8 +103,10 @@ def run(megabytes: int = 128, shards: int = 8, workers: int = 8, repeats: int = 
             shutil.rmtree(out)
             return seconds
 
-        cases = {"fetch": lambda: timed(lambda out: fetch(url, out, workers=workers)),
-                 "urllib": lambda: timed(lambda out: _urllib_copy(url, names, out))}
+        cases = {
+            "fetch": lambda: timed(lambda out: fetch(url, out, workers=workers)),
+            "urllib": lambda: timed(lambda out: _urllib_copy(url, names, out)),
+        }
         try:
             interleaved(cases, 1)  # warm-up, excluded
             runs = interleaved(cases, repeats)
@@ -102,23 +114,33 @@ def run(megabytes: int = 128, shards: int = 8, workers: int = 8, repeats: int = 
             server.terminate()
             server.wait(10)
     f, u = stats(runs["fetch"]), stats(runs["urllib"])
-    return {"benchmark": "fetch_throughput", "bytes": total, "shards": shards, "workers": workers,
-            "server": "python -m http.server (no range support), 127.0.0.1",
-            "fetch_seconds": f, "urllib_seconds": u,
-            "fetch_mb_per_s": total / 1e6 / f["median"], "urllib_mb_per_s": total / 1e6 / u["median"],
-            "ratio": u["median"] / f["median"], "environment": environment(("fsspec", "aiohttp"))}
+    return {
+        "benchmark": "fetch_throughput",
+        "bytes": total,
+        "shards": shards,
+        "workers": workers,
+        "server": "python -m http.server (no range support), 127.0.0.1",
+        "fetch_seconds": f,
+        "urllib_seconds": u,
+        "fetch_mb_per_s": total / 1e6 / f["median"],
+        "urllib_mb_per_s": total / 1e6 / u["median"],
+        "ratio": u["median"] / f["median"],
+        "environment": environment(("fsspec", "aiohttp")),
+    }
 
 
 def format_table(result: dict) -> str:
-    return "\n".join([
-        f"fetch throughput: {result['bytes'] / 1e6:.0f} MB in {result['shards']} shards from {result['server']}",
-        f"{'':<24}{'median s':>10}{'MB/s':>10}",
-        f"{'jigsawdata fetch':<24}{result['fetch_seconds']['median']:>10.3f}{result['fetch_mb_per_s']:>10.1f}"
-        f"   ({result['workers']} workers, sha256 checked)",
-        f"{'urllib, one by one':<24}{result['urllib_seconds']['median']:>10.3f}{result['urllib_mb_per_s']:>10.1f}"
-        "   (no checks)",
-        f"fetch / urllib throughput: {result['ratio']:.2f}x",
-    ])
+    return "\n".join(
+        [
+            f"fetch throughput: {result['bytes'] / 1e6:.0f} MB in {result['shards']} shards from {result['server']}",
+            f"{'':<24}{'median s':>10}{'MB/s':>10}",
+            f"{'jigsawdata fetch':<24}{result['fetch_seconds']['median']:>10.3f}{result['fetch_mb_per_s']:>10.1f}"
+            f"   ({result['workers']} workers, sha256 checked)",
+            f"{'urllib, one by one':<24}{result['urllib_seconds']['median']:>10.3f}{result['urllib_mb_per_s']:>10.1f}"
+            "   (no checks)",
+            f"fetch / urllib throughput: {result['ratio']:.2f}x",
+        ]
+    )
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from jigsawdata.layout import MANIFEST_NAME
+
 from .common import DEFAULT_COCO, environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +45,12 @@ def _tests(out: Path, coco: Path) -> dict:
         raise _Skipped("the tests ship with the source checkout, not with the installed package")
     log = out / "pytest-gpu.log"
     with open(log, "w") as f:
-        done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider"],
-                              cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider"],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     tail = log.read_text().strip().splitlines()[-1:]
     if done.returncode:
         raise RuntimeError(f"gpu tests failed ({tail[0] if tail else 'no output'}): see {log.name}")
@@ -61,32 +67,49 @@ def _bench(out: Path, coco: Path) -> dict:
     for key in ("ratio_dali_cpu_over_reference", "ratio_dali_gpu_over_rn50_step"):
         if key in pipe:
             figures[key] = pipe[key]
-    figures["loss_overhead"] = {k: v for k, v in results["loss"]["result"].items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    figures["loss_overhead"] = {
+        k: v for k, v in results["loss"]["result"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     cost = results["cost"]["result"]
-    figures["cost"] = {"jigsaw_images_per_s": cost["jigsaw"]["images_per_s"],
-                       "imagenet_images_per_s": cost["imagenet"]["images_per_s"],
-                       "jigsaw_data_wait": cost["jigsaw"]["data_wait_fraction"]["median"],
-                       "imagenet_data_wait": cost["imagenet"]["data_wait_fraction"]["median"],
-                       "ratio": cost["projection"]["ratio"], "paper_ratio": cost["projection"]["paper_ratio"]}
+    figures["cost"] = {
+        "jigsaw_images_per_s": cost["jigsaw"]["images_per_s"],
+        "imagenet_images_per_s": cost["imagenet"]["images_per_s"],
+        "jigsaw_data_wait": cost["jigsaw"]["data_wait_fraction"]["median"],
+        "imagenet_data_wait": cost["imagenet"]["data_wait_fraction"]["median"],
+        "ratio": cost["projection"]["ratio"],
+        "paper_ratio": cost["projection"]["paper_ratio"],
+    }
     return figures
 
 
 def _pretrain_config(shards: Path, out: Path):
     from jigsawdata.trainer.pretrain import PretrainConfig
 
-    return PretrainConfig(shards=str(shards), out=str(out), arch="resnet50", iterations=200, batch=256, warmup=20,
-                          erf_every=100, erf_images=64, checkpoint_every=100, log_every=20, device="cuda",
-                          pipeline="dali", workers=8, amp="bf16")
+    return PretrainConfig(
+        shards=str(shards),
+        out=str(out),
+        arch="resnet50",
+        iterations=200,
+        batch=256,
+        warmup=20,
+        erf_every=100,
+        erf_images=64,
+        checkpoint_every=100,
+        log_every=20,
+        device="cuda",
+        pipeline="dali",
+        workers=8,
+        amp="bf16",
+    )
 
 
 def _pretrain(out: Path, coco: Path) -> dict:
-    from jigsawdata.build import BuildConfig, build_shards
-    from jigsawdata.coco import load_coco, resolve_coco_root
+    from jigsawdata.build.run import BuildConfig, build_shards
+    from jigsawdata.coco.reader import load_coco, resolve_coco_root
     from jigsawdata.trainer.pretrain import Trainer
 
     shards = out / "work" / "shards"
-    if not (shards / "manifest.json").is_file():
+    if not (shards / MANIFEST_NAME).is_file():
         build_shards(load_coco(*resolve_coco_root(coco, "train2017")), shards, BuildConfig(), workers=8)
     logs: list[dict] = []
     start = time.perf_counter()
@@ -94,19 +117,35 @@ def _pretrain(out: Path, coco: Path) -> dict:
     seconds = time.perf_counter() - start
     resumed = Trainer(_pretrain_config(shards, out / "work" / "pretrain"), resume=True)
     last = logs[-1]
-    return {"iterations": resumed.iteration, "seconds": seconds, "first_loss": logs[0]["loss"],
-            "last_loss": last["loss"], "images_per_s": last["images_per_s"],
-            "data_wait_fraction": last["data_wait_fraction"], "peak_memory_mb": last.get("peak_memory_mb"),
-            "resumed_at": resumed.iteration}
+    return {
+        "iterations": resumed.iteration,
+        "seconds": seconds,
+        "first_loss": logs[0]["loss"],
+        "last_loss": last["loss"],
+        "images_per_s": last["images_per_s"],
+        "data_wait_fraction": last["data_wait_fraction"],
+        "peak_memory_mb": last.get("peak_memory_mb"),
+        "resumed_at": resumed.iteration,
+    }
 
 
 def _finetune(out: Path, coco: Path) -> dict:
     from jigsawdata.trainer.finetune import FinetuneConfig, Finetuner, evaluate_run
 
     def cfg(max_iters: int) -> FinetuneConfig:
-        return FinetuneConfig(coco=str(coco), out=str(out / "work" / "finetune"), init=str(out / "work" / "pretrain"),
-                              detector="fpn", arch="resnet50", batch=8, warmup=50, workers=8, device="cuda",
-                              max_iters=max_iters, log_every=5)
+        return FinetuneConfig(
+            coco=str(coco),
+            out=str(out / "work" / "finetune"),
+            init=str(out / "work" / "pretrain"),
+            detector="fpn",
+            arch="resnet50",
+            batch=8,
+            warmup=50,
+            workers=8,
+            device="cuda",
+            max_iters=max_iters,
+            log_every=5,
+        )
 
     logs: list[dict] = []
     start = time.perf_counter()
@@ -114,8 +153,13 @@ def _finetune(out: Path, coco: Path) -> dict:
     Finetuner(cfg(50), resume=True, on_log=logs.append).train()
     seconds = time.perf_counter() - start
     metrics = evaluate_run(out / "work" / "finetune", max_images=64, device="cuda")
-    return {"iterations": logs[-1]["iteration"], "seconds": seconds, "first_loss": logs[0]["loss"],
-            "last_loss": logs[-1]["loss"], "bbox_AP_after_50_iterations": metrics["bbox"].get("AP")}
+    return {
+        "iterations": logs[-1]["iteration"],
+        "seconds": seconds,
+        "first_loss": logs[0]["loss"],
+        "last_loss": logs[-1]["loss"],
+        "bbox_AP_after_50_iterations": metrics["bbox"].get("AP"),
+    }
 
 
 STEPS = {"tests": _tests, "bench": _bench, "pretrain": _pretrain, "finetune": _finetune}

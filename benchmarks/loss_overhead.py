@@ -26,13 +26,22 @@ from .common import environment, interleaved, report, stats, timed
 
 def _timer(step, steps: int, cuda: bool):
     """One measured repeat of ``steps`` calls: returns a callable giving seconds per call."""
+
     def run() -> float:
         return timed(lambda: [step() for _ in range(steps)], cuda) / steps
+
     return run
 
 
-def run(arch: str = "resnet50", batch: int = 32, steps: int = 10, repeats: int = 3, erf_every: int = 5000,
-        erf_images: int = 64, classes: int = 81) -> dict:
+def run(
+    arch: str = "resnet50",
+    batch: int = 32,
+    steps: int = 10,
+    repeats: int = 3,
+    erf_every: int = 5000,
+    erf_images: int = 64,
+    classes: int = 81,
+) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     template = Template()
@@ -50,6 +59,7 @@ def run(arch: str = "resnet50", batch: int = 32, steps: int = 10, repeats: int =
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
         return model, step
 
     plain = build_backbone(arch)
@@ -64,29 +74,50 @@ def run(arch: str = "resnet50", batch: int = 32, steps: int = 10, repeats: int =
         plain_step()
         dense_step()
     n_erf = min(erf_images, batch)
-    runs = interleaved({
-        "plain": _timer(plain_step, steps, cuda), "dense": _timer(dense_step, steps, cuda),
-        "erf": _timer(lambda: erf_weights(effective_receptive_fields(dense, x[:n_erf]), template), 1, cuda),
-    }, repeats)
+    runs = interleaved(
+        {
+            "plain": _timer(plain_step, steps, cuda),
+            "dense": _timer(dense_step, steps, cuda),
+            "erf": _timer(lambda: erf_weights(effective_receptive_fields(dense, x[:n_erf]), template), 1, cuda),
+        },
+        repeats,
+    )
     plain_t, dense_t, erf_t = stats(runs["plain"]), stats(runs["dense"]), stats(runs["erf"])
     amortised = erf_t["median"] / erf_every
     overhead = (dense_t["median"] + amortised) / plain_t["median"] - 1.0
-    return {"benchmark": "loss_overhead", "arch": arch, "batch": batch, "erf_every": erf_every, "erf_images": n_erf,
-            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "plain_step_s": plain_t,
-            "erf_dense_step_s": dense_t, "erf_refresh_s": erf_t, "erf_refresh_amortised_s": amortised,
-            "overhead": overhead, "environment": environment()}
+    return {
+        "benchmark": "loss_overhead",
+        "arch": arch,
+        "batch": batch,
+        "erf_every": erf_every,
+        "erf_images": n_erf,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "plain_step_s": plain_t,
+        "erf_dense_step_s": dense_t,
+        "erf_refresh_s": erf_t,
+        "erf_refresh_amortised_s": amortised,
+        "overhead": overhead,
+        "environment": environment(),
+    }
 
 
 def format_table(r: dict) -> str:
-    return "\n".join([
-        f"ERF-dense versus global classification: {r['arch']}, batch {r['batch']}, device {r['device']}",
-        f"{'':<36}{'median s':>10}{'min':>10}{'max':>10}",
-        *(f"{name:<36}{r[key]['median']:>10.4f}{r[key]['min']:>10.4f}{r[key]['max']:>10.4f}"
-          for name, key in (("global pool + FC step", "plain_step_s"), ("dense head + ERF loss step", "erf_dense_step_s"),
-                            (f"ERF refresh ({r['erf_images']} images)", "erf_refresh_s"))),
-        f"ERF refresh amortised over {r['erf_every']} iterations: {r['erf_refresh_amortised_s'] * 1e3:.3f} ms/step",
-        f"overhead of the ERF-dense step: {100 * r['overhead']:+.2f}%",
-    ])
+    return "\n".join(
+        [
+            f"ERF-dense versus global classification: {r['arch']}, batch {r['batch']}, device {r['device']}",
+            f"{'':<36}{'median s':>10}{'min':>10}{'max':>10}",
+            *(
+                f"{name:<36}{r[key]['median']:>10.4f}{r[key]['min']:>10.4f}{r[key]['max']:>10.4f}"
+                for name, key in (
+                    ("global pool + FC step", "plain_step_s"),
+                    ("dense head + ERF loss step", "erf_dense_step_s"),
+                    (f"ERF refresh ({r['erf_images']} images)", "erf_refresh_s"),
+                )
+            ),
+            f"ERF refresh amortised over {r['erf_every']} iterations: {r['erf_refresh_amortised_s'] * 1e3:.3f} ms/step",
+            f"overhead of the ERF-dense step: {100 * r['overhead']:+.2f}%",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jigsawdata.build import BuildConfig, build_shards
-from jigsawdata.coco import load_coco, resolve_coco_root
+from jigsawdata.build.run import BuildConfig, build_shards
+from jigsawdata.coco.reader import load_coco, resolve_coco_root
 from jigsawdata.pipelines.config import JigsawConfig
 from jigsawdata.pipelines.dali import DaliJigsawLoader
 from jigsawdata.pipelines.reference import reader_streams, reference_loader, worker_part
-from jigsawdata.pipelines.shardset import open_shard_set
+from jigsawdata.shardset.open import read_shard_set
 
 from .common import DEFAULT_COCO, cpu_seconds, environment, interleaved, report, stats, timed
 
@@ -46,7 +46,7 @@ class DecodeWhole(torch.utils.data.IterableDataset):
 
     def __init__(self, root: Path, cfg: JigsawConfig) -> None:
         super().__init__()
-        self.shards, self.cfg = open_shard_set(root), cfg
+        self.shards, self.cfg = read_shard_set(root), cfg
 
     def __iter__(self) -> Iterator[np.ndarray]:
         part, parts = worker_part(0, 1)
@@ -57,8 +57,9 @@ class DecodeWhole(torch.utils.data.IterableDataset):
 
 
 def decode_whole_loader(root: Path, batch: int, cfg: JigsawConfig, workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(DecodeWhole(root, cfg), batch_size=batch, num_workers=workers,
-                                       persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        DecodeWhole(root, cfg), batch_size=batch, num_workers=workers, persistent_workers=workers > 0
+    )
 
 
 def one_repeat(make_loader, batch: int, batches: int, warmup: int, sync: bool = False):
@@ -69,6 +70,7 @@ def one_repeat(make_loader, batch: int, batches: int, warmup: int, sync: bool = 
     as a training step drops it: held, every batch would need fresh memory (for DALI, whose
     outputs are its own reused buffers, ~150 page faults per image). The loader is closed
     afterwards, so that its workers take no CPU from the next pipeline measured."""
+
     def run() -> tuple[float, float | None]:
         it = iter(make_loader())
         for _ in range(warmup):
@@ -76,9 +78,10 @@ def one_repeat(make_loader, batch: int, batches: int, warmup: int, sync: bool = 
         cpu = cpu_seconds()
         rate = batch * batches / timed(lambda: _drain(it, batches), sync)
         cpu_ms = None if cpu is None else (cpu_seconds() - cpu) * 1e3 / (batch * batches)
-        del it
+        it = None  # the pipeline goes before the next one is built
         gc.collect()
         return rate, cpu_ms
+
     return run
 
 
@@ -109,8 +112,14 @@ def rn50_consumption(batch: int, steps: int, repeats: int) -> dict:
     return stats(rates)
 
 
-def run(coco: Path = DEFAULT_COCO, workers: int = 2, batch: int = 64, batches: int = 20, repeats: int = 3,
-        shards: Path | None = None) -> dict:
+def run(
+    coco: Path = DEFAULT_COCO,
+    workers: int = 2,
+    batch: int = 64,
+    batches: int = 20,
+    repeats: int = 3,
+    shards: Path | None = None,
+) -> dict:
     cfg = JigsawConfig()
     with tempfile.TemporaryDirectory() as tmp:
         root = shards or build_benchmark_shards(coco, Path(tmp) / "shards")
@@ -118,40 +127,58 @@ def run(coco: Path = DEFAULT_COCO, workers: int = 2, batch: int = 64, batches: i
         warmup = 2 * workers + 3
         cases = {
             # As many one-thread pipelines as the DataLoaders have worker processes (see DaliJigsawLoader).
-            "dali_cpu": lambda: DaliJigsawLoader(root, batch, cfg, num_threads=1, pipelines=workers, rank=0,
-                                                 world_size=1),
+            "dali_cpu": lambda: DaliJigsawLoader(
+                root, batch, cfg, num_threads=1, pipelines=workers, rank=0, world_size=1
+            ),
             "reference": lambda: reference_loader(root, batch, cfg, workers=workers, rank=0, world_size=1),
             "decode_whole": lambda: decode_whole_loader(root, batch, cfg, workers),
         }
         repeats_of = {name: one_repeat(make, batch, batches, warmup) for name, make in cases.items()}
         if torch.cuda.is_available():
-            repeats_of["dali_gpu"] = one_repeat(lambda: DaliJigsawLoader(root, batch, cfg, device="gpu", device_id=0,
-                                                                         num_threads=workers, rank=0, world_size=1),
-                                                batch, batches, warmup, sync=True)
+            repeats_of["dali_gpu"] = one_repeat(
+                lambda: DaliJigsawLoader(
+                    root, batch, cfg, device="gpu", device_id=0, num_threads=workers, rank=0, world_size=1
+                ),
+                batch,
+                batches,
+                warmup,
+                sync=True,
+            )
         runs = interleaved(repeats_of, repeats)
         results = {name: stats([rate for rate, _ in r]) for name, r in runs.items()}
         cpu_ms = {name: stats([ms for _, ms in r]) for name, r in runs.items() if None not in (ms for _, ms in r)}
         if torch.cuda.is_available():
             results["rn50_amp_step"] = rn50_consumption(batch, batches, repeats)
-    out = {"benchmark": "pipeline_throughput", "workers": workers, "batch": batch, "batches": batches,
-           "repeats": repeats, "images_per_s": results, "cpu_ms_per_image": cpu_ms,
-           "ratio_dali_cpu_over_reference": results["dali_cpu"]["median"] / results["reference"]["median"],
-           "ratio_dali_cpu_over_decode_whole": results["dali_cpu"]["median"] / results["decode_whole"]["median"],
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "environment": environment()}
+    out = {
+        "benchmark": "pipeline_throughput",
+        "workers": workers,
+        "batch": batch,
+        "batches": batches,
+        "repeats": repeats,
+        "images_per_s": results,
+        "cpu_ms_per_image": cpu_ms,
+        "ratio_dali_cpu_over_reference": results["dali_cpu"]["median"] / results["reference"]["median"],
+        "ratio_dali_cpu_over_decode_whole": results["dali_cpu"]["median"] / results["decode_whole"]["median"],
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "environment": environment(),
+    }
     if "dali_gpu" in results:
         out["ratio_dali_gpu_over_rn50_step"] = results["dali_gpu"]["median"] / results["rn50_amp_step"]["median"]
     return out
 
 
 def format_table(result: dict) -> str:
-    lines = [f"jigsaw pipeline throughput, batch {result['batch']}, {result['workers']} threads/workers, "
-             f"device {result['device']}",
-             f"{'pipeline':<16}{'images/s':>10}{'min':>10}{'max':>10}{'CPU ms/image':>14}"]
+    lines = [
+        f"jigsaw pipeline throughput, batch {result['batch']}, {result['workers']} threads/workers, "
+        f"device {result['device']}",
+        f"{'pipeline':<16}{'images/s':>10}{'min':>10}{'max':>10}{'CPU ms/image':>14}",
+    ]
     for name, s in result["images_per_s"].items():
         cpu = result["cpu_ms_per_image"].get(name)
-        lines.append(f"{name:<16}{s['median']:>10.1f}{s['min']:>10.1f}{s['max']:>10.1f}"
-                     + (f"{cpu['median']:>14.2f}" if cpu else ""))
+        lines.append(
+            f"{name:<16}{s['median']:>10.1f}{s['min']:>10.1f}{s['max']:>10.1f}"
+            + (f"{cpu['median']:>14.2f}" if cpu else "")
+        )
     lines.append(f"DALI-CPU / reference: {result['ratio_dali_cpu_over_reference']:.2f}x")
     lines.append(f"DALI-CPU / decode whole: {result['ratio_dali_cpu_over_decode_whole']:.2f}x")
     if "ratio_dali_gpu_over_rn50_step" in result:

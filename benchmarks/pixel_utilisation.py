@@ -20,8 +20,11 @@ def run(shards: str, images: int = 20_000, canvas: int = 224, split: int = 64, s
     template = Template(canvas=canvas, split=split)
     cases = {fit: JigsawConfig(template=template, fit=fit) for fit in FIT_MODES}
     cases["pad_crop, no resize"] = JigsawConfig(template=template, scale=(1.0, 1.0))
-    return {"shards": str(shards), "crops": {g: len(v) for g, v in sizes.items()},
-            "results": {name: padding_share(sizes, cfg, images, seed) for name, cfg in cases.items()}}
+    return {
+        "shards": str(shards),
+        "crops": {g: len(v) for g, v in sizes.items()},
+        "results": {name: padding_share(sizes, cfg, images, seed) for name, cfg in cases.items()},
+    }
 
 
 def main() -> None:

@@ -26,26 +26,48 @@ NEED_DALI = ("pipeline", "cost")
 
 def settings(quick: bool, cuda: bool) -> dict:
     if quick:
-        return {"build": dict(repeats=1), "pipeline": dict(batch=4, batches=1, repeats=1, workers=1),
-                "loss": dict(arch="resnet18", batch=2, steps=1, repeats=1, erf_images=1),
-                "cost": dict(arch="resnet18", batch=4, steps=1, repeats=1, warmup=1, erf_images=1)}
+        return {
+            "build": dict(repeats=1),
+            "pipeline": dict(batch=4, batches=1, repeats=1, workers=1),
+            "loss": dict(arch="resnet18", batch=2, steps=1, repeats=1, erf_images=1),
+            "cost": dict(arch="resnet18", batch=4, steps=1, repeats=1, warmup=1, erf_images=1),
+        }
     if cuda:
-        return {"build": dict(repeats=3), "pipeline": dict(batch=128, batches=20, repeats=3, workers=8),
-                "loss": dict(arch="resnet50", batch=128, steps=20, repeats=3, erf_images=64),
-                "cost": dict(arch="resnet50", batch=128, steps=20, repeats=3, threads=8)}
-    return {"build": dict(repeats=3), "pipeline": dict(batch=64, batches=20, repeats=3, workers=2),
-            "loss": dict(arch="resnet18", batch=16, steps=5, repeats=5, erf_images=8),
-            "cost": dict(arch="resnet18", batch=16, steps=5, repeats=5)}
+        return {
+            "build": dict(repeats=3),
+            "pipeline": dict(batch=128, batches=20, repeats=3, workers=8),
+            "loss": dict(arch="resnet50", batch=128, steps=20, repeats=3, erf_images=64),
+            "cost": dict(arch="resnet50", batch=128, steps=20, repeats=3, threads=8),
+        }
+    return {
+        "build": dict(repeats=3),
+        "pipeline": dict(batch=64, batches=20, repeats=3, workers=2),
+        "loss": dict(arch="resnet18", batch=16, steps=5, repeats=5, erf_images=8),
+        "cost": dict(arch="resnet18", batch=16, steps=5, repeats=5),
+    }
 
 
-def run_all(out: Path, coco: Path = DEFAULT_COCO, split: str = "train2017", only: tuple[str, ...] = BENCHMARKS,
-            quick: bool = False, log=print, skipped: dict[str, str] | None = None) -> dict:
+def run_all(
+    out: Path,
+    coco: Path = DEFAULT_COCO,
+    split: str = "train2017",
+    only: tuple[str, ...] = BENCHMARKS,
+    quick: bool = False,
+    log=print,
+    skipped: dict[str, str] | None = None,
+) -> dict:
     """Run the ``only`` benchmarks into one report; ``skipped`` names those left out, and why."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = settings(quick, torch.cuda.is_available())
-    results: dict = {"command": command(), "quick": quick, "environment": environment(),
-                     "machine": platform.node(), "results": {}, "skipped": dict(skipped or {})}
+    results: dict = {
+        "command": command(),
+        "quick": quick,
+        "environment": environment(),
+        "machine": platform.node(),
+        "results": {},
+        "skipped": dict(skipped or {}),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         shards = None
         if {"pipeline", "cost"} & set(only):
@@ -70,25 +92,37 @@ def run_all(out: Path, coco: Path = DEFAULT_COCO, split: str = "train2017", only
     (out / "report.md").write_text(_markdown(results))
     if "pipeline" in results["results"]:
         r = results["results"]["pipeline"]["result"]
-        bar_chart({k: v["median"] for k, v in r["images_per_s"].items()}, "assembled images/s",
-                  f"jigsaw pipelines, batch {r['batch']}, {r['device']}").save(out / "pipelines.png")
+        bar_chart(
+            {k: v["median"] for k, v in r["images_per_s"].items()},
+            "assembled images/s",
+            f"jigsaw pipelines, batch {r['batch']}, {r['device']}",
+        ).save(out / "pipelines.png")
     if "cost" in results["results"]:
         p = results["results"]["cost"]["result"]["projection"]
-        bar_chart({"paper Jigsaw": cost_claim.PAPER_GPU_DAYS["jigsaw"] / cost_claim.PAPER_GPU_DAYS["imagenet"],
-                   "paper ImageNet": 1.0, "ours Jigsaw": p["ratio"], "ours ImageNet": 1.0},
-                  "cost relative to ImageNet pre-training",
-                  f"paper: 1.73 vs 6.80 GPU-days; ours: {p['jigsaw']:.0f} vs {p['imagenet']:.0f} {p['unit']}"
-                  ).save(out / "cost.png")
+        bar_chart(
+            {
+                "paper Jigsaw": cost_claim.PAPER_GPU_DAYS["jigsaw"] / cost_claim.PAPER_GPU_DAYS["imagenet"],
+                "paper ImageNet": 1.0,
+                "ours Jigsaw": p["ratio"],
+                "ours ImageNet": 1.0,
+            },
+            "cost relative to ImageNet pre-training",
+            f"paper: 1.73 vs 6.80 GPU-days; ours: {p['jigsaw']:.0f} vs {p['imagenet']:.0f} {p['unit']}",
+        ).save(out / "cost.png")
     return results
 
 
 def _markdown(results: dict) -> str:
     env = results["environment"]
-    lines = ["# jigsawdata benchmark report", "",
-             f"Command: `{results['command']}`" + ("  (quick: smoke-test settings, figures mean nothing)"
-                                                   if results["quick"] else ""),
-             f"Python {env['python']} on {env['machine']} with {env['cpus']} CPUs; packages: " +
-             ", ".join(f"{k} {v}" for k, v in env["packages"].items()), ""]
+    lines = [
+        "# jigsawdata benchmark report",
+        "",
+        f"Command: `{results['command']}`"
+        + ("  (quick: smoke-test settings, figures mean nothing)" if results["quick"] else ""),
+        f"Python {env['python']} on {env['machine']} with {env['cpus']} CPUs; packages: "
+        + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
+        "",
+    ]
     for name, item in results["results"].items():
         lines += [f"## {name}", "", "```", item["table"], "```", ""]
     for name, why in results["skipped"].items():

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 def _checkout_root() -> list[str]:
     """The repository root when this is a source checkout, else nothing.
 
-    The repository keeps ``pipelines/``, ``trainer/``, ``benchmarks/`` and ``cli.py`` beside this
+    The repository keeps ``pipelines/``, ``trainer/``, ``experiments/``, ``benchmarks/`` and ``cli.py`` beside this
     folder; the wheel installs them inside it (see ``setup.py``). Adding the checkout root to this
     package's path makes ``jigsawdata.pipelines`` and the rest resolve the same way in a checkout
     (tests, editable installs) as installed. An installed package has ``cli.py`` beside this file

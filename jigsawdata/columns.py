@@ -54,7 +54,7 @@ class Column:
             self._map = _anonymous(max(end, mmap.PAGESIZE))
         elif end > len(self._map):
             self._map.resize(max(end, 2 * len(self._map)))  # untouched pages cost nothing
-        self._map[self._size:end] = data
+        self._map[self._size : end] = data
         self._size = end
 
     def array(self) -> np.ndarray:

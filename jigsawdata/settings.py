@@ -66,8 +66,11 @@ def field_types(cls) -> dict[str, tuple[type, bool]]:
     out = {}
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
-        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        args = (
+            typing.get_args(hint)
+            if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
             else (hint,)
+        )
         base = [a for a in args if a is not type(None)]
         out[field.name] = (base[0], len(base) < len(args))
     return out
@@ -115,10 +118,11 @@ def check(cfg) -> None:
             raise SettingError(f"{name} must be {_range_text(spec)}, got {value!r}")
 
 
-def read_config_file(path: Path | str, cls) -> dict[str, Any]:
-    """Settings for ``cls`` from a YAML (``.yaml``/``.yml``) or JSON file, keys as field names
-    or flags (``lr_peak`` or ``lr-peak``). Unknown keys are an error naming them; a run's
-    ``config.json`` works as is (its ``resolved`` record is skipped)."""
+def read_config_file(path: Path | str, *classes) -> dict[str, Any]:
+    """Settings for the settings dataclasses ``classes`` (one flat mapping for all of them)
+    from a YAML (``.yaml``/``.yml``) or JSON file, keys as field names or flags (``lr_peak``
+    or ``lr-peak``). Unknown keys are an error naming them; a run's ``config.json`` works as
+    is (its ``resolved`` record is skipped)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -135,8 +139,10 @@ def read_config_file(path: Path | str, cls) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"--config {path} must hold a mapping of settings, got {type(data).__name__}")
     names = {}
-    for f in dataclasses.fields(cls):
+    for f in (f for cls in classes for f in dataclasses.fields(cls)):
         spec = spec_of(f)
+        if spec is None:
+            continue  # a nested settings class (given flat)
         for alias in (f.name, *(spec.aliases if spec else ())):
             names[alias.lstrip("-").replace("-", "_")] = f.name
     values: dict[str, Any] = {}
@@ -162,7 +168,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return seen
 
 
-_YAML_FLOAT = r"""^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"""
+_YAML_FLOAT = (
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+)
 
 
 def _load_yaml(text: str) -> Any:

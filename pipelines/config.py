@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jigsawdata.errors import InputError
+from jigsawdata.settings import check, setting
+
 from .template import Template
 
 FIT_MODES = ("pad_crop", "warp", "resize")
@@ -15,7 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class JigsawConfig:
     template: Template = field(default_factory=Template)
     scale: tuple[float, float] = (0.8, 1.5)
-    """Random resize factor per sample, same on both axes (PAPER.md 3)."""
+    """Random resize factor per sample, same on both axes (docs/method.md 3)."""
     flip_p: float = 0.5
     fit: str = "pad_crop"
     """How a sample meets its region: ``pad_crop`` (zero-pad or random-crop each axis: the
@@ -44,8 +47,54 @@ class JigsawConfig:
             raise ValueError("initial_fill must be >= 1")
 
 
+@dataclass
+class JigsawSettings:
+    """The jigsaw settings a user gives (flags, ``--config``), in one place: ``pretrain``
+    inherits them and ``preview`` takes them as its options, so both assemble alike; ``erf``
+    reads them from the run it draws."""
+
+    canvas: int = setting(224, "Side of the assembled image in pixels.", min=1)
+    template_split: int = setting(
+        64,
+        "Where the template cuts both canvas axes, in pixels from the top-left (docs/method.md 3); not a data split.",
+        min=1,
+    )
+    fit: str = setting(
+        "pad_crop",
+        "How a crop meets its region: pad or crop each axis (the paper), or the warp / resize ablations (Table 1).",
+        choices=FIT_MODES,
+    )
+    resize_min: float = setting(0.8, "Smallest random resize factor of a crop.", min=0.0, min_open=True)
+    resize_max: float = setting(1.5, "Largest random resize factor of a crop.", min=0.0, min_open=True)
+    flip_p: float = setting(0.5, "Horizontal flip probability of a crop.", min=0.0, max=1.0)
+
+    def __post_init__(self) -> None:
+        check(self)
+        try:
+            self.jigsaw_config(0)
+        except ValueError as exc:
+            raise InputError(
+                f"jigsaw settings (--canvas, --template-split, --resize-min/--resize-max, --flip-p, --fit): {exc}"
+            ) from exc
+
+    @property
+    def template(self) -> Template:
+        return Template(canvas=self.canvas, split=self.template_split)
+
+    def jigsaw_config(self, seed: int, **overrides) -> JigsawConfig:
+        return JigsawConfig(
+            template=self.template,
+            scale=(self.resize_min, self.resize_max),
+            flip_p=self.flip_p,
+            fit=self.fit,
+            seed=seed,
+            **overrides,
+        )
+
+
 def fixed(template: Template | None = None, crop_pos: float = 0.5, **kwargs) -> JigsawConfig:
     """A configuration with every random augmentation off: scale 1, no flip, fixed crop,
     no reader shuffle. Two pipelines given the same shards must then agree."""
-    return JigsawConfig(template=template or Template(), scale=(1.0, 1.0), flip_p=0.0,
-                        crop_pos=crop_pos, shuffle=False, **kwargs)
+    return JigsawConfig(
+        template=template or Template(), scale=(1.0, 1.0), flip_p=0.0, crop_pos=crop_pos, shuffle=False, **kwargs
+    )

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from jigsawdata.errors import InputError, first_line
-from jigsawdata.location import is_url
+from jigsawdata.shardset.location import is_url
+from jigsawdata.shardset.open import GroupShards, ShardSet, as_shard_set, check_enough_samples
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from .ranks import process_info
-from .shardset import GroupShards, check_enough_samples, open_shard_set
 from .template import READER_GROUPS, Template
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 READERS: tuple[tuple[str, str], ...] = tuple(zip(("S0", "S1", "T", "W"), READER_GROUPS))
 _PLACEMENTS = (("S0", "W", "T", "S1"), ("S1", "W", "T", "S0"))
 """The reader whose piece fills each region (TL, TR, BL, BR): the smaller S crop top-left, the
-larger bottom-right (PAPER.md 3). The first order holds unless S0 is the larger (ties keep
+larger bottom-right (docs/method.md 3). The first order holds unless S0 is the larger (ties keep
 reader order)."""
 _MAX_LABEL_DIGITS = 9
 _ROI_MARGIN = 4.0
@@ -66,14 +66,24 @@ def parse_labels(digits: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _read(group: GroupShards, name: str, seed: int, cfg: JigsawConfig, shard_id: int, num_shards: int,
-          pad_last_batch: bool):
+def _read(
+    group: GroupShards, name: str, seed: int, cfg: JigsawConfig, shard_id: int, num_shards: int, pad_last_batch: bool
+):
     from nvidia.dali import fn
 
     jpg, cls = fn.readers.webdataset(
-        paths=list(group.tars), index_paths=list(group.indexes), ext=["jpg", "cls"],
-        missing_component_behavior="error", random_shuffle=cfg.shuffle, initial_fill=cfg.initial_fill,
-        seed=seed, shard_id=shard_id, num_shards=num_shards, pad_last_batch=pad_last_batch, name=name)
+        paths=list(group.tars),
+        index_paths=list(group.indexes),
+        ext=["jpg", "cls"],
+        missing_component_behavior="error",
+        random_shuffle=cfg.shuffle,
+        initial_fill=cfg.initial_fill,
+        seed=seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=pad_last_batch,
+        name=name,
+    )
     return jpg, _label_bytes(cls)
 
 
@@ -117,7 +127,8 @@ def _regions(template: Template, swap):
 
 
 def _positions(cfg: JigsawConfig):
-    """Window positions ``[y, x]`` per reader, as fractions of the slack (see :func:`jigsawdata.pipelines.fit.window_anchor`)."""
+    """Window positions ``[y, x]`` per reader, as fractions of the slack (see
+    :func:`jigsawdata.pipelines.fit.window_anchor`)."""
     from nvidia.dali import fn
 
     if cfg.crop_pos is not None:
@@ -155,18 +166,30 @@ def _fit_windows(jpgs, source, resized, size, pos, cfg: JigsawConfig, decoder: s
     lo = anchor * source / resized
     hi = (anchor + window) * source / resized
     if decoder == "mixed":
-        images = [fn.decoders.image(j, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
-                  for j in jpgs]
+        images = [fn.decoders.image(j, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True) for j in jpgs]
     else:
         start = dmath.max(dmath.floor(lo) - _ROI_MARGIN, 0.0)
         end = dmath.min(dmath.ceil(hi) + _ROI_MARGIN, source)
         first, last = fn.cast(start, dtype=types.INT32), fn.cast(end, dtype=types.INT32)
-        images = [fn.decoders.image_slice(j, start=first[i], end=last[i], axis_names="HW", device=decoder,
-                                          output_type=types.RGB) for i, j in enumerate(jpgs)]
+        images = [
+            fn.decoders.image_slice(
+                j, start=first[i], end=last[i], axis_names="HW", device=decoder, output_type=types.RGB
+            )
+            for i, j in enumerate(jpgs)
+        ]
         lo, hi = lo - start, hi - start
-    pieces = [fn.resize_crop_mirror(image, size=window[i], roi_start=lo[i], roi_end=hi[i], mirror=_mirror(cfg),
-                                    interp_type=types.INTERP_LINEAR, antialias=True)
-              for i, image in enumerate(images)]
+    pieces = [
+        fn.resize_crop_mirror(
+            image,
+            size=window[i],
+            roi_start=lo[i],
+            roi_end=hi[i],
+            mirror=_mirror(cfg),
+            interp_type=types.INTERP_LINEAR,
+            antialias=True,
+        )
+        for i, image in enumerate(images)
+    ]
     return pieces, dmath.floor(pos * (size - window) + 0.5)
 
 
@@ -184,8 +207,17 @@ def _fit_whole(jpgs, size, pos, cfg: JigsawConfig, decoder: str):
         piece = fn.resize(image, resize_x=rw, resize_y=rh, mode=mode, interp_type=types.INTERP_LINEAR)
         if cfg.flip_p > 0:
             piece = fn.flip(piece, horizontal=_mirror(cfg))
-        pieces.append(fn.crop(piece, crop_w=rw, crop_h=rh, crop_pos_x=pos[i, 1], crop_pos_y=pos[i, 0],
-                              out_of_bounds_policy="pad", fill_values=0))
+        pieces.append(
+            fn.crop(
+                piece,
+                crop_w=rw,
+                crop_h=rh,
+                crop_pos_x=pos[i, 1],
+                crop_pos_y=pos[i, 0],
+                out_of_bounds_policy="pad",
+                fill_values=0,
+            )
+        )
     return pieces, 0.0
 
 
@@ -195,8 +227,9 @@ def _paste(pieces, origin, offset, template: Template):
     the regions with DALI's CPU ``crop`` and ``cat`` (which runs on one thread)."""
     from nvidia.dali import fn, types
 
-    return fn.multi_paste(*pieces, out_anchors=fn.cast(origin + offset, dtype=types.INT32),
-                          output_size=[template.canvas, template.canvas])
+    return fn.multi_paste(
+        *pieces, out_anchors=fn.cast(origin + offset, dtype=types.INT32), output_size=[template.canvas, template.canvas]
+    )
 
 
 def _pad_and_cat(pieces, size, pos, swap):
@@ -206,9 +239,18 @@ def _pad_and_cat(pieces, size, pos, swap):
     run here with inputs of different shapes."""
     from nvidia.dali import fn
 
-    s0, s1, tall, wide = (fn.crop(piece, crop_h=size[i, 0], crop_w=size[i, 1], crop_pos_y=pos[i, 0],
-                                  crop_pos_x=pos[i, 1], out_of_bounds_policy="pad", fill_values=0)
-                          for i, piece in enumerate(pieces))
+    s0, s1, tall, wide = (
+        fn.crop(
+            piece,
+            crop_h=size[i, 0],
+            crop_w=size[i, 1],
+            crop_pos_y=pos[i, 0],
+            crop_pos_x=pos[i, 1],
+            out_of_bounds_policy="pad",
+            fill_values=0,
+        )
+        for i, piece in enumerate(pieces)
+    )
     if swap:
         small, large = s1, s0
     else:
@@ -229,11 +271,22 @@ def _placed_labels(labels, swap):
     return placed
 
 
-def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: str = "cpu",
-                    num_threads: int = 4, device_id: int | None = None, shard_id: int = 0,
-                    num_shards: int = 1, fp16: bool = False, prefetch_queue_depth: int = 2,
-                    checkpoint: bytes | None = None, pad_last_batch: bool = False):
-    """Build (not yet started) the DALI pipeline over the shard set at ``root``.
+def jigsaw_pipeline(
+    root: ShardSet | Path | str,
+    batch_size: int,
+    cfg: JigsawConfig,
+    *,
+    device: str = "cpu",
+    num_threads: int = 4,
+    device_id: int | None = None,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    fp16: bool = False,
+    prefetch_queue_depth: int = 2,
+    checkpoint: bytes | None = None,
+    pad_last_batch: bool = False,
+):
+    """Build (not yet started) the DALI pipeline over the shard set ``root`` (opened, or its folder).
 
     Outputs ``images`` (N, canvas, canvas, 3) float (fp16 on request) and ``labels``
     (N, 4) uint8 ASCII digits in region order TL, TR, BL, BR (see :func:`parse_labels`).
@@ -246,18 +299,32 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if device == "gpu" and device_id is None:
         raise ValueError("device='gpu' needs a device_id")
-    if is_url(str(root)):
-        raise InputError(f"DALI reads local shards only: `jigsawdata fetch {root} --out DIR` first "
-                         "(pretrain --shards URL does this into a cache)")
-    shards = open_shard_set(root)
+    where = root.root if isinstance(root, ShardSet) else root
+    if is_url(str(where)):
+        raise InputError(
+            f"DALI reads local shards only: `jigsawdata fetch {where} --out DIR` first "
+            "(pretrain --shards URL does this into a cache)"
+        )
+    shards = as_shard_set(root)
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id if device == "gpu" else None,
-                  seed=reader_seed(cfg.seed, len(READERS)), enable_conditionals=True,
-                  prefetch_queue_depth=prefetch_queue_depth, exec_dynamic=True, enable_checkpointing=True)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None,
+        seed=reader_seed(cfg.seed, len(READERS)),
+        enable_conditionals=True,
+        prefetch_queue_depth=prefetch_queue_depth,
+        exec_dynamic=True,
+        enable_checkpointing=True,
+    )
     def pipe():
         decoder = "mixed" if device == "gpu" else "cpu"
-        jpgs, labels = zip(*(_read(shards.groups[group], name, reader_seed(cfg.seed, i), cfg, shard_id, num_shards,
-                                   pad_last_batch) for i, (name, group) in enumerate(READERS)))
+        jpgs, labels = zip(
+            *(
+                _read(shards.groups[group], name, reader_seed(cfg.seed, i), cfg, shard_id, num_shards, pad_last_batch)
+                for i, (name, group) in enumerate(READERS)
+            )
+        )
         source = _source_sizes(jpgs)
         resized = _resized_sizes(source, cfg)
         # The smaller S crop goes top-left, the larger bottom-right (ties keep reader order);
@@ -276,8 +343,12 @@ def jigsaw_pipeline(root: Path, batch_size: int, cfg: JigsawConfig, *, device: s
             image = _paste(pieces, origin, offset, cfg.template)
         # HWC out, permuted to NCHW on the torch side: channels_last memory without a copy.
         images = fn.crop_mirror_normalize(
-            image, dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="HWC",
-            mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+            image,
+            dtype=types.FLOAT16 if fp16 else types.FLOAT,
+            output_layout="HWC",
+            mean=[m * 255 for m in IMAGENET_MEAN],
+            std=[s * 255 for s in IMAGENET_STD],
+        )
         return images, _placed_labels(labels, swap)
 
     return pipe(checkpoint=checkpoint)
@@ -328,10 +399,22 @@ class DaliJigsawLoader:
     many pipelines.
     """
 
-    def __init__(self, root: Path, batch_size: int, cfg: JigsawConfig | None = None, *, device: str = "cpu",
-                 num_threads: int = 4, pipelines: int = 1, device_id: int | None = None, rank: int | None = None,
-                 world_size: int | None = None, fp16: bool = False, epoch: bool = False,
-                 checkpoint: bytes | dict | None = None) -> None:
+    def __init__(
+        self,
+        root: ShardSet | Path | str,
+        batch_size: int,
+        cfg: JigsawConfig | None = None,
+        *,
+        device: str = "cpu",
+        num_threads: int = 4,
+        pipelines: int = 1,
+        device_id: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        fp16: bool = False,
+        epoch: bool = False,
+        checkpoint: bytes | dict | None = None,
+    ) -> None:
         require_dali()
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -341,23 +424,48 @@ class DaliJigsawLoader:
         if rank is None or world_size is None:
             here = process_info()
             rank, world_size = here.rank, here.world
-        check_enough_samples(open_shard_set(root), world_size * pipelines)
-        self.batch_size, self._root = batch_size, root
+        where = root.root if isinstance(root, ShardSet) else root
+        if not is_url(str(where)):  # a URL is refused by the pipeline, in one line
+            root = as_shard_set(root)  # opened once, handed to every pipeline
+            check_enough_samples(root, world_size * pipelines)
+        self.batch_size, self._root = batch_size, where
         self._next, states = _split_state(checkpoint, pipelines)
         self._iterators = []
         for part, state in enumerate(states):
-            pipe = jigsaw_pipeline(root, batch_size, part_config(cfg, part), device=device, num_threads=num_threads,
-                                   device_id=device_id, shard_id=rank * pipelines + part,
-                                   num_shards=world_size * pipelines, fp16=fp16, checkpoint=state,
-                                   pad_last_batch=epoch)
+            pipe = jigsaw_pipeline(
+                root,
+                batch_size,
+                part_config(cfg, part),
+                device=device,
+                num_threads=num_threads,
+                device_id=device_id,
+                shard_id=rank * pipelines + part,
+                num_shards=world_size * pipelines,
+                fp16=fp16,
+                checkpoint=state,
+                pad_last_batch=epoch,
+            )
             pipe.build()
             with self._reading():  # the iterator runs the first batch now
-                self._iterators.append(DALIGenericIterator(
-                    [pipe], ["images", "labels"], reader_name="S0" if epoch else None,
-                    last_batch_policy=LastBatchPolicy.DROP, auto_reset=False))
+                self._iterators.append(
+                    DALIGenericIterator(
+                        [pipe],
+                        ["images", "labels"],
+                        reader_name="S0" if epoch else None,
+                        last_batch_policy=LastBatchPolicy.DROP,
+                        auto_reset=False,
+                    )
+                )
         self._live = list(range(pipelines))
-        log.info("DALI jigsaw loader: device=%s rank %d/%d batch %d, %d pipeline(s) of %d thread(s)", device, rank,
-                 world_size, batch_size, pipelines, num_threads)
+        log.info(
+            "DALI jigsaw loader: device=%s rank %d/%d batch %d, %d pipeline(s) of %d thread(s)",
+            device,
+            rank,
+            world_size,
+            batch_size,
+            pipelines,
+            num_threads,
+        )
 
     def __iter__(self):
         return self
@@ -383,9 +491,11 @@ class DaliJigsawLoader:
         try:
             yield
         except RuntimeError as exc:
-            raise InputError(f"DALI could not read or decode a sample of {self._root} ({dali_gist(exc)}): run "
-                             f"`jigsawdata verify {self._root}`, which names every such sample, and fetch or build "
-                             "the set again") from exc
+            raise InputError(
+                f"DALI could not read or decode a sample of {self._root} ({dali_gist(exc)}): run "
+                f"`jigsawdata verify {self._root}`, which names every such sample, and fetch or build "
+                "the set again"
+            ) from exc
 
     def reset(self) -> None:
         for iterator in self._iterators:
@@ -413,6 +523,8 @@ def _split_state(checkpoint: bytes | dict | None, pipelines: int) -> tuple[int, 
         return 0, [None] * pipelines
     saved = checkpoint if isinstance(checkpoint, dict) else {"next": 0, "parts": [checkpoint]}
     if len(saved["parts"]) != pipelines:
-        raise InputError(f"the saved data position is of {len(saved['parts'])} DALI pipeline(s), not {pipelines}: "
-                         "resume with as many")
+        raise InputError(
+            f"the saved data position is of {len(saved['parts'])} DALI pipeline(s), not {pipelines}: "
+            "resume with as many"
+        )
     return saved["next"], saved["parts"]

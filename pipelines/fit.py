@@ -38,11 +38,13 @@ def window(size: int, region: int, pos: float) -> tuple[int, int, int]:
 def place(piece: np.ndarray, region_w: int, region_h: int, offset_x: int, offset_y: int) -> np.ndarray:
     """Put a piece on a zero region at an offset (the padding half of pad-or-crop)."""
     out = np.zeros((region_h, region_w) + piece.shape[2:], dtype=piece.dtype)
-    out[offset_y:offset_y + piece.shape[0], offset_x:offset_x + piece.shape[1]] = piece
+    out[offset_y : offset_y + piece.shape[0], offset_x : offset_x + piece.shape[1]] = piece
     return out
 
 
 def fit_inside(width: int, height: int, region_w: int, region_h: int) -> tuple[int, int]:
     """Largest aspect-keeping size not larger than the region (the ``resize`` fit mode)."""
     scale = min(region_w / width, region_h / height)
-    return max(1, min(region_w, math.floor(width * scale + 0.5))), max(1, min(region_h, math.floor(height * scale + 0.5)))
+    return max(1, min(region_w, math.floor(width * scale + 0.5))), max(
+        1, min(region_h, math.floor(height * scale + 0.5))
+    )

@@ -21,8 +21,14 @@ def denormalize(images: torch.Tensor) -> np.ndarray:
     return px.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def render_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
-                template: Template, columns: int = 4, gap: int = 4) -> Image.Image:
+def render_grid(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    template: Template,
+    columns: int = 4,
+    gap: int = 4,
+) -> Image.Image:
     tiles = denormalize(images)
     n, size = len(tiles), template.canvas
     rows = -(-n // columns)

@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 
 from jigsawdata.errors import InputError
-from jigsawdata.location import url_filesystem
-from jigsawdata.shards import check_member_name, jpeg_problem
+from jigsawdata.shardset.location import url_filesystem
+from jigsawdata.shardset.open import ShardSet, as_shard_set, check_enough_samples
+from jigsawdata.shardset.shards import check_member_name, jpeg_problem
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, JigsawConfig
 from .fit import fit_inside, place, scaled_size, window, window_anchor
 from .ranks import process_info
-from .shardset import ShardSet, check_enough_samples, open_shard_set
 from .template import READER_GROUPS
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ def _samples(tars: Sequence[str], cfg: JigsawConfig, part: int, parts: int, stre
             random.Random(f"{cfg.seed}/{stream}/{part}/{epoch}").shuffle(order)
         samples = read_samples(order)
         if cfg.shuffle:
-            samples = wds.shuffle(cfg.initial_fill, rng=random.Random(f"{cfg.seed}/{stream}/{part}/{epoch}/buffer"))(samples)
+            samples = wds.shuffle(cfg.initial_fill, rng=random.Random(f"{cfg.seed}/{stream}/{part}/{epoch}/buffer"))(
+                samples
+            )
         for i, sample in enumerate(samples):
             if by_shard or i % parts == part:
                 where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
@@ -124,8 +126,9 @@ def _decode(jpeg: bytes, where: str, cfg: JigsawConfig, rng: np.random.Generator
     return (img, *img.size)
 
 
-def fit_region(img: Image.Image, width: int, height: int, region: tuple[int, int], cfg: JigsawConfig,
-               rng: np.random.Generator) -> np.ndarray:
+def fit_region(
+    img: Image.Image, width: int, height: int, region: tuple[int, int], cfg: JigsawConfig, rng: np.random.Generator
+) -> np.ndarray:
     """One region's pixels: resize (only the window, as DALI does), window, flip, pad."""
     rw, rh = region
     pos_x = cfg.crop_pos if cfg.crop_pos is not None else rng.random()
@@ -138,8 +141,9 @@ def fit_region(img: Image.Image, width: int, height: int, region: tuple[int, int
             piece = np.asarray(img.crop((xs, ys, xe, ye)))
         else:
             sx, sy = img.width / width, img.height / height
-            piece = np.asarray(img.resize((xe - xs, ye - ys), Image.Resampling.BILINEAR,
-                                          box=(xs * sx, ys * sy, xe * sx, ye * sy)))
+            piece = np.asarray(
+                img.resize((xe - xs, ye - ys), Image.Resampling.BILINEAR, box=(xs * sx, ys * sy, xe * sx, ye * sy))
+            )
     else:
         size = (rw, rh) if cfg.fit == "warp" else fit_inside(img.width, img.height, rw, rh)
         piece = np.asarray(img.resize(size, Image.Resampling.BILINEAR))
@@ -150,8 +154,9 @@ def fit_region(img: Image.Image, width: int, height: int, region: tuple[int, int
     return place(piece, rw, rh, xo, yo)
 
 
-def assemble(samples: Sequence[tuple[Image.Image, int, int, int]], cfg: JigsawConfig,
-             rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+def assemble(
+    samples: Sequence[tuple[Image.Image, int, int, int]], cfg: JigsawConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, list[int]]:
     """Place four decoded samples ``(image, width, height, label)`` — two S, then T, then W —
     on the canvas. Returns the canvas and the labels in region order TL, TR, BL, BR."""
     s_a, s_b, tall, wide = samples
@@ -166,11 +171,17 @@ def assemble(samples: Sequence[tuple[Image.Image, int, int, int]], cfg: JigsawCo
 class ReferenceJigsaw(torch.utils.data.IterableDataset):
     """Endless ``(image (3, H, W) float32, labels (4,) int64)`` jigsaw samples."""
 
-    def __init__(self, root: Path | str, cfg: JigsawConfig | None = None, *, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        root: ShardSet | Path | str,
+        cfg: JigsawConfig | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg or JigsawConfig()
-        self.shards = open_shard_set(root)
+        self.shards = as_shard_set(root)
         if rank is None or world_size is None:
             here = process_info()
             rank, world_size = here.rank, here.world
@@ -186,8 +197,19 @@ class ReferenceJigsaw(torch.utils.data.IterableDataset):
             yield normalize(canvas), torch.tensor(labels, dtype=torch.int64)
 
 
-def reference_loader(root: Path | str, batch_size: int, cfg: JigsawConfig | None = None, *, workers: int = 2,
-                     rank: int | None = None, world_size: int | None = None) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(ReferenceJigsaw(root, cfg, rank=rank, world_size=world_size),
-                                       batch_size=batch_size, num_workers=workers,
-                                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+def reference_loader(
+    root: ShardSet | Path | str,
+    batch_size: int,
+    cfg: JigsawConfig | None = None,
+    *,
+    workers: int = 2,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        ReferenceJigsaw(root, cfg, rank=rank, world_size=world_size),
+        batch_size=batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

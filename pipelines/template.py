@@ -20,7 +20,7 @@ READER_GROUPS: tuple[str, ...] = ("S", "S", "T", "W")
 class Template:
     canvas: int = 224
     split: int = 64
-    """Where both axes are cut. 64 (PAPER.md 3) keeps TR a W shape and BL a T shape and
+    """Where both axes are cut. 64 (docs/method.md 3) keeps TR a W shape and BL a T shape and
     falls on the stride-32 grid, so region masks on the feature map are exact."""
     stride: int = 32
     """Output stride of the backbone whose feature grid the regions are mapped onto."""
@@ -31,14 +31,18 @@ class Template:
         if self.canvas % self.stride:
             raise ValueError(f"canvas {self.canvas} is not a multiple of the stride {self.stride}")
         if self.canvas < 2 * self.stride:
-            raise ValueError(f"canvas {self.canvas} holds one cell of the stride-{self.stride} feature grid, too few "
-                             f"for four regions: use a canvas of at least {2 * self.stride}")
+            raise ValueError(
+                f"canvas {self.canvas} holds one cell of the stride-{self.stride} feature grid, too few "
+                f"for four regions: use a canvas of at least {2 * self.stride}"
+            )
         low, high = self.stride // 2, self.canvas - self.stride // 2
         if not low < self.split <= high:  # a region without a cell has no loss: its mean is 0 / 0 = NaN
             fit = self.stride * min(max(1, round(self.split / self.stride)), self.grid - 1)
-            raise ValueError(f"split {self.split} leaves a region without a cell of the stride-{self.stride} feature "
-                             f"grid (cell centres at {low}, {low + self.stride}, ...): use a split in {low + 1}.."
-                             f"{high}, e.g. {fit}")
+            raise ValueError(
+                f"split {self.split} leaves a region without a cell of the stride-{self.stride} feature "
+                f"grid (cell centres at {low}, {low + self.stride}, ...): use a split in {low + 1}.."
+                f"{high}, e.g. {fit}"
+            )
 
     @property
     def boxes(self) -> tuple[tuple[int, int, int, int], ...]:
@@ -67,7 +71,7 @@ class Template:
         return ids
 
     def masks(self) -> np.ndarray:
-        """``(4, canvas, canvas)`` float masks M_i of PAPER.md section 4."""
+        """``(4, canvas, canvas)`` float masks M_i of docs/method.md section 4."""
         ids = self.region_map()
         return np.stack([(ids == r).astype(np.float32) for r in range(4)])
 

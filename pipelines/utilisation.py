@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jigsawdata.location import ShardLocation
+from jigsawdata.shardset.location import ShardLocation
 
 from .config import JigsawConfig
 from .fit import fit_inside
@@ -40,8 +40,7 @@ def _covered(sizes: np.ndarray, region: tuple[int, int], cfg: JigsawConfig) -> n
     return np.minimum(sizes[:, 0], rw).astype(np.float64) * np.minimum(sizes[:, 1], rh)
 
 
-def padding_share(sizes: dict[str, np.ndarray], cfg: JigsawConfig, images: int = 20_000,
-                  seed: int = 0) -> dict:
+def padding_share(sizes: dict[str, np.ndarray], cfg: JigsawConfig, images: int = 20_000, seed: int = 0) -> dict:
     """Share of canvas pixels left zero, overall and per region, over ``images`` draws."""
     rng = np.random.default_rng(seed)
     drawn = [sizes[g][rng.integers(len(sizes[g]), size=images)].astype(np.float64) for g in ("S", "S", "T", "W")]
@@ -55,8 +54,11 @@ def padding_share(sizes: dict[str, np.ndarray], cfg: JigsawConfig, images: int =
     covered = np.stack([_covered(p, r, cfg) for p, r in zip(placed, regions)], axis=1)  # (images, 4)
     area = np.array([w * h for w, h in regions], dtype=np.float64)
     return {
-        "padding_share": float(1.0 - covered.sum(axis=1).mean() / cfg.template.canvas ** 2),
+        "padding_share": float(1.0 - covered.sum(axis=1).mean() / cfg.template.canvas**2),
         "per_region": {name: float(1.0 - covered[:, r].mean() / area[r]) for r, name in enumerate(REGION_NAMES)},
-        "images": images, "fit": cfg.fit, "scale": list(cfg.scale),
-        "canvas": cfg.template.canvas, "template_split": cfg.template.split,
+        "images": images,
+        "fit": cfg.fit,
+        "scale": list(cfg.scale),
+        "canvas": cfg.template.canvas,
+        "template_split": cfg.template.split,
     }

@@ -9,7 +9,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from jigsawdata.index import read_index
+from jigsawdata.shardset.index import read_index
 
 
 def content_digest(out: Path) -> dict:
@@ -25,5 +25,8 @@ def content_digest(out: Path) -> dict:
                         digest.update(member.name.encode() + b"\0" + tar.extractfile(member).read())
             shards[shard["name"]] = {"samples": shard["samples"], "members": names, "sha256": digest.hexdigest()}
     rows = read_index(Path(out) / "index.parquet").to_pylist()
-    return {"shards": shards, "index_rows": len(rows),
-            "index_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()}
+    return {
+        "shards": shards,
+        "index_rows": len(rows),
+        "index_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest(),
+    }

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from jigsawdata.build import BuildConfig, build_shards
-from jigsawdata.coco import load_coco
-from jigsawdata.synthetic import make_synthetic_coco
+from jigsawdata.build.run import BuildConfig, build_shards
+from jigsawdata.coco.reader import load_coco
+from jigsawdata.synthetic.shapes import make_synthetic_coco
 
 REAL_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-train288"
 
@@ -23,11 +23,14 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if not _has_cuda():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+    """Every test that reads the real COCO subset (through :func:`real_coco`) is marked
+    ``real_data``; ``gpu`` tests are skipped, with the reason, where torch sees no GPU."""
+    skip = None if _has_cuda() else pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
+    for item in items:
+        if "real_coco" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
+        if skip and "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 
 from jigsawdata.files import write_json_atomic
-from jigsawdata.manifest import FORMAT_VERSION
-from jigsawdata.shards import write_shard
+from jigsawdata.shardset.manifest import FORMAT_VERSION
+from jigsawdata.shardset.shards import write_shard
 
 
 def crop(width: int, height: int, color=(200, 40, 40), bottom_color=None, right_color=None) -> np.ndarray:
@@ -19,14 +19,15 @@ def crop(width: int, height: int, color=(200, 40, 40), bottom_color=None, right_
     img = np.empty((height, width, 3), np.uint8)
     img[:] = color
     if bottom_color is not None:
-        img[height // 2:] = bottom_color
+        img[height // 2 :] = bottom_color
     if right_color is not None:
-        img[:, width // 2:] = right_color
+        img[:, width // 2 :] = right_color
     return img
 
 
-def write_crafted(root: Path, groups: dict[str, list[tuple[np.ndarray, int]]], num_classes: int = 10,
-                  per_shard: int = 1000) -> Path:
+def write_crafted(
+    root: Path, groups: dict[str, list[tuple[np.ndarray, int]]], num_classes: int = 10, per_shard: int = 1000
+) -> Path:
     """Write ``{group: [(HWC uint8, label), ...]}`` as a shard set that pipelines can open."""
     root = Path(root)
     manifest_groups = {}
@@ -34,16 +35,20 @@ def write_crafted(root: Path, groups: dict[str, list[tuple[np.ndarray, int]]], n
         (root / group).mkdir(parents=True, exist_ok=True)
         shards = []
         for si in range(0, len(samples), per_shard):
-            chunk = samples[si:si + per_shard]
+            chunk = samples[si : si + per_shard]
             name = f"{group}/{group}-{si // per_shard:06d}.tar"
             n, nbytes, digest = write_shard(root / name, _encode(chunk, group, si))
             shards.append({"name": name, "samples": n, "bytes": nbytes, "sha256": digest})
         manifest_groups[group] = {"shards": shards, "samples": len(samples), "bytes": sum(s["bytes"] for s in shards)}
-    write_json_atomic(root / "manifest.json", {
-        "format_version": FORMAT_VERSION, "groups": manifest_groups,
-        "classes": [{"label": i, "category_id": i + 1, "name": f"class{i}"} for i in range(num_classes)],
-        "background": {"label": num_classes, "category_id": 0, "name": "background"},
-    })
+    write_json_atomic(
+        root / "manifest.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "groups": manifest_groups,
+            "classes": [{"label": i, "category_id": i + 1, "name": f"class{i}"} for i in range(num_classes)],
+            "background": {"label": num_classes, "category_id": 0, "name": "background"},
+        },
+    )
     return root
 
 
@@ -52,5 +57,7 @@ def _encode(samples, group, start):
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG", quality=98, subsampling=0)
         meta = {"label": label, "group": group, "width": pixels.shape[1], "height": pixels.shape[0]}
-        yield f"{start + i:08d}", [("jpg", buf.getvalue()), ("cls", str(label).encode()),
-                                   ("json", json.dumps(meta).encode())]
+        yield (
+            f"{start + i:08d}",
+            [("jpg", buf.getvalue()), ("cls", str(label).encode()), ("json", json.dumps(meta).encode())],
+        )

@@ -1,9 +1,12 @@
 """Smoke tests: every benchmark runs end to end on tiny settings (no timing is asserted)."""
 
+import pytest
+
 from jigsawdata.benchmarks import build_shards as bench_build
 from jigsawdata.benchmarks import pipeline_throughput as bench_pipeline
 
 
+@pytest.mark.slow
 def test_build_benchmark_runs(real_coco, tmp_path):
     result = bench_build.main(["--coco", str(real_coco), "--repeats", "1", "--json", str(tmp_path / "r.json")])
     assert result["images"] == 288 and result["crops"] > 2000
@@ -12,6 +15,7 @@ def test_build_benchmark_runs(real_coco, tmp_path):
     assert "ratio build / bound" in bench_build.format_table(result)
 
 
+@pytest.mark.slow
 def test_pipeline_benchmark_runs(built_synthetic):
     result = bench_pipeline.run(shards=built_synthetic, workers=1, batch=4, batches=1, repeats=1)
     assert set(result["images_per_s"]) >= {"dali_cpu", "reference", "decode_whole"}
@@ -49,6 +53,7 @@ def _spin_until(stop) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_loss_overhead_benchmark_runs():
     from jigsawdata.benchmarks import loss_overhead
 
@@ -58,11 +63,13 @@ def test_loss_overhead_benchmark_runs():
     assert "overhead" in loss_overhead.format_table(result)
 
 
+@pytest.mark.slow
 def test_cost_claim_runs(built_real, real_coco):
     from jigsawdata.benchmarks import cost_claim
 
-    result = cost_claim.run(real_coco, arch="resnet18", batch=4, steps=1, repeats=1, warmup=1, erf_images=1,
-                            shards=built_real)
+    result = cost_claim.run(
+        real_coco, arch="resnet18", batch=4, steps=1, repeats=1, warmup=1, erf_images=1, shards=built_real
+    )
     p = result["projection"]
     assert p["image_ratio"] == 64_000 * 512 / (90 * 1_281_167)
     assert p["paper_ratio"] == 1.73 / 6.80 and p["ratio"] > 0
@@ -70,6 +77,7 @@ def test_cost_claim_runs(built_real, real_coco):
     assert "cost ratio Jigsaw / ImageNet" in cost_claim.format_table(result)
 
 
+@pytest.mark.slow
 def test_bench_all_quick_writes_the_report(real_coco, tmp_path):
     import json
 
@@ -89,6 +97,7 @@ def test_bench_all_quick_writes_the_report(real_coco, tmp_path):
     assert Image.open(tmp_path / "pipelines.png").size == (640, 360)
 
 
+@pytest.mark.slow
 def test_bench_all_without_dali_runs_the_benchmarks_that_fit(real_coco, tmp_path, monkeypatch):
     import json
     import sys

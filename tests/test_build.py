@@ -12,16 +12,17 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from jigsawdata.build.merge import merge_parts
+from jigsawdata.build.run import BuildConfig, build_shards
+from jigsawdata.build.sampling import SamplingConfig
 from jigsawdata.cli import main
-from jigsawdata.build import BuildConfig, build_shards
-from jigsawdata.coco import load_coco
+from jigsawdata.coco.reader import load_coco
 from jigsawdata.errors import InputError
-from jigsawdata.index import read_index
 from jigsawdata.files import write_json_atomic
-from jigsawdata.manifest import Manifest, merge_parts, read_manifest
-from jigsawdata.sampling import SamplingConfig
-from jigsawdata.synthetic import make_synthetic_coco
-from jigsawdata.verify import summarize, verify_shard_set
+from jigsawdata.shardset.check import summarize, verify_shard_set
+from jigsawdata.shardset.index import read_index
+from jigsawdata.shardset.manifest import Manifest, read_manifest
+from jigsawdata.synthetic.shapes import make_synthetic_coco
 
 FIELDS = {"image_id", "ann_id", "category_id", "label", "group", "gt_box", "crop_box", "width", "height", "source"}
 
@@ -35,6 +36,7 @@ def _shards(root: Path) -> list[Path]:
     return sorted(root.glob("*/*.tar"))
 
 
+@pytest.mark.slow
 def test_samples_round_trip_through_tarfile(built_synthetic, synthetic_source):
     manifest = read_manifest(built_synthetic)
     images = {im.image_id: im for im in synthetic_source.images}
@@ -102,6 +104,7 @@ def test_readable_by_webdataset(built_synthetic):
     assert all(s["cls"] == s["json"]["label"] for s in samples)
 
 
+@pytest.mark.slow
 def test_readable_by_dali_cpu_with_the_written_index(built_synthetic):
     import numpy as np
     from nvidia.dali import fn, pipeline_def
@@ -111,8 +114,12 @@ def test_readable_by_dali_cpu_with_the_written_index(built_synthetic):
 
     @pipeline_def(batch_size=n, num_threads=1, device_id=None)
     def pipe():
-        jpg, meta = fn.readers.webdataset(paths=shards, index_paths=[s[:-4] + ".idx" for s in shards],
-                                          ext=["jpg", "json"], missing_component_behavior="error")
+        jpg, meta = fn.readers.webdataset(
+            paths=shards,
+            index_paths=[s[:-4] + ".idx" for s in shards],
+            ext=["jpg", "json"],
+            missing_component_behavior="error",
+        )
         return fn.decoders.image(jpg, device="cpu"), meta
 
     p = pipe()
@@ -124,6 +131,7 @@ def test_readable_by_dali_cpu_with_the_written_index(built_synthetic):
         assert images.at(i).shape == (meta["height"], meta["width"], 3)
 
 
+@pytest.mark.slow
 def test_byte_identical_for_one_and_two_workers(tmp_path, synthetic_source, small_cfg, built_synthetic):
     two = tmp_path / "two"
     build_shards(synthetic_source, two, small_cfg, workers=2)
@@ -142,12 +150,14 @@ def _stop_after(stage: str, calls: int):
             seen["n"] += 1
             if seen["n"] >= calls:
                 raise _Stop
+
     return progress
 
 
 @pytest.mark.parametrize("stage,calls", [("extract", 2), ("write", 3)])
-def test_interrupted_build_resumes_to_identical_bytes(tmp_path, synthetic_source, small_cfg, built_synthetic,
-                                                      stage, calls):
+def test_interrupted_build_resumes_to_identical_bytes(
+    tmp_path, synthetic_source, small_cfg, built_synthetic, stage, calls
+):
     out = tmp_path / "out"
     with pytest.raises(_Stop):
         build_shards(synthetic_source, out, small_cfg, progress=_stop_after(stage, calls))
@@ -168,6 +178,7 @@ def test_finished_build_is_not_redone_and_other_settings_are_refused(built_synth
         build_shards(synthetic_source, built_synthetic, BuildConfig(seed=12, chunk_images=5, shard_samples=16))
 
 
+@pytest.mark.slow
 def test_verify_passes_then_catches_a_flipped_byte(tmp_path, synthetic_source, small_cfg):
     out = tmp_path / "out"
     build_shards(synthetic_source, out, small_cfg)
@@ -214,6 +225,7 @@ def test_newer_major_format_is_refused(built_synthetic, tmp_path):
         read_manifest(tmp_path)
 
 
+@pytest.mark.slow
 def test_parts_merge_to_the_same_samples(tmp_path, synthetic_source, small_cfg, built_synthetic):
     out = tmp_path / "parts"
     build_shards(synthetic_source, out, small_cfg, part=1, parts=2, workers=2)
@@ -225,15 +237,15 @@ def test_parts_merge_to_the_same_samples(tmp_path, synthetic_source, small_cfg, 
     assert merged.counts == single.counts
     assert {g: v.samples for g, v in merged.groups.items()} == {g: v.samples for g, v in single.groups.items()}
     assert all("-p00" in s.name for s in merged.shards)
-    assert sorted(read_index(out / "index.parquet").column("key").to_pylist()) == \
-        sorted(read_index(built_synthetic / "index.parquet").column("key").to_pylist())
+    assert sorted(read_index(out / "index.parquet").column("key").to_pylist()) == sorted(
+        read_index(built_synthetic / "index.parquet").column("key").to_pylist()
+    )
     assert verify_shard_set(out) == []
     assert summarize(out)["groups"]["S"]["samples"] == single.groups["S"].samples
     assert "# Jigsaw pre-training shards" in (out / "README.md").read_text()
 
 
-def test_merge_checks_each_part_file_and_keeps_the_keys_all_parts_share(tmp_path, synthetic_source, small_cfg,
-                                                                          caplog):
+def test_merge_checks_each_part_file_and_keeps_the_keys_all_parts_share(tmp_path, synthetic_source, small_cfg, caplog):
     out = tmp_path / "parts"
     for k in range(2):
         build_shards(synthetic_source, out, small_cfg, part=k, parts=2)
@@ -257,6 +269,7 @@ def test_merge_checks_each_part_file_and_keeps_the_keys_all_parts_share(tmp_path
         d.update(provenance="lab-7", batch=f"b{k}")
         d["groups"]["S"]["note"] = "hand-picked"
         d["classes"][0]["synonyms"] = ["puck"]
+
     edit(extras)
     merge_parts(out)
     merged = json.loads((out / "manifest.json").read_text())
@@ -265,8 +278,8 @@ def test_merge_checks_each_part_file_and_keeps_the_keys_all_parts_share(tmp_path
     assert "manifest keys batch differ" in caplog.text
 
 
-def test_merge_checks_the_part_indexes_and_the_merged_manifest_before_writing(tmp_path, synthetic_source,
-                                                                                small_cfg):
+@pytest.mark.slow
+def test_merge_checks_the_part_indexes_and_the_merged_manifest_before_writing(tmp_path, synthetic_source, small_cfg):
     out = tmp_path / "parts"
     for k in range(2):
         build_shards(synthetic_source, out, small_cfg, part=k, parts=2)
@@ -275,8 +288,11 @@ def test_merge_checks_the_part_indexes_and_the_merged_manifest_before_writing(tm
     original = first.read_text()
     data, other = json.loads(original), json.loads(second.read_text())
     group, extra = data["groups"]["S"], other["groups"]["S"]  # a shard listed by both parts
-    group.update(shards=group["shards"] + extra["shards"][:1], samples=group["samples"] + extra["shards"][0]["samples"],
-                 bytes=group["bytes"] + extra["shards"][0]["bytes"])
+    group.update(
+        shards=group["shards"] + extra["shards"][:1],
+        samples=group["samples"] + extra["shards"][0]["samples"],
+        bytes=group["bytes"] + extra["shards"][0]["bytes"],
+    )
     first.write_text(json.dumps(data))
     with pytest.raises(InputError, match=r"the parts do not merge into a valid shard set: .*'S/S-p001-\d+\.tar' twice"):
         merge_parts(out)
@@ -293,8 +309,11 @@ def test_merge_checks_the_part_indexes_and_the_merged_manifest_before_writing(tm
         merge_parts(out)
     swap()
     index1.unlink()
-    with pytest.raises(InputError, match=r"index-001-of-002.parquet is missing: delete .*manifest-001-of-002\.json "
-                                         r"and rerun build-shards with --part 1/2"):
+    with pytest.raises(
+        InputError,
+        match=r"index-001-of-002.parquet is missing: delete .*manifest-001-of-002\.json "
+        r"and rerun build-shards with --part 1/2",
+    ):
         merge_parts(out)
 
 
@@ -336,7 +355,7 @@ def test_cli_build_info_verify(tmp_path, synthetic_root):
 
 @pytest.mark.parametrize("name,size", [("000000000009_0001.jpg", 0), ("a.json", 1), ("x" * 95 + ".jpg", 123456789)])
 def test_ustar_header_matches_tarfile(name, size):
-    from jigsawdata.shards import ustar_header
+    from jigsawdata.shardset.shards import ustar_header
 
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
@@ -351,7 +370,7 @@ def test_build_content_matches_a_build_made_before_records_became_columns(synthe
     ``negatives_avoid="gt"``."""
     from dataclasses import replace
 
-    from .build_digest import content_digest
+    from jigsawdata.tests.build_digest import content_digest
 
     cfg = replace(small_cfg, sampling=SamplingConfig(negatives_avoid="gt"))
     build_shards(synthetic_source, tmp_path / "out", cfg)
@@ -361,7 +380,7 @@ def test_build_content_matches_a_build_made_before_records_became_columns(synthe
 
 @pytest.mark.parametrize("seed", range(5))
 def test_split_shards_matches_the_greedy_rule(seed):
-    from jigsawdata.records import split_shards
+    from jigsawdata.build.records import split_shards
 
     def greedy(sizes, max_bytes, max_samples):
         bounds, start, total = [], 0, 0
@@ -378,12 +397,14 @@ def test_split_shards_matches_the_greedy_rule(seed):
         assert split_shards(sizes, max_bytes, max_samples) == greedy(sizes, max_bytes, max_samples)
 
 
-def test_verify_and_the_training_check_decode_each_jpeg_and_check_it_against_its_json_and_the_index(built_synthetic, tmp_path):
+def test_verify_and_the_training_check_decode_each_jpeg_and_check_it_against_its_json_and_the_index(
+    built_synthetic, tmp_path
+):
     """A set whose sha256s are all consistent (re-written by someone) can still be wrong inside."""
     import shutil
 
     from jigsawdata.files import sha256_file
-    from jigsawdata.shards import index_path, iter_samples, write_shard
+    from jigsawdata.shardset.shards import index_path, iter_samples, write_shard
 
     out = tmp_path / "set"
     shutil.copytree(built_synthetic, out)
@@ -400,8 +421,9 @@ def test_verify_and_the_training_check_decode_each_jpeg_and_check_it_against_its
     meta = json.loads(p1["json"])
     meta["label"] = other
     p1["cls"], p1["json"] = str(other).encode(), json.dumps(meta).encode()  # consistent, but not the index's
-    n, nbytes, digest = write_shard(out / shard["name"], [(k, [(e, p[e]) for e in ("jpg", "cls", "json")])
-                                                          for k, p in samples])
+    n, nbytes, digest = write_shard(
+        out / shard["name"], [(k, [(e, p[e]) for e in ("jpg", "cls", "json")]) for k, p in samples]
+    )
     shard.update(bytes=nbytes, sha256=digest, idx_sha256=sha256_file(index_path(out / shard["name"])))
     manifest["groups"]["S"]["bytes"] = sum(s["bytes"] for s in manifest["groups"]["S"]["shards"])
     write_json_atomic(out / "manifest.json", manifest)
@@ -409,9 +431,13 @@ def test_verify_and_the_training_check_decode_each_jpeg_and_check_it_against_its
     assert any(p.startswith(f"{shard['name']}: sample {k0}: its .jpg does not decode") for p in problems), problems
     assert any(p.startswith(f"{shard['name']}: sample {k2}: its .jpg does not decode") for p in problems), problems
     assert f"{shard['name']}: sample {k3}: its .jpg is PNG, not a JPEG" in problems
-    from jigsawdata.pipelines.integrity import check_shard_set
-    with pytest.raises(InputError, match=rf"{shard['name']} of .* is damaged or unsafe \(sample {k0}: its .jpg does "
-                                         "not decode"):
+    from jigsawdata.shardset.check import check_shard_set
+
+    with pytest.raises(
+        InputError,
+        match=rf"{shard['name']} of .* is damaged or unsafe \(sample {k0}: its .jpg does "
+        "not decode",
+    ):
         check_shard_set(out, cache_dir=tmp_path / "cache")
     assert any(p.startswith(f"{shard['name']}: sample {k1} has label {other}, the index says") for p in problems)
 
@@ -431,18 +457,20 @@ def _shards_digest(manifest: Manifest) -> str:
 RECORDED_JPEG_ENCODER = "3.2.0"
 
 
+@pytest.mark.slow
 def test_negatives_avoid_gt_writes_the_bytes_of_the_previous_release(tmp_path):
     """This small build as the code from before negatives avoided the enlarged crops wrote it:
     its content (member order, every .cls and .json, the index rows) everywhere, and the sha256
     of every shard and of the index where the JPEG encoder is the one it was recorded with."""
     from PIL import features
 
-    from .build_digest import content_digest
+    from jigsawdata.tests.build_digest import content_digest
 
     make_synthetic_coco(tmp_path / "coco", images=12, seed=5)
     source = load_coco(tmp_path / "coco" / "annotations" / "instances_train.json", tmp_path / "coco" / "train")
-    gt = build_shards(source, tmp_path / "gt", BuildConfig(seed=4, shard_samples=16,
-                                                           sampling=SamplingConfig(negatives_avoid="gt")))
+    gt = build_shards(
+        source, tmp_path / "gt", BuildConfig(seed=4, shard_samples=16, sampling=SamplingConfig(negatives_avoid="gt"))
+    )
     content = json.dumps(content_digest(tmp_path / "gt"), sort_keys=True).encode()
     assert hashlib.sha256(content).hexdigest() == "669afaabcd73b9493d92584ab8a0d318c2895d70088c40c374ed30ba2e077e8d"
     if features.version("libjpeg_turbo") == RECORDED_JPEG_ENCODER:
@@ -456,15 +484,21 @@ def test_negatives_avoid_gt_writes_the_bytes_of_the_previous_release(tmp_path):
 @pytest.mark.parametrize("part", ["first", "last"])
 def test_more_parts_than_images_are_refused_before_anything_is_written(tmp_path, synthetic_source, small_cfg, part):
     n = len(synthetic_source.images)
-    with pytest.raises(InputError, match=rf"{n + 1} parts of {n} images would leave parts without images: "
-                                         rf"use at most {n} parts"):
+    with pytest.raises(
+        InputError,
+        match=rf"{n + 1} parts of {n} images would leave parts without images: "
+        rf"use at most {n} parts",
+    ):
         build_shards(synthetic_source, tmp_path / "out", small_cfg, part=0 if part == "first" else n, parts=n + 1)
     assert not (tmp_path / "out").exists()
 
 
 def _tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_a_resume_after_the_missing_images_arrive_extracts_them(tmp_path, synthetic_root, small_cfg, monkeypatch):
@@ -491,8 +525,9 @@ def test_a_resume_after_the_missing_images_arrive_extracts_them(tmp_path, synthe
 
 
 def _interrupted_in_write(source, out, cfg, monkeypatch) -> None:
-    import jigsawdata.build
-    real_write, written = jigsawdata.build.write_shard, []
+    import jigsawdata.build.run
+
+    real_write, written = jigsawdata.build.run.write_shard, []
 
     def write_then_crash(*args, **kwargs):
         if len(written) == 2:
@@ -501,13 +536,15 @@ def _interrupted_in_write(source, out, cfg, monkeypatch) -> None:
         return real_write(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(jigsawdata.build, "write_shard", write_then_crash)
+        patch.setattr(jigsawdata.build.run, "write_shard", write_then_crash)
         with pytest.raises(KeyboardInterrupt):
             build_shards(source, out, cfg)
 
 
+@pytest.mark.slow
 def test_a_resume_from_another_image_folder_with_other_pixels_uses_only_the_new_pixels(
-        tmp_path, synthetic_root, small_cfg, monkeypatch, built_synthetic):
+    tmp_path, synthetic_root, small_cfg, monkeypatch, built_synthetic
+):
     """Same names, same sizes, same modification times, other pixels: the staged crops are not
     kept, and the result is the build of the new folder, byte for byte."""
     import shutil
@@ -529,8 +566,9 @@ def test_a_resume_from_another_image_folder_with_other_pixels_uses_only_the_new_
     assert _tree_digest(out) != _tree_digest(built_synthetic), "the new pixels should give other crops"
 
 
-def test_a_resume_from_a_moved_image_folder_keeps_the_staged_chunks(tmp_path, synthetic_root, small_cfg, monkeypatch,
-                                                                     built_synthetic):
+def test_a_resume_from_a_moved_image_folder_keeps_the_staged_chunks(
+    tmp_path, synthetic_root, small_cfg, monkeypatch, built_synthetic
+):
     """The same files elsewhere are proved the same by their sha256: nothing is extracted again."""
     import shutil
 
@@ -570,11 +608,14 @@ def _move_counts(m):
     m["counts"]["negatives"] += 3
 
 
-@pytest.mark.parametrize("edit,expected", [
-    (_swap_names, "README.md: does not say '| 0 | "),
-    (_recategorise, "has category_id"),
-    (_move_counts, "counts: the manifest gives"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (_swap_names, "README.md: does not say '| 0 | "),
+        (_recategorise, "has category_id"),
+        (_move_counts, "counts: the manifest gives"),
+    ],
+)
 def test_verify_catches_manifest_edits_that_keep_every_sha256(built_synthetic, tmp_path, edit, expected):
     """Class names, category ids and the positive/negative split are not hashed anywhere:
     they are checked against the card, every sample's .json and the shards' labels."""
@@ -590,10 +631,35 @@ def test_the_cards_rebuild_command_rebuilds_a_non_default_set_byte_for_byte(synt
     import shlex
 
     first = tmp_path / "first"
-    args = ["build-shards", str(synthetic_root), "--split", "train", "--out", str(first), "--seed", "5",
-            "--negatives-avoid", "gt", "--negative-tries", "7", "--negative-shrink", "0.75", "--pos-per-neg", "3.5",
-            "--jpeg-quality", "77", "--shard-samples", "20", "--chunk-images", "6", "--max-enlarge", "1.5",
-            "--license", "CC0 (it's ours)", "-q"]
+    args = [
+        "build-shards",
+        str(synthetic_root),
+        "--split",
+        "train",
+        "--out",
+        str(first),
+        "--seed",
+        "5",
+        "--negatives-avoid",
+        "gt",
+        "--negative-tries",
+        "7",
+        "--negative-shrink",
+        "0.75",
+        "--pos-per-neg",
+        "3.5",
+        "--jpeg-quality",
+        "77",
+        "--shard-samples",
+        "20",
+        "--chunk-images",
+        "6",
+        "--max-enlarge",
+        "1.5",
+        "--license",
+        "CC0 (it's ours)",
+        "-q",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     card = (first / "README.md").read_text()
@@ -613,22 +679,28 @@ def test_a_damaged_sample_index_is_one_problem_and_every_shard_is_still_checked(
     out = shutil.copytree(built_synthetic, tmp_path / "set")
     (out / "index.parquet").write_bytes(b"PAR1 not really")
     problems = verify_shard_set(out)
-    assert problems[0].startswith(f"index index.parquet: {out / 'index.parquet'} is not a readable sample index ("), \
+    assert problems[0].startswith(f"index index.parquet: {out / 'index.parquet'} is not a readable sample index ("), (
         problems
+    )
     assert len(problems) == 1, problems
     victim = _shards(out)[0]
     victim.write_bytes(victim.read_bytes()[:-1024])
     assert any(p.startswith(str(victim.relative_to(out))) for p in verify_shard_set(out))
     result = CliRunner().invoke(main, ["info", str(out)])
-    assert result.exit_code == 1 and result.output.count("\n") == 1 and "is not a readable sample index" in result.output
+    assert (
+        result.exit_code == 1 and result.output.count("\n") == 1 and "is not a readable sample index" in result.output
+    )
 
 
-@pytest.mark.parametrize("edit,said", [
-    (lambda m: m["params"].update(seed=5), "- `seed`: 5"),
-    (lambda m: m["params"]["sampling"].update(negatives_avoid="gt"), "- `sampling.negatives_avoid`: gt"),
-    (lambda m: m["source"].update(license="CC0"), "CC0"),
-    (lambda m: m["source"].update(images=m["source"]["images"] + 1), "- Images listed: "),
-])
+@pytest.mark.parametrize(
+    "edit,said",
+    [
+        (lambda m: m["params"].update(seed=5), "- `seed`: 5"),
+        (lambda m: m["params"]["sampling"].update(negatives_avoid="gt"), "- `sampling.negatives_avoid`: gt"),
+        (lambda m: m["source"].update(license="CC0"), "CC0"),
+        (lambda m: m["source"].update(images=m["source"]["images"] + 1), "- Images listed: "),
+    ],
+)
 def test_verify_catches_edits_of_the_settings_and_source_the_card_states(built_synthetic, tmp_path, edit, said):
     problems = verify_shard_set(_edited_manifest(built_synthetic, tmp_path, edit))
     assert any(p.startswith(f"README.md: does not say '{said}") for p in problems), problems

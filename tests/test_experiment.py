@@ -11,17 +11,27 @@ from click.testing import CliRunner
 
 from jigsawdata.cli import main
 from jigsawdata.errors import InputError
+from jigsawdata.experiments.config import FORMAT, arms, preset
+from jigsawdata.experiments.grid import Data, claim_experiment_dir, finetune_config, pretrain_config, scratch_epochs
+from jigsawdata.experiments.report import format_markdown, table_rows
 from jigsawdata.trainer.config import PretrainConfig
-from jigsawdata.trainer.experiment import (FORMAT, Data, arms, claim_experiment_dir, finetune_config, preset,
-                                           pretrain_config, scratch_epochs)
-from jigsawdata.trainer.experiment_report import format_markdown, table_rows
 
 DATA = Data("coco", "train", "val", "shards", "val-shards", "shards-nocontext")
 
 
 def _full(out="x", **overrides):
-    return preset("tiny", out, losses=("erf", "global"), taus=(0.5,), lengths=(1.0, 2.0), fits=("warp",),
-                  no_context=True, imagenet="r18.pth", schedules=("1x", "2x"), **overrides)
+    return preset(
+        "tiny",
+        out,
+        losses=("erf", "global"),
+        taus=(0.5,),
+        lengths=(1.0, 2.0),
+        fits=("warp",),
+        no_context=True,
+        imagenet="r18.pth",
+        schedules=("1x", "2x"),
+        **overrides,
+    )
 
 
 def test_arms_of_the_whole_grid():
@@ -37,7 +47,8 @@ def test_arms_of_the_whole_grid():
         ("blockwise-warp", "jigsaw", "blockwise", None, "warp", 4.0, True),
         ("imagenet", "imagenet", None, None, "pad_crop", 4.0, True),
         ("random", "random", None, None, "pad_crop", 4.0, True),
-        ("scratch", "scratch", None, None, "pad_crop", 4.0, True)]
+        ("scratch", "scratch", None, None, "pad_crop", 4.0, True),
+    ]
 
 
 def test_every_option_reaches_the_runs_of_its_arm():
@@ -46,8 +57,9 @@ def test_every_option_reaches_the_runs_of_its_arm():
 
     def pre(name: str, seed: int = 3) -> PretrainConfig:
         arm = by_name[name]
-        return pretrain_config(cfg, arm, seed, DATA.shards if arm.context else DATA.shards_no_context,
-                               DATA.val_shards, Path("run"))
+        return pretrain_config(
+            cfg, arm, seed, DATA.shards if arm.context else DATA.shards_no_context, DATA.val_shards, Path("run")
+        )
 
     full = cfg.pretrain["iterations"]
     assert (pre("erf").loss, pre("erf").tau, pre("erf").iterations, pre("erf").seed) == ("erf", 0.7, full, 3)
@@ -62,7 +74,11 @@ def test_every_option_reaches_the_runs_of_its_arm():
 
     for name in ("erf", "imagenet", "blockwise-warp"):  # one recipe for every init arm
         assert (fine(name).norm, fine(name).box_head, fine(name).detector, fine(name).arch) == (
-            None, None, "c4", "resnet50")
+            None,
+            None,
+            "c4",
+            "resnet50",
+        )
     assert (fine("random").norm, fine("random").box_head, fine("random").detector) == ("gn", None, "c4")
     # Scratch is He et al.'s FPN recipe whatever the grid's detector (Table 5 set it against C4).
     assert (fine("scratch").norm, fine("scratch").box_head, fine("scratch").detector) == ("gn", "4conv1fc", "fpn")
@@ -113,11 +129,21 @@ def test_presets_set_only_what_differs_from_the_run_settings():
     assert (paper.detector, paper.epochs_1x) == ("c4", 13)
     tiny = preset("tiny", "x", pretrain={"iterations": 7, "warmup": None})
     run = tiny.pretrain_config(shards="s", out="o", loss="global")
-    assert (run.iterations, run.warmup, run.canvas, run.arch, run.loss, run.device) == (7, 8, 128, "resnet18",
-                                                                                          "global", "cpu")
+    assert (run.iterations, run.warmup, run.canvas, run.arch, run.loss, run.device) == (
+        7,
+        8,
+        128,
+        "resnet18",
+        "global",
+        "cpu",
+    )
     gpu = preset("gpu", "x")
     assert (gpu.device, gpu.seeds, gpu.pretrain["pipeline"], gpu.pretrain["iterations"] >= 1000) == (
-        "cuda", 2, "dali", True)
+        "cuda",
+        2,
+        "dali",
+        True,
+    )
     assert gpu.synthetic_images >= 1500 and gpu.synthetic_val_images >= 1000
 
 
@@ -130,17 +156,33 @@ def test_scratch_gets_at_least_the_matched_cost_and_not_an_epoch_more():
 
 def _result(arm, seed, ap, schedule="1x", **extra):
     bbox = {"AP": ap / 100, "AP50": 2 * ap / 100, "AP75": ap / 200, "APs": -1.0, "APm": ap / 100, "APl": ap / 100}
-    return {"arm": arm, "seed": seed, "schedule": schedule, "description": arm, "epochs": 3, "full_lr_iterations": 100,
-            "pretrain_device_hours": 0.1 if arm == "erf" else 0.0, "finetune_device_hours": 0.2,
-            "device": "cpu", "eval": {"bbox": bbox}, **extra}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "schedule": schedule,
+        "description": arm,
+        "epochs": 3,
+        "full_lr_iterations": 100,
+        "pretrain_device_hours": 0.1 if arm == "erf" else 0.0,
+        "finetune_device_hours": 0.2,
+        "device": "cpu",
+        "eval": {"bbox": bbox},
+        **extra,
+    }
 
 
 def test_table_shows_mean_and_spread_and_marks_only_differences_beyond_twice_the_spread():
-    results = [_result("erf", 0, 10.0), _result("erf", 1, 12.0), _result("random", 0, 5.0), _result("random", 1, 5.5),
-               _result("global", 0, 6.0), _result("global", 1, 4.0)]
+    results = [
+        _result("erf", 0, 10.0),
+        _result("erf", 1, 12.0),
+        _result("random", 0, 5.0),
+        _result("random", 1, 5.5),
+        _result("global", 0, 6.0),
+        _result("global", 1, 4.0),
+    ]
     rows = {r["arm"]: r for r in table_rows(results, "random")}
     erf = rows["erf"]
-    assert erf["AP"] == pytest.approx(11.0) and erf["AP_std"] == pytest.approx(2 ** 0.5)
+    assert erf["AP"] == pytest.approx(11.0) and erf["AP_std"] == pytest.approx(2**0.5)
     assert erf["AP_by_seed"] == {0: 10.0, 1: 12.0} and erf["total_device_hours"] == pytest.approx(0.3)
     assert erf["delta_AP"] == pytest.approx(5.75) and erf["significant"]  # 5.75 > 2 x 1.41
     assert rows["global"]["delta_AP"] == pytest.approx(-0.25) and not rows["global"]["significant"]
@@ -159,8 +201,11 @@ def test_a_partial_grid_compares_only_the_seeds_both_rows_have():
 
 
 def test_imagenet_cost_is_external_and_scratch_shows_its_budget():
-    results = [_result("imagenet", 0, 9.0, pretrain_device_hours=None), _result("random", 0, 2.0),
-               _result("scratch", 0, 3.0, matched_to="erf", budget_device_hours=0.5, planned_device_hours=0.55)]
+    results = [
+        _result("imagenet", 0, 9.0, pretrain_device_hours=None),
+        _result("random", 0, 2.0),
+        _result("scratch", 0, 3.0, matched_to="erf", budget_device_hours=0.5, planned_device_hours=0.55),
+    ]
     rows = {r["arm"]: r for r in table_rows(results, "random")}
     assert rows["imagenet"]["pretrain_device_hours"] is None and rows["imagenet"]["total_device_hours"] == 0.2
     assert rows["scratch"]["budget_ratio"] == pytest.approx(0.4)  # 0.2 h measured against 0.5 h given
@@ -168,13 +213,19 @@ def test_imagenet_cost_is_external_and_scratch_shows_its_budget():
     assert "| external | 0.200 |" in text and "given erf's 0.500 h (measured below it: 0.40x)" in text
     # Above the budget by the rounding to whole epochs is the plan; a run the timing probe
     # misjudged (the machine's speed changed) is flagged as not matched.
-    over = table_rows([_result("scratch", s, 3.0, matched_to="erf", budget_device_hours=0.15, planned_device_hours=p)
-                       for s, p in ((0, 0.19), (1, 0.1))], "scratch")
+    over = table_rows(
+        [
+            _result("scratch", s, 3.0, matched_to="erf", budget_device_hours=0.15, planned_device_hours=p)
+            for s, p in ((0, 0.19), (1, 0.1))
+        ],
+        "scratch",
+    )
     assert over[0]["plan_ratio"] == pytest.approx(2.0) and over[0]["budget_ratio"] == pytest.approx(0.2 / 0.15)
     text = format_markdown(over, "CPU", "scratch")
     assert "(measured 2.00x the whole epochs planned for it: not matched)" in text and "measured below" not in text
-    planned = table_rows([_result("scratch", 0, 3.0, matched_to="erf", budget_device_hours=0.15,
-                                  planned_device_hours=0.19)], "scratch")
+    planned = table_rows(
+        [_result("scratch", 0, 3.0, matched_to="erf", budget_device_hours=0.15, planned_device_hours=0.19)], "scratch"
+    )
     assert "(measured" not in format_markdown(planned, "CPU", "scratch")  # 0.2 h against 0.19 planned: matched
 
 
@@ -196,7 +247,8 @@ def test_the_output_folder_is_new_empty_or_this_grids_own(tmp_path):
     with pytest.raises(InputError, match="is not empty"):
         claim_experiment_dir(mine, preset("tiny", str(mine)))
     assert (mine / "table.md").read_text() == "a user's own table" and sorted(p.name for p in mine.iterdir()) == [
-        "table.md"]
+        "table.md"
+    ]
     grid = tmp_path / "grid"
     grid.mkdir()
     saved = json.loads(json.dumps(preset("tiny", str(grid)).__dict__, default=list))
@@ -250,8 +302,8 @@ def test_a_grid_refused_for_its_data_leaves_nothing_behind(tmp_path):
 
 
 def test_one_grid_at_a_time_in_a_folder(tmp_path):
-    from jigsawdata.outdir import BuildLock
-    from jigsawdata.trainer.experiment import LOCK_NAME
+    from jigsawdata.build.outdir import BuildLock
+    from jigsawdata.experiments.grid import LOCK_NAME
 
     out = tmp_path / "grid"
     out.mkdir()
@@ -263,10 +315,13 @@ def test_one_grid_at_a_time_in_a_folder(tmp_path):
 
 def _runs(out: Path, arm: str) -> dict[str, dict]:
     """Each run's config.json under an arm, by its path below the arm."""
-    return {str(p.parent.relative_to(out / "arms" / arm)): json.loads(p.read_text())
-            for p in (out / "arms" / arm).rglob("config.json")}
+    return {
+        str(p.parent.relative_to(out / "arms" / arm)): json.loads(p.read_text())
+        for p in (out / "arms" / arm).rglob("config.json")
+    }
 
 
+@pytest.mark.slow
 def test_smoke_grid_with_seeds_compares_every_arm_at_matched_cost(tmp_path):
     out = tmp_path / "grid"
     args = ["experiment", "--out", str(out), "--smoke", "--seeds", "2"]
@@ -274,7 +329,13 @@ def test_smoke_grid_with_seeds_compares_every_arm_at_matched_cost(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "experiment.json").read_text())
     assert [(r["arm"], r["seed"]) for r in report["results"]] == [
-        ("erf", 0), ("random", 0), ("scratch", 0), ("erf", 1), ("random", 1), ("scratch", 1)]
+        ("erf", 0),
+        ("random", 0),
+        ("scratch", 0),
+        ("erf", 1),
+        ("random", 1),
+        ("scratch", 1),
+    ]
     by = {(r["arm"], r["seed"]): r for r in report["results"]}
     for seed in (0, 1):
         erf, scratch = by[("erf", seed)], by[("scratch", seed)]
@@ -302,11 +363,13 @@ def test_smoke_grid_with_seeds_compares_every_arm_at_matched_cost(tmp_path):
     kept = result_file.read_text()
     edited = json.loads(kept)
     edited["eval"]["bbox"]["AP"] = 0.9
-    for damage, problem in ((kept[:40], ""), ("[]", "not a JSON object"),  # "": JSON's own words
-                            (json.dumps({k: v for k, v in edited.items() if k != "eval"}), "no eval"),
-                            (json.dumps(edited), "its metrics differ from"),
-                            (json.dumps({k: v for k, v in json.loads(kept).items() if k != "knn"}),
-                             "its knn differ from")):
+    for damage, problem in (
+        (kept[:40], ""),
+        ("[]", "not a JSON object"),  # "": JSON's own words
+        (json.dumps({k: v for k, v in edited.items() if k != "eval"}), "no eval"),
+        (json.dumps(edited), "its metrics differ from"),
+        (json.dumps({k: v for k, v in json.loads(kept).items() if k != "knn"}), "its knn differ from"),
+    ):
         result_file.write_text(damage)
         refused = CliRunner().invoke(main, args)
         assert refused.exit_code == 1 and f"{result_file} is damaged ({problem}" in refused.output, refused.output
@@ -316,15 +379,42 @@ def test_smoke_grid_with_seeds_compares_every_arm_at_matched_cost(tmp_path):
     assert again.exit_code == 0 and json.loads(result_file.read_text())["eval"] == json.loads(kept)["eval"]
 
 
+@pytest.mark.slow
 def test_smoke_grid_runs_every_option(tmp_path):
     out = tmp_path / "grid"
-    result = CliRunner().invoke(main, [
-        "experiment", "--out", str(out), "--smoke", "--losses", "erf", "--taus", "0.5", "--pretrain-iterations", "2x",
-        "--no-context", "--fits", "warp", "--no-random", "--no-scratch", "--schedules", "2x", "--detector", "c4",
-        "--baseline", "erf", "--seed", "5"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "experiment",
+            "--out",
+            str(out),
+            "--smoke",
+            "--losses",
+            "erf",
+            "--taus",
+            "0.5",
+            "--pretrain-iterations",
+            "2x",
+            "--no-context",
+            "--fits",
+            "warp",
+            "--no-random",
+            "--no-scratch",
+            "--schedules",
+            "2x",
+            "--detector",
+            "c4",
+            "--baseline",
+            "erf",
+            "--seed",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    pre = {arm: _runs(out, arm)["seed-5/pretrain"] for arm in
-           ("erf", "erf-tau0.5", "erf-2x", "erf-nocontext", "blockwise", "blockwise-warp")}
+    pre = {
+        arm: _runs(out, arm)["seed-5/pretrain"]
+        for arm in ("erf", "erf-tau0.5", "erf-2x", "erf-nocontext", "blockwise", "blockwise-warp")
+    }
     assert pre["erf-tau0.5"]["tau"] == 0.5 and pre["erf"]["tau"] == 0.7
     assert pre["erf-2x"]["iterations"] == 1 and pre["erf"]["iterations"] == 2
     assert pre["erf-nocontext"]["shards"].endswith("shards-nocontext")

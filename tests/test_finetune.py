@@ -28,15 +28,21 @@ def jigsaw_ckpt(tmp_path_factory):
     torch.manual_seed(3)
     model = DenseClassifier("resnet18", 81)
     path = tmp_path_factory.mktemp("jig") / "checkpoint.pt"
-    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "arch": "resnet18", "iteration": 1, "model": model.state_dict()},
-                        path)
+    ckpt_io.save_atomic(
+        {"format": ckpt_io.FORMAT, "arch": "resnet18", "iteration": 1, "model": model.state_dict()}, path
+    )
     return path, model
 
 
 @pytest.fixture(scope="module")
 def train_set(real_coco):
-    return CocoDetection(real_coco / "annotations" / "instances_train2017.json", real_coco / "train2017",
-                         train=True, masks=True, max_images=2)
+    return CocoDetection(
+        real_coco / "annotations" / "instances_train2017.json",
+        real_coco / "train2017",
+        train=True,
+        masks=True,
+        max_images=2,
+    )
 
 
 def _body(model, detector):
@@ -44,6 +50,7 @@ def _body(model, detector):
 
 
 @pytest.mark.parametrize("detector", ["c4", "fpn", "mask"])
+@pytest.mark.slow
 def test_detector_takes_the_jigsaw_backbone_and_trains_a_step(detector, jigsaw_ckpt, train_set):
     path, source = jigsaw_ckpt
     model = build_detector(detector, "resnet18", 80, init=str(path), min_size=128, max_size=160, rois_per_image=32)
@@ -64,6 +71,7 @@ def test_detector_takes_the_jigsaw_backbone_and_trains_a_step(detector, jigsaw_c
     sum(losses.values()).backward()
 
 
+@pytest.mark.slow
 def test_c4_is_stride_16_with_layer4_head(jigsaw_ckpt):
     model = build_detector("c4", "resnet18", 80, init=str(jigsaw_ckpt[0]))
     assert model.backbone(torch.zeros(1, 3, 64, 96)).shape[-2:] == (4, 6)
@@ -72,6 +80,7 @@ def test_c4_is_stride_16_with_layer4_head(jigsaw_ckpt):
 
 
 @pytest.mark.parametrize("detector", ["fpn", "mask"])
+@pytest.mark.slow
 def test_scratch_with_group_norm_everywhere(detector, train_set):
     """He et al. 2019: GN in the backbone, the FPN and a 4conv1fc box head, all trainable."""
     model = build_detector(detector, "resnet18", 80, norm="gn", min_size=96, max_size=128, rois_per_image=16)
@@ -97,13 +106,15 @@ def test_scratch_with_group_norm_everywhere(detector, train_set):
     assert model.backbone.body.conv1.weight.grad is not None
 
 
+@pytest.mark.slow
 def test_random_init_control_has_gn_in_the_backbone_only_and_the_2fc_head(train_set):
     """The experiment grid's control: the transferred arms' detector, with GroupNorm where
     there are no statistics to freeze."""
     from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
-    model = build_detector("fpn", "resnet18", 80, norm="gn", box_head="2fc", fpn_channels=64, min_size=96,
-                           max_size=128, rois_per_image=16)
+    model = build_detector(
+        "fpn", "resnet18", 80, norm="gn", box_head="2fc", fpn_channels=64, min_size=96, max_size=128, rois_per_image=16
+    )
     assert isinstance(model.backbone.body.layer1[0].bn1, nn.GroupNorm)
     assert not any(isinstance(m, nn.GroupNorm) for m in model.backbone.fpn.modules())
     assert isinstance(model.roi_heads.box_head, TwoMLPHead) and model.backbone.out_channels == 64
@@ -115,18 +126,21 @@ def test_random_init_control_has_gn_in_the_backbone_only_and_the_2fc_head(train_
 
 
 @pytest.mark.parametrize("box_head", ["2fc", "4conv1fc"])
+@pytest.mark.slow
 def test_fpn_channels_size_the_pyramid_and_its_heads(box_head):
     model = build_detector("fpn", "resnet18", 80, box_head=box_head, fpn_channels=96)
     out = model.backbone(torch.zeros(1, 3, 64, 64))
     assert {v.shape[1] for v in out.values()} == {96} and model.rpn.head.conv[0][0].in_channels == 96
     convs = [m for m in model.roi_heads.box_head.modules() if isinstance(m, nn.Conv2d)]
-    assert all(c.in_channels == c.out_channels == 96 for c in convs) and len(convs) == (4 if box_head == "4conv1fc"
-                                                                                        else 0)
+    assert all(c.in_channels == c.out_channels == 96 for c in convs) and len(convs) == (
+        4 if box_head == "4conv1fc" else 0
+    )
     stock = build_detector("fpn", "resnet18", 80)
     assert {v.shape[1] for v in stock.backbone(torch.zeros(1, 3, 64, 64)).values()} == {256}
 
 
 @pytest.mark.parametrize("detector", ["c4", "fpn"])
+@pytest.mark.slow
 def test_trainable_layers_choose_the_stages_that_learn(detector, jigsaw_ckpt):
     def learning(model) -> set[str]:
         body = _body(model, detector)
@@ -140,7 +154,8 @@ def test_trainable_layers_choose_the_stages_that_learn(detector, jigsaw_ckpt):
     everything = build_detector(detector, "resnet18", 80, init=str(jigsaw_ckpt[0]), trainable_layers=5)
     assert learning(everything) == {"conv1", "layer1", "layer2", "layer3", "layer4"}  # frozen BN has no parameters
     assert learning(build_detector(detector, "resnet18", 80, init=str(jigsaw_ckpt[0]), trainable_layers=1)) == {
-        "layer4"}
+        "layer4"
+    }
 
 
 def test_box_head_and_fpn_channels_are_checked():
@@ -157,6 +172,7 @@ def test_box_head_and_fpn_channels_are_checked():
     assert FinetuneConfig(coco="c", out="o", init="r.pth", trainable_layers=2).trainable_layers == 2
 
 
+@pytest.mark.slow
 def test_imagenet_weights_from_a_local_file(tmp_path):
     tv = torchvision.models.resnet18()
     torch.save(tv.state_dict(), tmp_path / "r18.pth")
@@ -164,6 +180,7 @@ def test_imagenet_weights_from_a_local_file(tmp_path):
     assert torch.equal(model.backbone.body.layer4[1].conv2.weight, tv.layer4[1].conv2.weight)
 
 
+@pytest.mark.slow
 def test_bad_init_is_a_clear_error(tmp_path, jigsaw_ckpt):
     with pytest.raises(InputError, match="no such file"):
         build_detector("fpn", "resnet18", 80, init=str(tmp_path / "missing.pth"))
@@ -196,19 +213,29 @@ def test_schedule_factors():
     assert lr_factor(10_000, 12, 500, milestones) == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_ground_truth_as_predictions_scores_ap_one(real_coco):
     ds = CocoDetection(real_coco / "annotations" / "instances_train2017.json", real_coco / "train2017", train=False)
     anns = [a for a in ds.coco.dataset["annotations"] if not a["iscrowd"]]
-    boxes = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-             for a in anns]
+    boxes = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0} for a in anns
+    ]
     metrics = coco_eval(ds.coco, boxes, "bbox")
     assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
     segms = []
     for a in anns:
         rle = ds.coco.annToRLE(a)
-        segms.append({"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
-                      "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()
-                                       if isinstance(rle["counts"], bytes) else rle["counts"]}})
+        segms.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "score": 1.0,
+                "segmentation": {
+                    "size": rle["size"],
+                    "counts": rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"],
+                },
+            }
+        )
     assert coco_eval(ds.coco, segms, "segm")["AP"] == pytest.approx(1.0)
     shifted = [dict(b, bbox=[b["bbox"][0] + b["bbox"][2], *b["bbox"][1:]]) for b in boxes]
     assert coco_eval(ds.coco, shifted, "bbox")["AP"] < 0.2
@@ -220,26 +247,40 @@ def test_a_model_that_detects_nothing_scores_as_cocoeval_scores_a_useless_one():
     from jigsawdata.trainer.evaluate import format_table
 
     gt = COCO()
-    gt.dataset = {"images": [{"id": 1, "width": 200, "height": 200}], "categories": [{"id": 1, "name": "a"}],
-                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400,
-                                   "iscrowd": 0},
-                                  {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 50, 50, 50], "area": 2500,
-                                   "iscrowd": 0}]}
+    gt.dataset = {
+        "images": [{"id": 1, "width": 200, "height": 200}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 50, 50, 50], "area": 2500, "iscrowd": 0},
+        ],
+    }
     gt.createIndex()
     useless = [{"image_id": 1, "category_id": 1, "bbox": [150, 150, 5, 5], "score": 0.5}]
     nothing = coco_eval(gt, [], "bbox")
-    assert nothing == coco_eval(gt, useless, "bbox") == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0,
-                                                         "APm": 0.0, "APl": -1.0}  # no large object to find
+    assert (
+        nothing
+        == coco_eval(gt, useless, "bbox")
+        == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": -1.0}
+    )  # no large object to find
     assert format_table({"bbox": nothing}).splitlines()[1].split() == ["bbox", "0.0", "0.0", "0.0", "0.0", "0.0", "-"]
 
 
+@pytest.mark.slow
 def test_evaluation_writes_a_cocoeval_table(real_coco, jigsaw_ckpt, tmp_path):
-    ds = CocoDetection(real_coco / "annotations" / "instances_train2017.json", real_coco / "train2017",
-                       train=False, masks=True, max_images=3)
+    ds = CocoDetection(
+        real_coco / "annotations" / "instances_train2017.json",
+        real_coco / "train2017",
+        train=False,
+        masks=True,
+        max_images=3,
+    )
     model = build_detector("mask", "resnet18", 80, init=str(jigsaw_ckpt[0]), min_size=128, max_size=160)
     model.roi_heads.score_thresh = 0.0  # an untrained head scores every class near 1/81
     seen = []
-    metrics = evaluate(model, ds, torch.device("cpu"), tmp_path, workers=0, progress=lambda n, total: seen.append((n, total)))
+    metrics = evaluate(
+        model, ds, torch.device("cpu"), tmp_path, workers=0, progress=lambda n, total: seen.append((n, total))
+    )
     assert sum(n for n, _ in seen) == 3 and {total for _, total in seen} == {3}
     assert set(metrics) == {"bbox", "segm"} and all(set(m) == set(METRICS) for m in metrics.values())
     saved = json.loads((tmp_path / "eval.json").read_text())
@@ -250,31 +291,66 @@ def test_evaluation_writes_a_cocoeval_table(real_coco, jigsaw_ckpt, tmp_path):
     assert "AP50" in (tmp_path / "eval.txt").read_text()
 
 
+@pytest.mark.slow
 def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
     out = tmp_path / "ft"
-    args = ["finetune", "--coco", str(real_coco), "--out", str(out), "--init", str(jigsaw_ckpt[0]),
-            "--detector", "fpn", "--arch", "resnet18", "--batch", "2", "--min-size", "96", "--max-size", "128",
-            "--max-images", "4", "--workers", "0", "--log-every", "1", "--device", "cpu"]
+    args = [
+        "finetune",
+        "--coco",
+        str(real_coco),
+        "--out",
+        str(out),
+        "--init",
+        str(jigsaw_ckpt[0]),
+        "--detector",
+        "fpn",
+        "--arch",
+        "resnet18",
+        "--batch",
+        "2",
+        "--min-size",
+        "96",
+        "--max-size",
+        "128",
+        "--max-images",
+        "4",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(main, [*args, "--max-iters", "1"])
     assert result.exit_code == 0, result.output
     assert "AP50" in result.output and (out / "predictions_bbox.json").is_file() and (out / "metrics.png").is_file()
     resolved = json.loads((out / "config.json").read_text())["resolved"]
     assert (resolved["device"], resolved["precision"], resolved["world_size"]) == ("cpu", "fp32", 1)
     ann = real_coco / "annotations" / "instances_train2017.json"
-    assert resolved["provenance"]["annotations"] == {"location": str(ann),
-                                                     "sha256": hashlib.sha256(ann.read_bytes()).hexdigest()}
+    assert resolved["provenance"]["annotations"] == {
+        "location": str(ann),
+        "sha256": hashlib.sha256(ann.read_bytes()).hexdigest(),
+    }
     assert resolved["provenance"]["init"]["sha256"] == hashlib.sha256(Path(jigsaw_ckpt[0]).read_bytes()).hexdigest()
     assert resolved["versions"]["torch"] == torch.__version__ and resolved["versions"]["jigsawdata"]
     assert CliRunner().invoke(main, [*args, "--max-iters", "1"]).exit_code == 1  # run exists, no --resume
     first = torch.load(out / "checkpoint.pt", weights_only=True)["train_device_seconds"]
+    changed = CliRunner().invoke(main, [*args, "--max-iters", "2", "--resume", "--lr", "0.05", "--seed", "3"])
+    assert changed.exit_code == 1 and "settings differ from the saved run in lr, seed" in changed.output, changed.output
     result = CliRunner().invoke(main, [*args, "--max-iters", "2", "--resume"])
     assert result.exit_code == 0, result.output
     resumed = torch.load(out / "checkpoint.pt", weights_only=True)
     assert resumed["iteration"] == 2 and resumed["train_device_seconds"] > first > 0  # the clock continues
     own = json.loads((out / "eval.json").read_text())
-    assert own["evaluated"] == {"annotations": str((real_coco / "annotations" / "instances_train2017.json").resolve()),
-                                "image_dir": str((real_coco / "train2017").resolve()), "max_images": 4, "images": 4,
-                                "checkpoint": str((out / "checkpoint.pt").resolve()), "epoch": 0, "iteration": 2}
+    assert own["evaluated"] == {
+        "annotations": str((real_coco / "annotations" / "instances_train2017.json").resolve()),
+        "image_dir": str((real_coco / "train2017").resolve()),
+        "max_images": 4,
+        "images": 4,
+        "checkpoint": str((out / "checkpoint.pt").resolve()),
+        "epoch": 0,
+        "iteration": 2,
+    }
     # a subset is its own file: the run's figures stay
     result = CliRunner().invoke(main, ["evaluate", str(out), "--max-images", "2"])
     assert result.exit_code == 0 and "bbox" in result.output
@@ -284,26 +360,71 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
     assert json.loads((out / "eval.json").read_text()) == own
 
 
+@pytest.mark.slow
 def test_logged_losses_are_means_over_the_steps_since_the_last_record(real_coco, jigsaw_ckpt, tmp_path, monkeypatch):
     from jigsawdata.trainer.finetune import FinetuneConfig, Finetuner
 
-    scripted = iter([{"loss": 1.0, "loss_a": 0.5}, {"loss": 3.0, "loss_a": 1.5}, {"loss": 10.0, "loss_a": 2.0},
-                     {"loss": 20.0, "loss_a": 4.0}, {"loss": 7.0, "loss_a": 1.0}])
+    scripted = iter(
+        [
+            {"loss": 1.0, "loss_a": 0.5},
+            {"loss": 3.0, "loss_a": 1.5},
+            {"loss": 10.0, "loss_a": 2.0},
+            {"loss": 20.0, "loss_a": 4.0},
+            {"loss": 7.0, "loss_a": 1.0},
+        ]
+    )
     monkeypatch.setattr(Finetuner, "step", lambda self, images, targets, factor: next(scripted))
-    cfg = FinetuneConfig(coco=str(real_coco), out=str(tmp_path / "ft"), init=str(jigsaw_ckpt[0]), detector="fpn",
-                         arch="resnet18", batch=2, min_size=96, max_size=128, max_images=16, workers=0,
-                         log_every=2, max_iters=5, device="cpu")
+    cfg = FinetuneConfig(
+        coco=str(real_coco),
+        out=str(tmp_path / "ft"),
+        init=str(jigsaw_ckpt[0]),
+        detector="fpn",
+        arch="resnet18",
+        batch=2,
+        min_size=96,
+        max_size=128,
+        max_images=16,
+        workers=0,
+        log_every=2,
+        max_iters=5,
+        device="cpu",
+    )
     logs: list[dict] = []
     Finetuner(cfg, on_log=logs.append).train()
     assert [(m["iteration"], m["loss"], m["loss_a"]) for m in logs] == [(2, 2.0, 1.0), (4, 15.0, 3.0), (5, 7.0, 1.0)]
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_one_metrics_record_per_iteration(real_coco, jigsaw_ckpt, tmp_path):
     """A run killed after its checkpoint has logged iterations the resumed run logs again."""
     out = tmp_path / "ft"
-    args = ["finetune", "--coco", str(real_coco), "--out", str(out), "--init", str(jigsaw_ckpt[0]),
-            "--detector", "fpn", "--arch", "resnet18", "--batch", "2", "--min-size", "96", "--max-size", "128",
-            "--max-images", "8", "--workers", "0", "--log-every", "1", "--device", "cpu"]
+    args = [
+        "finetune",
+        "--coco",
+        str(real_coco),
+        "--out",
+        str(out),
+        "--init",
+        str(jigsaw_ckpt[0]),
+        "--detector",
+        "fpn",
+        "--arch",
+        "resnet18",
+        "--batch",
+        "2",
+        "--min-size",
+        "96",
+        "--max-size",
+        "128",
+        "--max-images",
+        "8",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert CliRunner().invoke(main, [*args, "--max-iters", "2"]).exit_code == 0
     metrics = out / "metrics.jsonl"
     with open(metrics, "a") as f:  # what the killed run logged after the checkpoint at iteration 2
@@ -314,6 +435,7 @@ def test_a_resume_keeps_one_metrics_record_per_iteration(real_coco, jigsaw_ckpt,
     assert [r["iteration"] for r in records] == [1, 2, 3] and records[-1]["loss"] != 9.0
 
 
+@pytest.mark.slow
 def test_training_time_leaves_out_checkpoint_writes(real_coco, jigsaw_ckpt, tmp_path, monkeypatch):
     """The experiment grid's cost: a slow checkpoint write costs the run nothing."""
     import time
@@ -323,9 +445,20 @@ def test_training_time_leaves_out_checkpoint_writes(real_coco, jigsaw_ckpt, tmp_
     monkeypatch.setattr(Finetuner, "step", lambda self, images, targets, factor: {"loss": 1.0})
     save = Finetuner.save
     monkeypatch.setattr(Finetuner, "save", lambda self: (time.sleep(0.5), save(self)))
-    cfg = FinetuneConfig(coco=str(real_coco), out=str(tmp_path / "ft"), init=str(jigsaw_ckpt[0]), detector="fpn",
-                         arch="resnet18", batch=2, min_size=96, max_size=128, max_images=4, workers=0, epochs=2,
-                         device="cpu")
+    cfg = FinetuneConfig(
+        coco=str(real_coco),
+        out=str(tmp_path / "ft"),
+        init=str(jigsaw_ckpt[0]),
+        detector="fpn",
+        arch="resnet18",
+        batch=2,
+        min_size=96,
+        max_size=128,
+        max_images=4,
+        workers=0,
+        epochs=2,
+        device="cpu",
+    )
     trainer = Finetuner(cfg)
     start = time.perf_counter()
     trainer.train()
@@ -333,6 +466,7 @@ def test_training_time_leaves_out_checkpoint_writes(real_coco, jigsaw_ckpt, tmp_
     assert torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["train_device_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_split_then_finetune_on_any_coco_format_files(real_coco, tmp_path):
     """`split` cuts a seeded held-out part by image (annotations follow their images, every
     other key copied); finetune and evaluate take the two files with --ann/--image-dir."""
@@ -358,17 +492,48 @@ def test_split_then_finetune_on_any_coco_format_files(real_coco, tmp_path):
     assert escape.exit_code == 1 and "split name '../x'" in escape.output and not (tmp_path / "d").exists()
 
     out = tmp_path / "ft"
-    result = CliRunner().invoke(main, [
-        "finetune", "--ann", str(tmp_path / "a" / "instances_train.json"), "--image-dir", str(real_coco / "train2017"),
-        "--val-ann", str(tmp_path / "a" / "instances_val.json"), "--out", str(out), "--detector", "fpn", "--arch",
-        "resnet18", "--batch", "2", "--min-size", "96", "--max-size", "128", "--max-images", "8", "--workers", "0",
-        "--max-iters", "1", "--device", "cpu"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            "--ann",
+            str(tmp_path / "a" / "instances_train.json"),
+            "--image-dir",
+            str(real_coco / "train2017"),
+            "--val-ann",
+            str(tmp_path / "a" / "instances_val.json"),
+            "--out",
+            str(out),
+            "--detector",
+            "fpn",
+            "--arch",
+            "resnet18",
+            "--batch",
+            "2",
+            "--min-size",
+            "96",
+            "--max-size",
+            "128",
+            "--max-images",
+            "8",
+            "--workers",
+            "0",
+            "--max-iters",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     evaluated = json.loads((out / "eval.json").read_text())["evaluated"]
-    assert evaluated["annotations"] == str((tmp_path / "a" / "instances_val.json").resolve()) and evaluated["images"] == 4
-    result = CliRunner().invoke(main, ["evaluate", str(out), "--ann", str(tmp_path / "a" / "instances_train.json"),
-                                       "--max-images", "2"])
+    assert (
+        evaluated["annotations"] == str((tmp_path / "a" / "instances_val.json").resolve()) and evaluated["images"] == 4
+    )
+    result = CliRunner().invoke(
+        main, ["evaluate", str(out), "--ann", str(tmp_path / "a" / "instances_train.json"), "--max-images", "2"]
+    )
     assert result.exit_code == 0 and (out / "eval-train-first2.json").is_file(), result.output
-    refused = CliRunner().invoke(main, ["finetune", "--coco", str(real_coco), "--ann", str(source), "--out",
-                                        str(tmp_path / "x")])
+    refused = CliRunner().invoke(
+        main, ["finetune", "--coco", str(real_coco), "--ann", str(source), "--out", str(tmp_path / "x")]
+    )
     assert refused.exit_code == 1 and "one of the two" in refused.output

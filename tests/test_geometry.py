@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from jigsawdata import geometry
-from jigsawdata.grouping import group_of
+from jigsawdata.build import geometry
+from jigsawdata.shardset.grouping import group_of
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -59,10 +59,20 @@ def test_background_box_gives_up_on_a_covered_image():
     assert geometry.sample_background_box((8, 8), 320, 240, objects, rng, 50) is None
 
 
-@pytest.mark.parametrize("w,h,group", [
-    (50, 100, "S"), (49, 100, "T"), (1, 3, "T"), (1, 2, "S"),
-    (150, 100, "S"), (151, 100, "W"), (3, 2, "S"), (31, 20, "W"), (100, 100, "S"),
-])
+@pytest.mark.parametrize(
+    "w,h,group",
+    [
+        (50, 100, "S"),
+        (49, 100, "T"),
+        (1, 3, "T"),
+        (1, 2, "S"),
+        (150, 100, "S"),
+        (151, 100, "W"),
+        (3, 2, "S"),
+        (31, 20, "W"),
+        (100, 100, "S"),
+    ],
+)
 def test_group_boundaries(w, h, group):
     assert group_of(w, h) == group
 

@@ -8,11 +8,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from jigsawdata.build.run import BuildConfig, build_shards
 from jigsawdata.cli import main
-from jigsawdata.build import BuildConfig, build_shards
-from jigsawdata.coco import load_coco, load_rgb
+from jigsawdata.coco.reader import load_coco, load_rgb
 from jigsawdata.errors import InputError
-from jigsawdata.synthetic import make_synthetic_coco
+from jigsawdata.synthetic.shapes import make_synthetic_coco
 
 
 @pytest.fixture
@@ -51,8 +51,11 @@ def test_unknown_category_ids_are_named(coco):
     data["annotations"][1]["category_id"] = 555
     _save(ann, data)
     first = data["annotations"][0]["id"]
-    with pytest.raises(InputError, match=rf"instances_train.json: .*\[555, 999\] \(first: the annotation with id "
-                                         rf"{first}\)"):
+    with pytest.raises(
+        InputError,
+        match=rf"instances_train.json: .*\[555, 999\] \(first: the annotation with id "
+        rf"{first}\)",
+    ):
         load_coco(ann, root / "train")
 
 
@@ -73,15 +76,24 @@ def test_bad_boxes_are_clipped_or_dropped_and_counted(coco):
     root, data, ann = coco
     img = data["images"][0]
     extra = [
-        [10, 10, 0, 20],                                  # zero width: degenerate
-        [10, 10, 20, -5],                                 # negative height: degenerate
-        [img["width"] + 5, 10, 20, 20],                   # wholly outside: dropped
-        [img["width"] - 30, 10, 60, 40],                  # partly outside: clipped
+        [10, 10, 0, 20],  # zero width: degenerate
+        [10, 10, 20, -5],  # negative height: degenerate
+        [img["width"] + 5, 10, 20, 20],  # wholly outside: dropped
+        [img["width"] - 30, 10, 60, 40],  # partly outside: clipped
     ]
     next_id = max(a["id"] for a in data["annotations"]) + 1
     for i, bbox in enumerate(extra):
-        data["annotations"].append({"id": next_id + i, "image_id": img["id"], "category_id": 1, "bbox": bbox,
-                                    "area": 1.0, "iscrowd": 0, "segmentation": []})
+        data["annotations"].append(
+            {
+                "id": next_id + i,
+                "image_id": img["id"],
+                "category_id": 1,
+                "bbox": bbox,
+                "area": 1.0,
+                "iscrowd": 0,
+                "segmentation": [],
+            }
+        )
     _save(ann, data)
     source = load_coco(ann, root / "train")
     record = source.images[0]
@@ -100,8 +112,12 @@ def test_missing_and_corrupt_images_are_skipped_counted_and_named(tmp_path, coco
     _save(ann, data)
     manifest = build_shards(load_coco(ann, root / "train"), tmp_path / "out", BuildConfig())
     reasons = {s["file_name"]: s["reason"] for s in manifest.skipped_images}
-    assert reasons == {names[0]: "image_missing", names[1]: "image_corrupt", names[2]: "image_size_mismatch",
-                       "x" * 300 + ".jpg": "image_missing"}
+    assert reasons == {
+        names[0]: "image_missing",
+        names[1]: "image_corrupt",
+        names[2]: "image_size_mismatch",
+        "x" * 300 + ".jpg": "image_missing",
+    }
     assert manifest.counts["images_used"] == 2 and manifest.counts["image_missing"] == 2
 
 
@@ -138,11 +154,11 @@ def _exif_rotated(tmp_path, stored=(60, 40)):
 
 def test_exif_rotated_image_uses_the_orientation_matching_the_annotation(tmp_path):
     path = _exif_rotated(tmp_path)
-    shown, _ = load_rgb(path, 40, 60)     # annotated on the rotated view
-    stored, _ = load_rgb(path, 60, 40)    # annotated on the stored pixels
+    shown, _ = load_rgb(path, 40, 60)  # annotated on the rotated view
+    stored, _ = load_rgb(path, 60, 40)  # annotated on the stored pixels
     assert shown.size == (40, 60) and stored.size == (60, 40)
-    assert stored.getpixel((2, 2))[2] > 150           # marker stays top-left when stored
-    assert shown.getpixel((37, 2))[2] > 150           # and moves top-right once rotated 90 CW
+    assert stored.getpixel((2, 2))[2] > 150  # marker stays top-left when stored
+    assert shown.getpixel((37, 2))[2] > 150  # and moves top-right once rotated 90 CW
     assert load_rgb(path, 50, 50) == (None, "image_size_mismatch")
 
 
@@ -150,8 +166,10 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     result = CliRunner().invoke(main, ["build-shards", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code != 0
     assert "cannot pick a split" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(main, ["build-shards", "--ann", str(tmp_path / "a.json"), "--image-dir",
-                                       str(tmp_path), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        main,
+        ["build-shards", "--ann", str(tmp_path / "a.json"), "--image-dir", str(tmp_path), "--out", str(tmp_path / "o")],
+    )
     assert result.exit_code == 1 and "annotation file not found" in result.output
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from jigsawdata.errors import InputError
 from jigsawdata.files import atomic_path, json_text, write_json_atomic
-from jigsawdata.location import ShardLocation
-from jigsawdata.manifest import GroupInfo, Manifest, ManifestError, ShardInfo, read_manifest
+from jigsawdata.shardset.location import ShardLocation
+from jigsawdata.shardset.manifest import GroupInfo, Manifest, ManifestError, ShardInfo, read_manifest
 
 DATA = Path(__file__).parent / "data"
 WRITTEN = ["manifest_24_synthetic.json", "manifest_24_synthetic_part_0_of_2.json"]
@@ -66,9 +66,12 @@ def test_fields_this_version_does_not_know_ride_along(tmp_path):
 def test_optional_fields_stay_absent():
     """A minimal set (as pipelines' crafted test sets are): no source, no counts, no part."""
     shard = {"name": "S/S-000000.tar", "samples": 2, "bytes": 10240, "sha256": "a" * 64}
-    data = {"format_version": "1.0", "groups": {"S": {"shards": [shard], "samples": 2, "bytes": 10240}},
-            "classes": [{"label": 0, "category_id": 1, "name": "thing"}],
-            "background": {"label": 1, "category_id": 0, "name": "background"}}
+    data = {
+        "format_version": "1.0",
+        "groups": {"S": {"shards": [shard], "samples": 2, "bytes": 10240}},
+        "classes": [{"label": 0, "category_id": 1, "name": "thing"}],
+        "background": {"label": 1, "category_id": 0, "name": "background"},
+    }
     manifest = Manifest.from_json(copy.deepcopy(data))
     assert manifest.source is None and manifest.counts is None and manifest.groups["S"].shards[0].idx_sha256 is None
     assert manifest.to_json() == data
@@ -79,28 +82,39 @@ def test_a_group_is_its_shards_totals():
     shards = [ShardInfo("S/a.tar", 3, 100, "a" * 64, "b" * 64), ShardInfo("S/b.tar", 4, 50, "c" * 64, "d" * 64)]
     group = GroupInfo.of(shards)
     assert (group.samples, group.bytes) == (7, 150)
-    assert group.to_json()["shards"][1] == {"name": "S/b.tar", "samples": 4, "bytes": 50, "sha256": "c" * 64,
-                                            "idx_sha256": "d" * 64}
+    assert group.to_json()["shards"][1] == {
+        "name": "S/b.tar",
+        "samples": 4,
+        "bytes": 50,
+        "sha256": "c" * 64,
+        "idx_sha256": "d" * 64,
+    }
 
 
-@pytest.mark.parametrize("edit,error,message", [
-    (lambda m: m.update(format_version="3.0"), InputError, "format version 3.0"),
-    (lambda m: m.update(format_version="x"), InputError, "format version 'x': not a jigsawdata manifest"),
-    (lambda m: m.pop("groups"), ManifestError, "no 'groups' object"),
-    (lambda m: m["groups"]["S"].pop("samples"), ManifestError, "no sample count for 'group S'"),
-    (lambda m: m["groups"]["S"]["shards"][0].update(samples=True), ManifestError, "no sample count"),
-    (lambda m: m.update(card_sha256="nope"), ManifestError, "no valid sha256 for 'README.md'"),
-    (lambda m: m["classes"][2].pop("name"), ManifestError, r"no valid classes\[2\].name"),
-    (lambda m: m.update(background=None), ManifestError, "no valid background"),
-    (lambda m: m["source"].update(images="24"), ManifestError, "no valid source.images"),
-    (lambda m: m.update(index="../index.parquet"), ManifestError, "unsafe path"),
-    (lambda m: m["classes"][1].update(label=0), ManifestError, "class labels are .* they must be 0..C-1"),
-    (lambda m: m["classes"][0].update(label=99), ManifestError, "class labels are"),
-    (lambda m: m["background"].update(label=0), ManifestError, "with background 0"),
-    (lambda m: m["groups"].update(S=m["groups"]["W"], W=m["groups"]["S"]), ManifestError,
-     "lists 'W/.*' in group S"),
-    (lambda m: m["groups"].update(X=m["groups"].pop("T")), ManifestError, "groups 'X'; a shard set has only S"),
-])
+@pytest.mark.parametrize(
+    "edit,error,message",
+    [
+        (lambda m: m.update(format_version="3.0"), InputError, "format version 3.0"),
+        (lambda m: m.update(format_version="x"), InputError, "format version 'x': not a jigsawdata manifest"),
+        (lambda m: m.pop("groups"), ManifestError, "no 'groups' object"),
+        (lambda m: m["groups"]["S"].pop("samples"), ManifestError, "no sample count for 'group S'"),
+        (lambda m: m["groups"]["S"]["shards"][0].update(samples=True), ManifestError, "no sample count"),
+        (lambda m: m.update(card_sha256="nope"), ManifestError, "no valid sha256 for 'README.md'"),
+        (lambda m: m["classes"][2].pop("name"), ManifestError, r"no valid classes\[2\].name"),
+        (lambda m: m.update(background=None), ManifestError, "no valid background"),
+        (lambda m: m["source"].update(images="24"), ManifestError, "no valid source.images"),
+        (lambda m: m.update(index="../index.parquet"), ManifestError, "unsafe path"),
+        (lambda m: m["classes"][1].update(label=0), ManifestError, "class labels are .* they must be 0..C-1"),
+        (lambda m: m["classes"][0].update(label=99), ManifestError, "class labels are"),
+        (lambda m: m["background"].update(label=0), ManifestError, "with background 0"),
+        (
+            lambda m: m["groups"].update(S=m["groups"]["W"], W=m["groups"]["S"]),
+            ManifestError,
+            "lists 'W/.*' in group S",
+        ),
+        (lambda m: m["groups"].update(X=m["groups"].pop("T")), ManifestError, "groups 'X'; a shard set has only S"),
+    ],
+)
 def test_malformed_manifests_are_refused(edit, error, message):
     data = json.loads((DATA / WRITTEN[0]).read_text())
     edit(data)
@@ -158,9 +172,12 @@ def test_rank_and_world_come_from_torchrun_variables(monkeypatch):
 
 
 def test_a_set_without_shards_is_refused():
-    data = {"format_version": "1.0", "groups": {"S": {"shards": [], "samples": 0, "bytes": 0}},
-            "classes": [{"label": 0, "category_id": 1, "name": "thing"}],
-            "background": {"label": 1, "category_id": 0, "name": "background"}}
+    data = {
+        "format_version": "1.0",
+        "groups": {"S": {"shards": [], "samples": 0, "bytes": 0}},
+        "classes": [{"label": 0, "category_id": 1, "name": "thing"}],
+        "background": {"label": 1, "category_id": 0, "name": "background"},
+    }
     with pytest.raises(ManifestError, match="lists no shards"):
         Manifest.from_json(copy.deepcopy(data))
     data["groups"] = {}

@@ -16,14 +16,21 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from jigsawdata.cli import main
 from jigsawdata.errors import InputError
+from jigsawdata.experiments.config import FORMAT, ExperimentConfig, arms, preset
+from jigsawdata.experiments.grid import claim_experiment_dir, pretrain_config
 from jigsawdata.pipelines.template import Template
 from jigsawdata.trainer import checkpoint as ckpt_io
 from jigsawdata.trainer.checkpoint import load
 from jigsawdata.trainer.config import PretrainConfig
 from jigsawdata.trainer.detection import build_detector
-from jigsawdata.trainer.erf import (_receptive_fields, erf_weights, lattice_cells, level_receptive_fields,
-                                    level_weights, translated_shares)
-from jigsawdata.trainer.experiment import FORMAT, ExperimentConfig, arms, claim_experiment_dir, preset, pretrain_config
+from jigsawdata.trainer.erf import (
+    _receptive_fields,
+    erf_weights,
+    lattice_cells,
+    level_receptive_fields,
+    level_weights,
+    translated_shares,
+)
 from jigsawdata.trainer.export import detectron2_config, export
 from jigsawdata.trainer.model import PyramidDenseClassifier
 from jigsawdata.trainer.pretrain import Trainer
@@ -39,9 +46,14 @@ def _pyramid(channels: int = 32) -> PyramidDenseClassifier:
 def test_every_level_gives_a_logit_map_at_its_stride():
     out = _pyramid()(torch.randn(2, 3, 128, 128))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "P2": (2, 5, 32, 32), "P3": (2, 5, 16, 16), "P4": (2, 5, 8, 8), "P5": (2, 5, 4, 4)}
+        "P2": (2, 5, 32, 32),
+        "P3": (2, 5, 16, 16),
+        "P4": (2, 5, 8, 8),
+        "P5": (2, 5, 4, 4),
+    }
 
 
+@pytest.mark.slow
 def test_the_neck_has_the_keys_and_shapes_of_torchvisions_fpn_detector():
     model = _pyramid(64)
     detector = build_detector("fpn", "resnet18", 3, fpn_channels=64)
@@ -72,17 +84,22 @@ def test_translated_shares_equal_shifting_each_map_by_hand():
             moved = torch.zeros(canvas, canvas)
             src = maps[rep]
             ys, xs = slice(max(0, dy), canvas + min(0, dy)), slice(max(0, dx), canvas + min(0, dx))
-            moved[ys, xs] = src[max(0, -dy):canvas - max(0, dy), max(0, -dx):canvas - max(0, dx)]
+            moved[ys, xs] = src[max(0, -dy) : canvas - max(0, dy), max(0, -dx) : canvas - max(0, dx)]
             expected = torch.einsum("hw,rhw->r", moved, masks)
             assert torch.allclose(got[a * grid + b], expected, atol=1e-4), (a, b)
 
 
+@pytest.mark.slow
 def test_each_levels_weights_are_eq2_and_sum_to_one_per_cell():
     model = _pyramid()
     images = torch.randn(2, 3, 64, 64)
     maps = level_receptive_fields(model, images, SMALL)
     assert {k: tuple(v.shape) for k, v in maps.items()} == {
-        "P2": (4, 64, 64), "P3": (4, 64, 64), "P4": (4, 64, 64), "P5": (4, 64, 64)}  # one per 32 px cell
+        "P2": (4, 64, 64),
+        "P3": (4, 64, 64),
+        "P4": (4, 64, 64),
+        "P5": (4, 64, 64),
+    }  # one per 32 px cell
     weights = level_weights(maps, SMALL, model.strides, tau=0.7)
     for name, stride in model.strides.items():
         level = replace(SMALL, stride=stride)
@@ -93,6 +110,7 @@ def test_each_levels_weights_are_eq2_and_sum_to_one_per_cell():
         assert (w.gather(0, own[None]) >= 0.7 - 1e-6).all(), name  # the tau floor of the cell's own region
 
 
+@pytest.mark.slow
 def test_the_stride_32_level_is_exact_and_finer_levels_stay_close_to_it():
     """P5 gets every cell's own ERF; P4, P3 and P2 translate their lattice cells'. Against
     one ERF per cell on a 64-pixel canvas, where every cell is near the border that
@@ -112,9 +130,24 @@ def test_the_stride_32_level_is_exact_and_finer_levels_stay_close_to_it():
 
 
 def _cfg(shards, out, **kw) -> PretrainConfig:
-    values = dict(shards=str(shards), out=str(out), arch="resnet18", neck="fpn", fpn_channels=32, iterations=12,
-                  batch=4, warmup=2, canvas=128, template_split=32, checkpoint_every=4, erf_every=6, erf_images=2,
-                  workers=2, log_every=2, device="cpu")  # exact resume is asserted bit for bit: CPU kernels
+    values = dict(
+        shards=str(shards),
+        out=str(out),
+        arch="resnet18",
+        neck="fpn",
+        fpn_channels=32,
+        iterations=12,
+        batch=4,
+        warmup=2,
+        canvas=128,
+        template_split=32,
+        checkpoint_every=4,
+        erf_every=6,
+        erf_images=2,
+        workers=2,
+        log_every=2,
+        device="cpu",
+    )  # exact resume is asserted bit for bit: CPU kernels
     return PretrainConfig(**{**values, **kw})
 
 
@@ -122,6 +155,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(built_real, tmp_path):
     """DALI (CPU) pipeline, ERF weights on every level refreshed twice: a run stopped after
     iteration 6 and resumed from its iteration-4 checkpoint ends bit-identical."""
@@ -142,25 +176,44 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(built
         assert torch.equal(value, b["model"][key]), key
     assert list(a["erf_weights"]) == ["P2", "P3", "P4", "P5"]
     assert {k: tuple(v.shape) for k, v in a["erf_weights"].items()} == {
-        "P2": (4, 32, 32), "P3": (4, 16, 16), "P4": (4, 8, 8), "P5": (4, 4, 4)}
+        "P2": (4, 32, 32),
+        "P3": (4, 16, 16),
+        "P4": (4, 8, 8),
+        "P5": (4, 4, 4),
+    }
     assert all(torch.equal(a["erf_weights"][k], b["erf_weights"][k]) for k in a["erf_weights"])
     with pytest.raises(InputError, match="settings differ from the saved run in fpn_channels, neck"):
         Trainer(_cfg(built_real, tmp_path / "cut", neck="none", fpn_channels=256), resume=True)
 
 
 @pytest.mark.parametrize("loss", ["erf", "blockwise", "global"])
+@pytest.mark.slow
 def test_every_loss_trains_the_neck_with_validation_per_level(built_real, tmp_path, loss):
     seen = []
-    trainer = Trainer(_cfg(built_real, tmp_path / loss, loss=loss, iterations=2, pipeline="reference", workers=0,
-                           val_shards=str(built_real), val_every=2, val_images=4), on_validate=seen.append)
+    trainer = Trainer(
+        _cfg(
+            built_real,
+            tmp_path / loss,
+            loss=loss,
+            iterations=2,
+            pipeline="reference",
+            workers=0,
+            val_shards=str(built_real),
+            val_every=2,
+            val_images=4,
+        ),
+        on_validate=seen.append,
+    )
     before = trainer.model.fpn.layer_blocks[0][0].weight.detach().clone()
     trainer.train()
     assert not torch.equal(before, trainer.model.fpn.layer_blocks[0][0].weight)  # P2's own conv learned
     assert {"val_accuracy", "val_accuracy_P2", "val_accuracy_P3", "val_accuracy_P4", "val_accuracy_P5"} <= set(seen[-1])
     assert set(trainer.weights) == {"P2", "P3", "P4", "P5"}
     if loss != "erf":  # no ERF: each cell carries its own region's label only
-        assert all(torch.equal(w.sum(0), torch.ones_like(w[0])) and set(w.unique().tolist()) == {0.0, 1.0}
-                   for w in trainer.weights.values())
+        assert all(
+            torch.equal(w.sum(0), torch.ones_like(w[0])) and set(w.unique().tolist()) == {0.0, 1.0}
+            for w in trainer.weights.values()
+        )
 
 
 def test_pyramid_settings_are_checked():
@@ -172,19 +225,20 @@ def test_pyramid_settings_are_checked():
         PretrainConfig(shards="s", out="o", neck="fpn", fpn_channels=48)
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_the_neck_existed_resumes_as_backbone_only(built_real, tmp_path):
     """Its config has no neck and its ERF weights are one tensor: resumed as the backbone-only
     run it was, and refused in one line as an FPN run."""
     run = tmp_path / "old"
-    Trainer(_cfg(built_real, run, neck="none", fpn_channels=256, iterations=1, pipeline="reference",
-                 workers=0)).train()
+    Trainer(_cfg(built_real, run, neck="none", fpn_channels=256, iterations=1, pipeline="reference", workers=0)).train()
     ckpt = load(run)
     for key in ("neck", "fpn_channels"):
         del ckpt["config"][key]
     ckpt["erf_weights"] = ckpt["erf_weights"]["C5"]
     ckpt_io.save_atomic(ckpt, run / "checkpoint.pt")
-    old = Trainer(_cfg(built_real, run, neck="none", fpn_channels=256, iterations=1, pipeline="reference",
-                       workers=0), resume=True)
+    old = Trainer(
+        _cfg(built_real, run, neck="none", fpn_channels=256, iterations=1, pipeline="reference", workers=0), resume=True
+    )
     assert list(old.weights) == ["C5"] and torch.equal(old.weights["C5"], ckpt["erf_weights"])
     with pytest.raises(InputError, match="settings differ from the saved run in fpn_channels, neck"):
         Trainer(_cfg(built_real, run, iterations=1, pipeline="reference", workers=0), resume=True)
@@ -197,8 +251,17 @@ def _pyramid_checkpoint(tmp_path, channels: int = 64):
     model = _pyramid(channels)
     path = tmp_path / "run" / "checkpoint.pt"
     path.parent.mkdir()
-    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "arch": "resnet18", "iteration": 3, "class_names": ["a"] * 4,
-                         "config": {"neck": "fpn", "fpn_channels": channels}, "model": model.state_dict()}, path)
+    ckpt_io.save_atomic(
+        {
+            "format": ckpt_io.FORMAT,
+            "arch": "resnet18",
+            "iteration": 3,
+            "class_names": ["a"] * 4,
+            "config": {"neck": "fpn", "fpn_channels": channels},
+            "model": model.state_dict(),
+        },
+        path,
+    )
     return path, model
 
 
@@ -210,15 +273,18 @@ def _assert_loaded(detector, model) -> None:
 
 
 @pytest.mark.parametrize("detector", ["fpn", "mask"])
+@pytest.mark.slow
 def test_finetune_starts_from_the_pretrained_backbone_and_fpn(tmp_path, detector):
     path, model = _pyramid_checkpoint(tmp_path)
     _assert_loaded(build_detector(detector, "resnet18", 3, init=str(path.parent), fpn_channels=64), model)
     for fmt in ("torchvision", "mmdet"):
         export(path, fmt, tmp_path / f"{fmt}.pth")
-        _assert_loaded(build_detector(detector, "resnet18", 3, init=str(tmp_path / f"{fmt}.pth"), fpn_channels=64),
-                       model)
+        _assert_loaded(
+            build_detector(detector, "resnet18", 3, init=str(tmp_path / f"{fmt}.pth"), fpn_channels=64), model
+        )
 
 
+@pytest.mark.slow
 def test_a_neck_that_does_not_fit_is_refused_in_one_line(tmp_path):
     path, _ = _pyramid_checkpoint(tmp_path)
     with pytest.raises(InputError, match="holds a 64-channel FPN, not 256: fine-tune with --fpn-channels 64"):
@@ -249,14 +315,16 @@ def test_a_neck_that_does_not_fit_is_refused_in_one_line(tmp_path):
         build_detector("fpn", "resnet18", 3, init=str(path), fpn_channels=64, norm="gn", box_head="2fc")
 
 
+@pytest.mark.slow
 def test_exports_name_the_fpn_as_each_framework_does(tmp_path):
     path, model = _pyramid_checkpoint(tmp_path)
     done = export(path, "torchvision", tmp_path / "tv.pth")
     assert done.neck
     state = torch.load(tmp_path / "tv.pth", weights_only=True)
     theirs = FasterRCNN(resnet_fpn_backbone(backbone_name="resnet18", weights=None), num_classes=3)
-    theirs.backbone.fpn = torchvision.ops.FeaturePyramidNetwork([64, 128, 256, 512], 64,
-                                                                extra_blocks=theirs.backbone.fpn.extra_blocks)
+    theirs.backbone.fpn = torchvision.ops.FeaturePyramidNetwork(
+        [64, 128, 256, 512], 64, extra_blocks=theirs.backbone.fpn.extra_blocks
+    )
     result = theirs.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     assert not [k for k in result.missing_keys if not k.startswith(("rpn.", "roi_heads."))]
@@ -269,8 +337,9 @@ def test_exports_name_the_fpn_as_each_framework_does(tmp_path):
     assert "FPN" not in detectron2_config("resnet18", tmp_path / "d2.pkl")["MODEL"]
     alone = export(path, "torchvision", tmp_path / "alone.pth", backbone_only=True)
     assert not alone.neck
-    result = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "alone.pth", weights_only=True),
-                                                            strict=False)
+    result = torchvision.models.resnet18().load_state_dict(
+        torch.load(tmp_path / "alone.pth", weights_only=True), strict=False
+    )
     assert set(result.missing_keys) == {"fc.weight", "fc.bias"} and not result.unexpected_keys
     export(path, "mmdet", tmp_path / "mm.pth")
     mm = torch.load(tmp_path / "mm.pth", weights_only=True)
@@ -279,10 +348,12 @@ def test_exports_name_the_fpn_as_each_framework_does(tmp_path):
     assert torch.equal(mm["state_dict"]["neck.lateral_convs.3.conv.bias"], model.fpn.inner_blocks[3][0].bias)
 
 
+@pytest.mark.slow
 def test_the_erf_command_draws_a_pyramid_runs_p5(built_real, tmp_path):
     Trainer(_cfg(built_real, tmp_path / "run", iterations=1, pipeline="reference", workers=0)).train()
-    result = CliRunner().invoke(main, ["erf", str(tmp_path / "run"), "--out", str(tmp_path / "erf.png"),
-                                       "--images", "2", "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["erf", str(tmp_path / "run"), "--out", str(tmp_path / "erf.png"), "--images", "2", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "erf.png").stat().st_size > 0
 
@@ -291,8 +362,9 @@ def test_the_erf_command_draws_a_pyramid_runs_p5(built_real, tmp_path):
 
 
 def test_the_fpn_neck_arm_pretrains_the_detectors_pyramid(tmp_path):
-    cfg = ExperimentConfig(out=str(tmp_path), detector="fpn", arch="resnet18", fpn_neck=True,
-                           finetune={"fpn_channels": 64})
+    cfg = ExperimentConfig(
+        out=str(tmp_path), detector="fpn", arch="resnet18", fpn_neck=True, finetune={"fpn_channels": 64}
+    )
     arm = {a.name: a for a in arms(cfg)}["fpn-neck"]
     run = pretrain_config(cfg, arm, 0, "shards", "val", tmp_path / "run")
     assert (run.neck, run.fpn_channels, run.loss) == ("fpn", 64, "erf")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -13,8 +12,7 @@ from jigsawdata.pipelines.dali import DaliJigsawLoader
 from jigsawdata.pipelines.fit import place, window, window_anchor
 from jigsawdata.pipelines.reference import reference_loader
 from jigsawdata.pipelines.template import Template
-
-from .crafted import crop, write_crafted
+from jigsawdata.tests.crafted import crop, write_crafted
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -72,15 +70,17 @@ def test_template_is_configurable_and_validated():
 # ------------------------------------------------------------------ pure geometry
 
 
-@pytest.mark.parametrize("size,region,pos,anchor", [(100, 64, 0.0, 0), (100, 64, 1.0, 36), (100, 64, 0.5, 18),
-                                                    (53, 64, 0.5, -6), (59, 64, 0.7, -3), (64, 64, 0.3, 0)])
+@pytest.mark.parametrize(
+    "size,region,pos,anchor",
+    [(100, 64, 0.0, 0), (100, 64, 1.0, 36), (100, 64, 0.5, 18), (53, 64, 0.5, -6), (59, 64, 0.7, -3), (64, 64, 0.3, 0)],
+)
 def test_window_anchor(size, region, pos, anchor):
     assert window_anchor(size, region, pos) == anchor
 
 
 def test_window_and_place_pad_or_crop_per_axis():
     img = np.arange(40 * 200).reshape(200, 40, 1).astype(np.int32) + 1  # 40 wide, 200 tall
-    xs, xe, xo = window(40, 64, 0.0)   # pad x (40 < 64)
+    xs, xe, xo = window(40, 64, 0.0)  # pad x (40 < 64)
     ys, ye, yo = window(200, 160, 1.0)  # crop y (200 > 160) from the bottom
     assert (xs, xe, xo, ys, ye, yo) == (0, 40, 0, 40, 200, 0)
     out = place(img[ys:ye, xs:xe], 64, 160, xo, yo)
@@ -99,6 +99,7 @@ def _assert_same(a_img, a_lab, b_img, b_lab):
 
 
 @pytest.mark.parametrize("pos", [0.0, 0.5, 1.0])
+@pytest.mark.slow
 def test_dali_cpu_equals_reference_with_augmentation_off_real(built_real, pos):
     cfg = fixed(crop_pos=pos)
     _assert_same(*dali(built_real, cfg, batch=8, batches=2), *ref(built_real, cfg, batch=8, batches=2))
@@ -116,11 +117,14 @@ def test_dali_cpu_equals_reference_on_synthetic(built_synthetic):
 def crafted(tmp_path_factory):
     """S: a small red (label 1) and a large green (label 2) crop; T: blue (3); W: yellow (4)."""
     root = tmp_path_factory.mktemp("crafted")
-    return write_crafted(root, {
-        "S": [(crop(30, 30, RED), 1), (crop(120, 110, GREEN), 2)] * 4,
-        "T": [(crop(40, 200, BLUE, bottom_color=RED), 3)] * 4,
-        "W": [(crop(200, 40, YELLOW, right_color=GREEN), 4)] * 4,
-    })
+    return write_crafted(
+        root,
+        {
+            "S": [(crop(30, 30, RED), 1), (crop(120, 110, GREEN), 2)] * 4,
+            "T": [(crop(40, 200, BLUE, bottom_color=RED), 3)] * 4,
+            "W": [(crop(200, 40, YELLOW, right_color=GREEN), 4)] * 4,
+        },
+    )
 
 
 def _region(images, r, template=Template()):
@@ -181,8 +185,9 @@ def test_padding_normalises_to_exactly_minus_mean_over_std(crafted):
     assert len(corner) and torch.allclose(corner, expected.expand_as(corner), atol=1e-5)
     # A flat crop of known colour normalises to (c/255 - mean) / std.
     centre = images[:, :, 64 + 10, 10]  # T region, blue top half
-    np.testing.assert_allclose(centre.mean(0).numpy(), ((np.array(BLUE) / 255) - IMAGENET_MEAN) / IMAGENET_STD,
-                               atol=12 / 255 / 0.224)
+    np.testing.assert_allclose(
+        centre.mean(0).numpy(), ((np.array(BLUE) / 255) - IMAGENET_MEAN) / IMAGENET_STD, atol=12 / 255 / 0.224
+    )
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +195,18 @@ def halves(tmp_path_factory):
     """Crops whose left half is red and right half green, to see flips; S 40x40 for scale."""
     root = tmp_path_factory.mktemp("halves")
     s = [(crop(40, 40, RED, right_color=GREEN), i % 10) for i in range(64)]
-    return write_crafted(root, {"S": s, "T": [(crop(20, 60, RED, right_color=GREEN), 3)] * 16,
-                                "W": [(crop(60, 20, RED, right_color=GREEN), 4)] * 16})
+    return write_crafted(
+        root,
+        {
+            "S": s,
+            "T": [(crop(20, 60, RED, right_color=GREEN), 3)] * 16,
+            "W": [(crop(60, 20, RED, right_color=GREEN), 4)] * 16,
+        },
+    )
 
 
 @pytest.mark.parametrize("backend", ["dali", "reference"])
+@pytest.mark.slow
 def test_flip_rate_and_resize_range(halves, backend):
     cfg = JigsawConfig(crop_pos=0.0, seed=3, initial_fill=16)
     images, _ = (dali if backend == "dali" else ref)(halves, cfg, batch=32, batches=4)
@@ -213,8 +225,9 @@ def test_flip_rate_and_resize_range(halves, backend):
 
 
 def test_several_pipelines_draw_their_own_augmentations(halves):
-    images, _ = take(DaliJigsawLoader(halves, 8, JigsawConfig(initial_fill=16), num_threads=1, pipelines=2,
-                                      rank=0, world_size=1), 2)
+    images, _ = take(
+        DaliJigsawLoader(halves, 8, JigsawConfig(initial_fill=16), num_threads=1, pipelines=2, rank=0, world_size=1), 2
+    )
     # Every S, T and W crop looks the same: only the random resize, window and flip can differ.
     assert not torch.equal(images[:8], images[8:])
 
@@ -242,6 +255,7 @@ def test_epoch_mode_ends_and_endless_mode_does_not(crafted):
     assert len([next(endless) for _ in range(5)]) == 5
 
 
+@pytest.mark.slow
 def test_several_pipelines_take_turns_each_over_its_own_share(built_real):
     """pipelines=2 gives the batches of two single pipelines over half the samples each (as
     two ranks would read them, each with its own seed), one from each in turn."""
@@ -249,24 +263,27 @@ def test_several_pipelines_take_turns_each_over_its_own_share(built_real):
 
     cfg = JigsawConfig(seed=5, initial_fill=64)
     both = take(DaliJigsawLoader(built_real, 4, cfg, num_threads=1, pipelines=2, rank=0, world_size=1), 4)
-    halves = [take(DaliJigsawLoader(built_real, 4, part_config(cfg, k), num_threads=1, rank=k, world_size=2), 2)
-              for k in range(2)]
+    halves = [
+        take(DaliJigsawLoader(built_real, 4, part_config(cfg, k), num_threads=1, rank=k, world_size=2), 2)
+        for k in range(2)
+    ]
     for i in range(4):
         images, labels = halves[i % 2]
         batch = slice(4 * (i // 2), 4 * (i // 2 + 1))
-        assert torch.equal(both[0][4 * i:4 * i + 4], images[batch]) and torch.equal(both[1][4 * i:4 * i + 4],
-                                                                                      labels[batch])
+        assert torch.equal(both[0][4 * i : 4 * i + 4], images[batch]) and torch.equal(
+            both[1][4 * i : 4 * i + 4], labels[batch]
+        )
     assert not torch.equal(halves[0][0][:4], halves[1][0][:4])
 
 
+@pytest.mark.slow
 def test_several_pipelines_resume_where_their_state_was_taken(built_real):
     cfg = JigsawConfig(seed=2, initial_fill=64)
     first = DaliJigsawLoader(built_real, 4, cfg, num_threads=1, pipelines=2, rank=0, world_size=1)
     take(first, 3)  # the next batch is the second pipeline's
     state = first.state()
     expected = take(first, 3)
-    resumed = DaliJigsawLoader(built_real, 4, cfg, num_threads=1, pipelines=2, rank=0, world_size=1,
-                               checkpoint=state)
+    resumed = DaliJigsawLoader(built_real, 4, cfg, num_threads=1, pipelines=2, rank=0, world_size=1, checkpoint=state)
     got = take(resumed, 3)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     with pytest.raises(InputError, match=r"2 DALI pipeline\(s\), not 1"):
@@ -286,9 +303,15 @@ def test_too_few_samples_for_the_ranks_is_a_clear_error(crafted):
 
 
 def test_ranks_read_disjoint_samples(tmp_path):
-    root = write_crafted(tmp_path, {"S": [(crop(30, 30), i) for i in range(8)],
-                                    "T": [(crop(20, 60), i) for i in range(8)],
-                                    "W": [(crop(60, 20), i) for i in range(8)]}, num_classes=8)
+    root = write_crafted(
+        tmp_path,
+        {
+            "S": [(crop(30, 30), i) for i in range(8)],
+            "T": [(crop(20, 60), i) for i in range(8)],
+            "W": [(crop(60, 20), i) for i in range(8)],
+        },
+        num_classes=8,
+    )
     seen = []
     for rank in range(2):
         _, labels = take(DaliJigsawLoader(root, 4, fixed(), num_threads=1, rank=rank, world_size=2), 1)
@@ -338,8 +361,10 @@ def test_preview_writes_a_grid(built_synthetic, tmp_path, pipeline):
     from jigsawdata.cli import main
 
     out = tmp_path / "grid.png"
-    result = CliRunner().invoke(main, ["preview", str(built_synthetic), "--out", str(out), "--count", "6",
-                                       "--columns", "3", "--pipeline", pipeline])
+    result = CliRunner().invoke(
+        main,
+        ["preview", str(built_synthetic), "--out", str(out), "--count", "6", "--columns", "3", "--pipeline", pipeline],
+    )
     assert result.exit_code == 0, result.output
     grid = Image.open(out)
     assert grid.size == (3 * (224 + 4) + 4, 2 * (224 + 4) + 4)
@@ -356,10 +381,14 @@ def test_parse_labels():
 
 
 def test_epoch_mode_gives_every_rank_the_same_number_of_batches(tmp_path):
-    root = write_crafted(tmp_path, {"S": [(crop(30, 30), i % 8) for i in range(7)],
-                                    "T": [(crop(20, 60), 1)] * 4, "W": [(crop(60, 20), 2)] * 4}, num_classes=8)
-    counts = [len(list(DaliJigsawLoader(root, 2, fixed(), num_threads=1, rank=r, world_size=2, epoch=True)))
-              for r in range(2)]
+    root = write_crafted(
+        tmp_path,
+        {"S": [(crop(30, 30), i % 8) for i in range(7)], "T": [(crop(20, 60), 1)] * 4, "W": [(crop(60, 20), 2)] * 4},
+        num_classes=8,
+    )
+    counts = [
+        len(list(DaliJigsawLoader(root, 2, fixed(), num_threads=1, rank=r, world_size=2, epoch=True))) for r in range(2)
+    ]
     # 7 S samples: shares of 4 and 3; unpadded, DALI gives the ranks different epoch lengths.
     assert counts[0] == counts[1] >= 1
 
@@ -402,8 +431,10 @@ def test_gpu_stitch_equals_cpu_stitch():
         inputs = [fn.external_source(source=[p], cycle=True, layout="HWC") for p in pieces]
         swap, where, offset = (fn.external_source(source=[list(a)], cycle=True) for a in (swaps, pos, offsets))
         size, origin = dali_pipeline._regions(template, swap)
-        return (dali_pipeline._paste(inputs, origin, offset, template),
-                dali_pipeline._pad_and_cat(inputs, size, where, swap))
+        return (
+            dali_pipeline._paste(inputs, origin, offset, template),
+            dali_pipeline._pad_and_cat(inputs, size, where, swap),
+        )
 
     pipe = stitch()
     pipe.build()

@@ -25,11 +25,24 @@ from jigsawdata.trainer.pretrain import PretrainConfig, Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_thirty_iterations_of_resnet18_lower_the_loss(built_real, tmp_path):
     logs = []
-    cfg = PretrainConfig(shards=str(built_real), out=str(tmp_path / "run"), arch="resnet18", iterations=30, batch=8,
-                         warmup=3, log_every=1, checkpoint_every=30, erf_every=100, erf_images=2, workers=2, seed=0,
-                         device="cpu")
+    cfg = PretrainConfig(
+        shards=str(built_real),
+        out=str(tmp_path / "run"),
+        arch="resnet18",
+        iterations=30,
+        batch=8,
+        warmup=3,
+        log_every=1,
+        checkpoint_every=30,
+        erf_every=100,
+        erf_images=2,
+        workers=2,
+        seed=0,
+        device="cpu",
+    )
     Trainer(cfg, on_log=logs.append).train()
     losses = [m["loss"] for m in logs]
     assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
@@ -42,24 +55,58 @@ def test_thirty_iterations_of_resnet18_lower_the_loss(built_real, tmp_path):
     # The exported backbone loads into torchvision.
     result = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "r18.pth")])
     assert result.exit_code == 0, result.output
-    missing = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True),
-                                                            strict=False)
+    missing = torchvision.models.resnet18().load_state_dict(
+        torch.load(tmp_path / "r18.pth", weights_only=True), strict=False
+    )
     assert set(missing.missing_keys) == {"fc.weight", "fc.bias"}
 
 
 def _args(shards, out, iterations=12):
-    return ["pretrain", "--shards", str(shards), "--out", str(out), "--arch", "resnet18", "--iterations",
-            str(iterations), "--batch", "4", "--warmup", "2", "--canvas", "128", "--template-split", "32",
-            "--checkpoint-every", "4", "--erf-every", "6", "--erf-images", "2", "--workers", "2", "--log-every", "2",
-            "--device", "cpu"]  # exact resume is asserted bit for bit: pinned to the CPU's deterministic kernels
+    return [
+        "pretrain",
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--arch",
+        "resnet18",
+        "--iterations",
+        str(iterations),
+        "--batch",
+        "4",
+        "--warmup",
+        "2",
+        "--canvas",
+        "128",
+        "--template-split",
+        "32",
+        "--checkpoint-every",
+        "4",
+        "--erf-every",
+        "6",
+        "--erf-images",
+        "2",
+        "--workers",
+        "2",
+        "--log-every",
+        "2",
+        "--device",
+        "cpu",
+    ]  # exact resume is asserted bit for bit: pinned to the CPU's deterministic kernels
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(built_real, tmp_path):
     straight = tmp_path / "straight"
     assert CliRunner().invoke(main, _args(built_real, straight)).exit_code == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "jigsawdata", *_args(built_real, killed)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jigsawdata", *_args(built_real, killed)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (killed / "checkpoint.pt").exists():
@@ -84,13 +131,15 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(built_real, t
         assert torch.equal(value, b["model"][key]), key
     assert a["erf_weights"].keys() == b["erf_weights"].keys()
     assert all(torch.equal(a["erf_weights"][k], b["erf_weights"][k]) for k in a["erf_weights"])
-    logged = [[json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-              for run in (straight, killed)]
+    logged = [
+        [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (straight, killed)
+    ]
     assert logged[0] == logged[1] == sorted(set(logged[0]))  # one record per logged iteration, none repeated
 
 
-def test_sigterm_saves_and_resume_alone_continues_to_the_weights_of_an_uninterrupted_run(built_real, tmp_path,
-                                                                                       caplog):
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_alone_continues_to_the_weights_of_an_uninterrupted_run(built_real, tmp_path, caplog):
     """Slurm's preemption: SIGTERM saves the iteration reached (not only every --checkpoint-every)
     and exits 143; `--out RUN --resume` alone reads the rest from the run's config.json."""
     straight = tmp_path / "straight"
@@ -101,8 +150,13 @@ def test_sigterm_saves_and_resume_alone_continues_to_the_weights_of_an_uninterru
     assert load(straight / "checkpoint-00000008.pt")["iteration"] == 8
 
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "jigsawdata", *_args(built_real, stopped)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jigsawdata", *_args(built_real, stopped)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while not (stopped / "metrics.jsonl").is_file() or not (stopped / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.monotonic() < deadline, "no log record before the run ended"
@@ -112,7 +166,8 @@ def test_sigterm_saves_and_resume_alone_continues_to_the_weights_of_an_uninterru
     at = load(stopped)["iteration"]
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == (
         f"stopped by SIGTERM at iteration {at} of 12, checkpoint saved: continue with `jigsawdata pretrain --out "
-        f"{stopped} --resume`"), err
+        f"{stopped} --resume`"
+    ), err
     assert 2 <= at < 12
     command = load(stopped)["provenance"]["command"]  # of the subprocess: this test's own argv is pytest's
     assert command == " ".join(["jigsawdata", *_args(built_real, stopped)])
@@ -131,14 +186,18 @@ def test_sigterm_saves_and_resume_alone_continues_to_the_weights_of_an_uninterru
     with caplog.at_level("WARNING"):
         result = CliRunner().invoke(main, ["pretrain", "--out", str(stopped), "--resume", "--iterations", "14"])
     assert result.exit_code == 0 and load(stopped)["iteration"] == 14, result.output
-    assert any("--iterations 14 instead of 12: from iteration 12 the learning rate follows the 14-iteration "
-               "schedule" in r.getMessage() for r in caplog.records)
+    assert any(
+        "--iterations 14 instead of 12: from iteration 12 the learning rate follows the 14-iteration "
+        "schedule" in r.getMessage()
+        for r in caplog.records
+    )
     result = CliRunner().invoke(main, ["pretrain", "--out", str(stopped), "--resume", "--iterations", "13"])
     assert result.exit_code == 1 and "it is at iteration 14 already" in result.output
     result = CliRunner().invoke(main, ["pretrain", "--out", str(stopped), "--resume"])
     assert result.exit_code == 0 and result.output.startswith(f"nothing to do: {stopped} is at iteration 14 of 14")
 
 
+@pytest.mark.slow
 def test_run_directory_is_protected(built_real, tmp_path):
     out = tmp_path / "run"
     assert CliRunner().invoke(main, _args(built_real, out, iterations=1)).exit_code == 0
@@ -158,6 +217,7 @@ def test_bad_settings_are_refused(built_real, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("neck", [[], ["--neck", "fpn", "--fpn-channels", "32"]], ids=["backbone", "fpn"])
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(built_real, tmp_path, neck):
     """DistributedDataParallel over gloo: both ranks train, each on its share of the shards,
     and the checkpoint keeps both data positions; with the FPN, every level's ERF maps are
@@ -165,8 +225,20 @@ def test_torchrun_two_processes_on_cpu(built_real, tmp_path, neck):
     out = tmp_path / "ddp"
     args = _args(built_real, out, iterations=4)
     args[args.index("--erf-every") + 1] = "2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "jigsawdata", *args, "--workers", "1", *neck]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "jigsawdata",
+        *args,
+        "--workers",
+        "1",
+        *neck,
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = load(out)
@@ -179,9 +251,21 @@ def test_torchrun_two_processes_on_cpu(built_real, tmp_path, neck):
 @pytest.mark.gpu
 def test_short_gpu_run_with_dali_gpu(built_real, tmp_path):
     logs = []
-    cfg = PretrainConfig(shards=str(built_real), out=str(tmp_path / "gpu"), arch="resnet50", iterations=20, batch=64,
-                         warmup=5, log_every=5, erf_every=10, erf_images=16, device="cuda", pipeline="dali",
-                         workers=4, amp="bf16")
+    cfg = PretrainConfig(
+        shards=str(built_real),
+        out=str(tmp_path / "gpu"),
+        arch="resnet50",
+        iterations=20,
+        batch=64,
+        warmup=5,
+        log_every=5,
+        erf_every=10,
+        erf_images=16,
+        device="cuda",
+        pipeline="dali",
+        workers=4,
+        amp="bf16",
+    )
     trainer = Trainer(cfg, on_log=logs.append)
     trainer.train()
     assert trainer.device.type == "cuda" and len(logs) == 4
@@ -206,7 +290,9 @@ def test_resume_on_another_kind_of_device_is_refused(tmp_path):
 
     check_resume_device("cpu", torch.device("cpu"), tmp_path)
     check_resume_device(None, torch.device("cpu"), tmp_path)  # checkpoints that did not record it
-    with pytest.raises(InputError, match="saved on the CUDA and cannot be resumed on the CPU: resume it with --device cuda"):
+    with pytest.raises(
+        InputError, match="saved on the CUDA and cannot be resumed on the CPU: resume it with --device cuda"
+    ):
         check_resume_device("cuda", torch.device("cpu"), tmp_path)
 
 
@@ -214,9 +300,22 @@ def test_resume_on_another_kind_of_device_is_refused(tmp_path):
 def test_gpu_run_interrupted_after_a_checkpoint_resumes_on_the_gpu(built_real, tmp_path, monkeypatch):
     """fp16 (a grad scaler with state), DALI GPU reader state and CUDA RNG state all make the
     round trip through a checkpoint and the run continues to its end."""
-    cfg = dict(shards=str(built_real), out=str(tmp_path / "gpu"), arch="resnet18", iterations=6, batch=16, warmup=2,
-               log_every=1, erf_every=3, erf_images=4, checkpoint_every=3, device="cuda", pipeline="dali",
-               workers=2, amp="fp16")
+    cfg = dict(
+        shards=str(built_real),
+        out=str(tmp_path / "gpu"),
+        arch="resnet18",
+        iterations=6,
+        batch=16,
+        warmup=2,
+        log_every=1,
+        erf_every=3,
+        erf_images=4,
+        checkpoint_every=3,
+        device="cuda",
+        pipeline="dali",
+        workers=2,
+        amp="fp16",
+    )
     real_save = Trainer.save
 
     def save_then_crash(self):
@@ -236,6 +335,7 @@ def test_gpu_run_interrupted_after_a_checkpoint_resumes_on_the_gpu(built_real, t
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_dali_cpu_workers_are_part_of_the_data_position(built_real, tmp_path):
     """On the CPU, --workers is the number of DALI pipelines, each with its own reader state:
     a resume with another count is refused in one line instead of reading other samples."""
@@ -249,6 +349,7 @@ def test_dali_cpu_workers_are_part_of_the_data_position(built_real, tmp_path):
     assert load(out)["iteration"] == 4
 
 
+@pytest.mark.slow
 def test_erf_command_draws_a_runs_receptive_fields(built_real, tmp_path):
     from PIL import Image
 
@@ -257,8 +358,9 @@ def test_erf_command_draws_a_runs_receptive_fields(built_real, tmp_path):
     args[args.index("--erf-every") + 1] = "2"
     assert CliRunner().invoke(main, args).exit_code == 0
     out = tmp_path / "erf.png"
-    result = CliRunner().invoke(main, ["erf", str(run), "--out", str(out), "--images", "2", "--region", "BR",
-                                       "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["erf", str(run), "--out", str(out), "--images", "2", "--region", "BR", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert "iteration 2, 2 images" in result.output
     assert Image.open(out).size == (2 * 128 + 220, 2 * 128)  # the canvas at 2x, then the weights panel

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from jigsawdata.pipelines.shardset import open_shard_set
+from jigsawdata.shardset.open import read_shard_set
 from jigsawdata.trainer.model import build_backbone
 from jigsawdata.trainer.probe import knn_predict, knn_probe, load_crops, pooled_features
 
@@ -26,10 +27,11 @@ def test_crops_come_from_every_group_in_proportion_and_in_the_same_order(built_s
     again = load_crops(built_synthetic, 12, 32)
     assert crops.images.shape == (len(crops.labels), 3, 32, 32) and 10 <= len(crops.labels) <= 14
     assert torch.equal(crops.images, again.images) and torch.equal(crops.labels, again.labels)
-    classes = len(open_shard_set(built_synthetic).class_names)
+    classes = len(read_shard_set(built_synthetic).class_names)
     assert int(crops.labels.min()) >= 0 and int(crops.labels.max()) < classes
 
 
+@pytest.mark.slow
 def test_probe_of_a_backbone_reports_top1_beside_the_majority_rate(built_synthetic):
     torch.manual_seed(0)
     backbone = build_backbone("resnet18")

@@ -3,12 +3,14 @@
 import json
 
 import numpy as np
+import pytest
 
-from jigsawdata.index import read_index
-from jigsawdata.manifest import read_manifest
-from jigsawdata.verify import verify_shard_set
+from jigsawdata.shardset.check import verify_shard_set
+from jigsawdata.shardset.index import read_index
+from jigsawdata.shardset.manifest import read_manifest
 
 
+@pytest.mark.slow
 def test_real_subset_builds_completely(built_real, real_coco):
     raw = json.loads((real_coco / "annotations" / "instances_train2017.json").read_text())
     manifest = read_manifest(built_real)
@@ -29,8 +31,12 @@ def test_real_subset_builds_completely(built_real, real_coco):
 
 
 def test_real_negatives_touch_no_object(built_real, real_source):
-    boxes = {im.image_id: np.array([[b.bbox[0], b.bbox[1], b.bbox[0] + b.bbox[2], b.bbox[1] + b.bbox[3]]
-                                    for b in im.boxes]).reshape(-1, 4) for im in real_source.images}
+    boxes = {
+        im.image_id: np.array(
+            [[b.bbox[0], b.bbox[1], b.bbox[0] + b.bbox[2], b.bbox[1] + b.bbox[3]] for b in im.boxes]
+        ).reshape(-1, 4)
+        for im in real_source.images
+    }
     negatives = [r for r in read_index(built_real / "index.parquet").to_pylist() if r["ann_id"] is None]
     assert len(negatives) > 100
     for r in negatives:

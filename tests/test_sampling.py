@@ -4,9 +4,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from jigsawdata import geometry
-from jigsawdata.coco import GtBox, ImageRecord
-from jigsawdata.sampling import SamplingConfig, image_rng, negative_topups, plan_image, topup_rng
+from jigsawdata.build import geometry
+from jigsawdata.build.sampling import SamplingConfig, image_rng, negative_topups, plan_image, topup_rng
+from jigsawdata.coco.reader import GtBox, ImageRecord
 
 CFG = SamplingConfig()
 
@@ -16,8 +16,9 @@ def _plan_all(source, cfg=CFG, seed=0):
     plans, counts = {}, Counter()
     topups = negative_topups(source.images, cfg, source.background_label, seed)
     for image, extra in zip(source.images, topups.tolist(), strict=True):
-        crops, c = plan_image(image, cfg, source.background_label, image_rng(seed, image.image_id),
-                              extra, topup_rng(seed, image.image_id))
+        crops, c = plan_image(
+            image, cfg, source.background_label, image_rng(seed, image.image_id), extra, topup_rng(seed, image.image_id)
+        )
         plans[image.image_id] = crops
         counts.update(c)
     return plans, counts
@@ -35,7 +36,7 @@ def _check_plans(source, plans, avoid="crops"):
                 assert crop.label == source.background_label and crop.category_id == 0
                 # IoU = 0 against every GT box, crowd boxes included, on the float boxes.
                 assert np.all(geometry.iou(crop.crop_box, objects) == 0)
-                if avoid == "crops":  # PAPER.md 1: and against every enlarged positive crop
+                if avoid == "crops":  # docs/method.md 1: and against every enlarged positive crop
                     assert np.all(geometry.intersection_area(crop.crop_box, positives) == 0)
             else:
                 gt = by_ann[crop.ann_id]
@@ -53,6 +54,7 @@ def test_synthetic_plans_obey_geometry(synthetic_source):
     assert crowd > 0 and counts["crowd_boxes"] == crowd
 
 
+@pytest.mark.slow
 def test_real_plans_obey_geometry_and_ratio(real_source):
     plans, counts = _plan_all(real_source)
     _check_plans(real_source, plans)
@@ -65,11 +67,13 @@ def _touching_negatives(plans) -> int:
     touching = 0
     for crops in plans.values():
         positives = np.array([c.crop_box for c in crops if c.ann_id is not None]).reshape(-1, 4)
-        touching += sum(bool(geometry.intersection_area(c.crop_box, positives).any())
-                        for c in crops if c.ann_id is None)
+        touching += sum(
+            bool(geometry.intersection_area(c.crop_box, positives).any()) for c in crops if c.ann_id is None
+        )
     return touching
 
 
+@pytest.mark.slow
 def test_gt_rule_keeps_the_old_behaviour_and_shares_pixels_with_crops(real_source):
     cfg = SamplingConfig(negatives_avoid="gt")
     plans, counts = _plan_all(real_source, cfg)
@@ -83,7 +87,7 @@ def test_gt_rule_keeps_the_old_behaviour_and_shares_pixels_with_crops(real_sourc
 def test_gt_rule_plans_are_those_of_the_previous_release(synthetic_root):
     """sha256 of every (key, label, crop box) of the synthetic set, computed with the code
     from before negatives avoided the enlarged crops: --negatives-avoid gt reproduces it."""
-    from jigsawdata.coco import load_coco
+    from jigsawdata.coco.reader import load_coco
 
     source = load_coco(synthetic_root / "annotations" / "instances_train.json", synthetic_root / "train")
     digest = hashlib.sha256()
@@ -93,6 +97,7 @@ def test_gt_rule_plans_are_those_of_the_previous_release(synthetic_root):
     assert digest.hexdigest() == "2459c015e71141aaa45c2dc598bbc05e00c52b40975c25425102663695d47497"
 
 
+@pytest.mark.slow
 def test_topup_restores_the_ratio_when_crops_crowd_images_out(real_source):
     plans, counts = _plan_all(real_source)
     assert counts["negatives_not_placed"] > 20, counts  # crowded COCO images cannot place theirs
@@ -120,6 +125,7 @@ def test_negative_beside_a_box_avoids_its_enlarged_crop():
             assert geometry.intersection_area(neg.crop_box, np.array([crop], float))[0] == 0
 
 
+@pytest.mark.slow
 def test_ratio_follows_the_setting(real_source):
     _, counts = _plan_all(real_source, SamplingConfig(pos_per_neg=4.0))
     assert 3.6 <= counts["positives"] / counts["negatives"] <= 4.4, counts
@@ -137,8 +143,11 @@ def _image(boxes, width=200, height=100):
 
 
 def test_crowd_and_tiny_boxes_give_no_positive():
-    boxes = [GtBox(1, 5, 0, (10, 10, 30, 30), False), GtBox(2, 5, 0, (60, 10, 3.5, 30), False),
-             GtBox(3, 5, 0, (100, 10, 50, 50), True)]
+    boxes = [
+        GtBox(1, 5, 0, (10, 10, 30, 30), False),
+        GtBox(2, 5, 0, (60, 10, 3.5, 30), False),
+        GtBox(3, 5, 0, (100, 10, 50, 50), True),
+    ]
     crops, counts = plan_image(_image(boxes), CFG, 1, np.random.default_rng(0))
     assert [c.ann_id for c in crops if c.ann_id is not None] == [1]
     assert counts["tiny_boxes"] == 1 and counts["crowd_boxes"] == 1 and counts["positives"] == 1
@@ -159,8 +168,15 @@ def test_bad_sampling_settings_are_refused():
         SamplingConfig(pos_per_neg=0)
 
 
-@pytest.mark.parametrize("field, value", [("max-enlarge", float("nan")), ("max-enlarge", float("inf")),
-                                          ("pos-per-neg", float("nan")), ("pos-per-neg", float("inf"))])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max-enlarge", float("nan")),
+        ("max-enlarge", float("inf")),
+        ("pos-per-neg", float("nan")),
+        ("pos-per-neg", float("inf")),
+    ],
+)
 def test_non_finite_sampling_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=f"--{field} must be a finite number"):
         SamplingConfig(**{field.replace("-", "_"): value})

@@ -22,18 +22,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from jigsawdata.build.run import BuildConfig, build_shards
 from jigsawdata.cli import main
-from jigsawdata.build import BuildConfig, build_shards
-from jigsawdata.card import COCO_LICENSE, UNKNOWN_LICENSE
 from jigsawdata.errors import InputError
-from jigsawdata.fetch import FetchError, cached_shards, fetch
-from jigsawdata.location import ShardLocation
-from jigsawdata.manifest import read_manifest
-from jigsawdata.verify import verify_shard_set
 from jigsawdata.pipelines.config import fixed
 from jigsawdata.pipelines.reference import reference_loader
-
-from .needs import require
+from jigsawdata.shardset.card import COCO_LICENSE, UNKNOWN_LICENSE
+from jigsawdata.shardset.check import verify_shard_set
+from jigsawdata.shardset.fetch import FetchError, cached_shards, fetch
+from jigsawdata.shardset.location import ShardLocation
+from jigsawdata.shardset.manifest import read_manifest
+from jigsawdata.tests.needs import require
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -54,7 +53,7 @@ class _Handler(SimpleHTTPRequestHandler):
         if match:
             self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         self.end_headers()
-        return data[start:end + 1], start
+        return data[start : end + 1], start
 
     def do_HEAD(self):
         self._body()
@@ -133,6 +132,7 @@ def test_tampered_shard_fails_naming_it_and_leaves_nothing(published, tmp_path):
     assert not (out / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_interrupted_download_resumes(published, tmp_path):
     src, url, httpd = published
     name = max(src.glob("*/*.tar"), key=lambda p: p.stat().st_size).relative_to(src)
@@ -205,11 +205,14 @@ def test_cli_fetch_from_a_file_url(built_synthetic, tmp_path):
     assert _tree(tmp_path / "copy") == _tree(built_synthetic)
 
 
+@pytest.mark.slow
 def test_dataset_card(built_synthetic, built_real, synthetic_source, tmp_path):
     card = (built_real / "README.md").read_text()
     manifest = read_manifest(built_real)
     assert manifest.source.sha256 in card and COCO_LICENSE in card
-    assert "| S |" in card and "| 0 | person |" in card and "jigsawdata build-shards COCO_ROOT --split train2017" in card
+    assert (
+        "| S |" in card and "| 0 | person |" in card and "jigsawdata build-shards COCO_ROOT --split train2017" in card
+    )
     assert "--seed 0" in card and "jigsawdata pretrain --shards" in card
     assert UNKNOWN_LICENSE in (built_synthetic / "README.md").read_text()
     build_shards(synthetic_source, tmp_path / "lic", BuildConfig(), license="CC0-1.0 (synthetic)")
@@ -228,8 +231,8 @@ def test_card_class_labels_stay_unique_when_categories_share_a_name(built_synthe
 
     import yaml
 
-    from jigsawdata.card import front_matter
-    from jigsawdata.manifest import read_manifest
+    from jigsawdata.shardset.card import front_matter
+    from jigsawdata.shardset.manifest import read_manifest
 
     manifest = read_manifest(built_synthetic)
     first, second = manifest.classes[:2]
@@ -241,12 +244,20 @@ def test_card_class_labels_stay_unique_when_categories_share_a_name(built_synthe
     assert len(set(names.values())) == len(names) == len(manifest.classes) + 1
     # a class named "background", and one named like the suffix another class gets
     third = manifest.classes[2]
-    manifest = replace(manifest, classes=(replace(first, name="background"), replace(second, name="x"),
-                                          replace(third, name=f"x (category {second.category_id})"),
-                                          *manifest.classes[3:]))
+    manifest = replace(
+        manifest,
+        classes=(
+            replace(first, name="background"),
+            replace(second, name="x"),
+            replace(third, name=f"x (category {second.category_id})"),
+            *manifest.classes[3:],
+        ),
+    )
     names = manifest.label_names
-    assert names[0] == f"background (category {first.category_id})" and names[manifest.background.label] == \
-        "background (category 0)"
+    assert (
+        names[0] == f"background (category {first.category_id})"
+        and names[manifest.background.label] == "background (category 0)"
+    )
     assert len(set(names.values())) == manifest.num_labels
 
 
@@ -258,8 +269,10 @@ def _front_matter(root: Path) -> dict:
     return yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
 
 
-def test_hugging_face_datasets_reads_each_group_with_named_labels(built_synthetic, synthetic_source, tmp_path,
-                                                                   monkeypatch):
+@pytest.mark.slow
+def test_hugging_face_datasets_reads_each_group_with_named_labels(
+    built_synthetic, synthetic_source, tmp_path, monkeypatch
+):
     """The card's front matter: one config per group over its shards, ``cls`` a ClassLabel."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     datasets = require("datasets")
@@ -288,13 +301,25 @@ def test_pretrain_from_a_url_trains_on_the_verified_cache_with_either_pipeline(p
     from jigsawdata.trainer.pretrain import PretrainConfig, Trainer
 
     _, url, _ = published
-    trainer = Trainer(PretrainConfig(shards=url, out=str(tmp_path / "run"), arch="resnet18", batch=4, device="cpu",
-                                     pipeline="reference", workers=0, cache_dir=str(tmp_path / "cache")))
-    assert trainer.shards == ShardLocation.of(url).local_copy(tmp_path / "cache")
-    assert verify_shard_set(trainer.shards) == []
+    trainer = Trainer(
+        PretrainConfig(
+            shards=url,
+            out=str(tmp_path / "run"),
+            arch="resnet18",
+            batch=4,
+            device="cpu",
+            pipeline="reference",
+            workers=0,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
+    assert trainer.shards.root == ShardLocation.of(url).local_copy(tmp_path / "cache")
+    assert verify_shard_set(trainer.shards.root) == []
 
 
-@pytest.mark.parametrize("field, value, message", [("samples", "abc", "no sample count"), ("bytes", None, "no byte count")])
+@pytest.mark.parametrize(
+    "field, value, message", [("samples", "abc", "no sample count"), ("bytes", None, "no byte count")]
+)
 def test_manifest_counts_of_the_wrong_type_are_refused_before_any_download(published, tmp_path, field, value, message):
     src, url, httpd = published
     manifest = json.loads((src / "manifest.json").read_text())
@@ -337,22 +362,46 @@ def s3_endpoint():
     server.stop()
 
 
+@pytest.mark.slow
 def test_fetch_over_s3_is_byte_identical(built_synthetic, s3_endpoint, tmp_path):
     """Published with boto3, fetched by the CLI as a user runs it: the endpoint from the
     standard AWS_ENDPOINT_URL variable (S3-compatible stores: MinIO, R2, ...)."""
     boto3 = require("boto3")
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"], region_name=creds["AWS_DEFAULT_REGION"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+        region_name=creds["AWS_DEFAULT_REGION"],
+    )
     s3.create_bucket(Bucket="jigsaw-shards")
     published = _tree(built_synthetic)
     for name, data in published.items():
         s3.put_object(Bucket="jigsaw-shards", Key=f"sets/synthetic/{name}", Body=data)
-    env = {**os.environ, **creds, "AWS_ENDPOINT_URL": s3_endpoint,
-           "AWS_CONFIG_FILE": str(tmp_path / "no-config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-creds")}
-    result = subprocess.run([sys.executable, "-m", "jigsawdata", "fetch", "s3://jigsaw-shards/sets/synthetic",
-                             "--out", str(tmp_path / "copy")], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    env = {
+        **os.environ,
+        **creds,
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-creds"),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jigsawdata",
+            "fetch",
+            "s3://jigsaw-shards/sets/synthetic",
+            "--out",
+            str(tmp_path / "copy"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert _tree(tmp_path / "copy") == published and len(published) > 10
     assert verify_shard_set(tmp_path / "copy") == []
@@ -369,14 +418,19 @@ def no_s3fs(monkeypatch):
     monkeypatch.delitem(_registry, "s3", raising=False)
 
 
-@pytest.mark.parametrize("command", [["fetch", "s3://bucket/set", "--out", "{tmp}/copy"],
-                                     ["pretrain", "--shards", "s3://bucket/set", "--out", "{tmp}/run",
-                                      "--pipeline", "reference", "--device", "cpu"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["fetch", "s3://bucket/set", "--out", "{tmp}/copy"],
+        ["pretrain", "--shards", "s3://bucket/set", "--out", "{tmp}/run", "--pipeline", "reference", "--device", "cpu"],
+    ],
+)
 def test_a_missing_storage_backend_is_one_line_naming_the_extra(no_s3fs, tmp_path, command):
     result = CliRunner().invoke(main, [arg.format(tmp=tmp_path) for arg in command])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert result.output.strip().splitlines()[-1] == (
-        "Error: s3://bucket/set: reading it needs s3fs, which is not installed: pip install 'jigsawdata[s3]'")
+        "Error: s3://bucket/set: reading it needs s3fs, which is not installed: pip install 'jigsawdata[s3]'"
+    )
     assert not (tmp_path / "copy").exists() and not (tmp_path / "run").exists()
 
 

@@ -12,14 +12,13 @@ import torchvision
 
 from jigsawdata.errors import InputError
 from jigsawdata.pipelines.template import Template
+from jigsawdata.tests.needs import require
 from jigsawdata.trainer import checkpoint as ckpt_io
 from jigsawdata.trainer.erf import blockwise_weights, effective_receptive_fields, erf_weights, region_fractions
 from jigsawdata.trainer.export import backbone_state, detectron2_config, detectron2_name, export
 from jigsawdata.trainer.losses import blockwise_loss, erf_dense_loss, global_loss
 from jigsawdata.trainer.model import ARCHS, DenseClassifier, build_backbone
 from jigsawdata.trainer.schedule import learning_rate, scaled
-
-from .needs import require
 
 T = Template()
 G = T.grid
@@ -70,6 +69,7 @@ def test_tau_one_is_blockwise():
     np.testing.assert_allclose(erf_weights(erf, T, tau=1.0).numpy(), blockwise_weights(T).numpy())
 
 
+@pytest.mark.slow
 def test_erf_batched_equals_one_backward_per_cell():
     small = Template(canvas=64, split=32)
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def test_erf_batched_equals_one_backward_per_cell():
     for img in images:
         x = img[None].clone().requires_grad_(True)
         out = model.features(x)
-        for p in range(small.grid ** 2):
+        for p in range(small.grid**2):
             (g,) = torch.autograd.grad(out[0, :, p // small.grid, p % small.grid].sum(), x, retain_graph=True)
             m = g[0].abs().sum(0)
             naive[p] += m / m.sum()
@@ -109,16 +109,16 @@ def test_erf_of_a_known_receptive_field_is_that_field():
     expected = torch.zeros(G * G, 224, 224)
     for p in range(G * G):
         y, x = divmod(p, G)
-        expected[p, 32 * y:32 * y + 32, 32 * x:32 * x + 32] = 1 / 32 ** 2
+        expected[p, 32 * y : 32 * y + 32, 32 * x : 32 * x + 32] = 1 / 32**2
     torch.testing.assert_close(erf, expected)
     np.testing.assert_allclose(erf_weights(erf, T, tau=0.7).numpy(), blockwise_weights(T).numpy())
     # 64x64 windows centred on each cell, cut by the image border: uniform inside, zero outside.
     erf = effective_receptive_fields(_Pooling(64, padding=16), images)
     corner = torch.zeros(224, 224)
-    corner[:48, :48] = 1 / 48 ** 2
+    corner[:48, :48] = 1 / 48**2
     torch.testing.assert_close(erf[0], corner)
     middle = torch.zeros(224, 224)
-    middle[80:144, 80:144] = 1 / 64 ** 2
+    middle[80:144, 80:144] = 1 / 64**2
     torch.testing.assert_close(erf[3 * G + 3], middle)
 
 
@@ -135,6 +135,7 @@ def test_erf_weights_do_not_depend_on_the_head():
     assert not torch.allclose(before, blockwise_weights(small))
 
 
+@pytest.mark.slow
 def test_erf_is_centred_on_its_cell():
     torch.manual_seed(0)
     erf = effective_receptive_fields(DenseClassifier("resnet18", 5), torch.randn(2, 3, 224, 224))
@@ -195,6 +196,7 @@ def test_global_loss_matches_an_area_mixed_label(batch):
 # ------------------------------------------------------------------ model and schedule
 
 
+@pytest.mark.slow
 def test_model_gives_a_logit_map_and_torchvision_keys():
     model = DenseClassifier("resnet18", 81)
     assert model(torch.randn(2, 3, 224, 224)).shape == (2, 81, 7, 7)
@@ -203,6 +205,7 @@ def test_model_gives_a_logit_map_and_torchvision_keys():
     assert set(backbone_state({"model": r50.state_dict()})) == set(tv.state_dict()) - {"fc.weight", "fc.bias"}
 
 
+@pytest.mark.slow
 def test_resnext101_32x4d_is_built_locally():
     model = DenseClassifier("resnext101_32x4d", 3)
     assert model.backbone.layer1[0].conv2.groups == 32
@@ -239,6 +242,7 @@ def test_detectron2_names():
     assert detectron2_name("layer4.2.bn3.bias") == "res5.2.conv3.norm.bias"
 
 
+@pytest.mark.slow
 def test_exports_load(tmp_path):
     path, model = _fake_checkpoint(tmp_path)
     export(path, "torchvision", tmp_path / "tv.pth")
@@ -247,7 +251,9 @@ def test_exports_load(tmp_path):
     assert set(result.missing_keys) == {"fc.weight", "fc.bias"} and not result.unexpected_keys
     assert torch.equal(tv.layer3[2].conv2.weight, model.backbone.layer3[2].conv2.weight)
     d2 = torch.load(export(path, "detectron2", tmp_path / "d2.pth") and tmp_path / "d2.pth", weights_only=True)
-    assert d2["matching_heuristics"] and torch.equal(d2["model"]["res4.2.conv2.weight"], model.backbone.layer3[2].conv2.weight)
+    assert d2["matching_heuristics"] and torch.equal(
+        d2["model"]["res4.2.conv2.weight"], model.backbone.layer3[2].conv2.weight
+    )
     assert not any(k.startswith(("layer", "bn1", "conv1")) for k in d2["model"])
     mm = torch.load(export(path, "mmdet", tmp_path / "mm.pth") and tmp_path / "mm.pth", weights_only=True)
     assert set(mm["state_dict"]) == set(tv.state_dict()) - {"fc.weight", "fc.bias"}
@@ -257,6 +263,7 @@ def _detectron2_expected(backbone, blocks_per_stage) -> dict:
     """Detectron2's name for every tensor, walked module by module: the stem's conv and BN,
     then per stage (res2..res5) and block its convs, their BNs as ``convK.norm`` and the first
     block's projection as ``shortcut`` (the rules of Detectron2's convert-torchvision-to-d2.py)."""
+
     def norm(prefix, bn):
         return {f"{prefix}.{p}": getattr(bn, p) for p in ("weight", "bias", "running_mean", "running_var")}
 
@@ -273,6 +280,7 @@ def _detectron2_expected(backbone, blocks_per_stage) -> dict:
     return expected
 
 
+@pytest.mark.slow
 def test_detectron2_pkl_is_what_its_converter_writes(tmp_path):
     import pickle
     import subprocess
@@ -282,11 +290,13 @@ def test_detectron2_pkl_is_what_its_converter_writes(tmp_path):
     out = tmp_path / "r50.pkl"
     assert export(path, "detectron2", out).tensors == 265
     # Detectron2's checkpointer: pickle.load(f, encoding="latin1"), here where torch cannot be imported.
-    probe = ("import json, pickle, sys; sys.modules['torch'] = None; import numpy as np\n"
-             f"d = pickle.load(open({str(out)!r}, 'rb'), encoding='latin1')\n"
-             "assert all(type(v) is np.ndarray for v in d['model'].values())\n"
-             "print(json.dumps({'keys': sorted(k for k in d if k != 'model'), 'author': d['__author__'],"
-             " 'heuristics': d['matching_heuristics'], 'shapes': {k: v.shape for k, v in d['model'].items()}}))")
+    probe = (
+        "import json, pickle, sys; sys.modules['torch'] = None; import numpy as np\n"
+        f"d = pickle.load(open({str(out)!r}, 'rb'), encoding='latin1')\n"
+        "assert all(type(v) is np.ndarray for v in d['model'].values())\n"
+        "print(json.dumps({'keys': sorted(k for k in d if k != 'model'), 'author': d['__author__'],"
+        " 'heuristics': d['matching_heuristics'], 'shapes': {k: v.shape for k, v in d['model'].items()}}))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
@@ -305,6 +315,7 @@ def test_detectron2_pkl_is_what_its_converter_writes(tmp_path):
         assert np.array_equal(exported[name], tensor.detach().numpy()), name
 
 
+@pytest.mark.slow
 def test_detectron2_config_builds_the_exported_network():
     """Detectron2 builds ResNets from DEPTH (blocks per stage), NUM_GROUPS, WIDTH_PER_GROUP
     (res2's bottleneck is their product), RES2_OUT_CHANNELS and STRIDE_IN_1X1 (defaults 50, 1,
@@ -328,7 +339,11 @@ def test_detectron2_config_builds_the_exported_network():
             assert res.get("NUM_GROUPS", 1) == first.conv2.groups, arch
             assert res.get("NUM_GROUPS", 1) * res.get("WIDTH_PER_GROUP", 64) == first.conv2.out_channels, arch
     assert detectron2_config("resnext101_32x4d", "w")["MODEL"]["RESNETS"] == {
-        "DEPTH": 101, "NUM_GROUPS": 32, "WIDTH_PER_GROUP": 4, "STRIDE_IN_1X1": False}
+        "DEPTH": 101,
+        "NUM_GROUPS": 32,
+        "WIDTH_PER_GROUP": 4,
+        "STRIDE_IN_1X1": False,
+    }
 
 
 def test_cli_detectron2_export_prints_its_config_and_refuses_other_suffixes(tmp_path):
@@ -340,7 +355,9 @@ def test_cli_detectron2_export_prints_its_config_and_refuses_other_suffixes(tmp_
     from jigsawdata.cli import main
 
     path, _ = _fake_checkpoint(tmp_path, arch="resnet18")
-    result = CliRunner().invoke(main, ["export", str(path), "--format", "detectron2", "--out", str(tmp_path / "r18.pkl")])
+    result = CliRunner().invoke(
+        main, ["export", str(path), "--format", "detectron2", "--out", str(tmp_path / "r18.pkl")]
+    )
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load(result.output.split("\n", 2)[2])
     assert cfg["MODEL"]["RESNETS"] == {"DEPTH": 18, "RES2_OUT_CHANNELS": 64, "STRIDE_IN_1X1": False}
@@ -348,13 +365,23 @@ def test_cli_detectron2_export_prints_its_config_and_refuses_other_suffixes(tmp_
     with open(tmp_path / "r18.pkl", "rb") as f:
         assert len(pickle.load(f)["model"]) == 100
     for name in ("r18.pt", "r18"):
-        result = CliRunner().invoke(main, ["export", str(path), "--format", "detectron2", "--out", str(tmp_path / name)])
+        result = CliRunner().invoke(
+            main, ["export", str(path), "--format", "detectron2", "--out", str(tmp_path / name)]
+        )
         assert result.exit_code == 1 and ".pkl" in result.output and "Traceback" not in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / name).exists()
 
 
-@pytest.mark.parametrize("fmt,name", [("torchvision", "r18.txt"), ("torchvision", "r18"), ("mmdet", "r18.pkl"),
-                                      ("mmdet", "r18.safetensors"), ("detectron2", "r18.safetensors")])
+@pytest.mark.parametrize(
+    "fmt,name",
+    [
+        ("torchvision", "r18.txt"),
+        ("torchvision", "r18"),
+        ("mmdet", "r18.pkl"),
+        ("mmdet", "r18.safetensors"),
+        ("detectron2", "r18.safetensors"),
+    ],
+)
 def test_every_export_format_refuses_a_suffix_its_readers_would_misread(tmp_path, fmt, name):
     from click.testing import CliRunner
 
@@ -366,6 +393,7 @@ def test_every_export_format_refuses_a_suffix_its_readers_would_misread(tmp_path
     assert result.output.count("\n") == 1 and not (tmp_path / name).exists()
 
 
+@pytest.mark.slow
 def test_safetensors_export_is_the_reference_layout_and_finetune_reads_it(tmp_path):
     from click.testing import CliRunner
 
@@ -389,6 +417,7 @@ def test_safetensors_export_is_the_reference_layout_and_finetune_reads_it(tmp_pa
     assert any(torch.equal(p, state["conv1.weight"]) for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_mmdet_load_from_names_a_lone_backbone_as_a_detectors(tmp_path):
     from click.testing import CliRunner
 
@@ -396,8 +425,9 @@ def test_mmdet_load_from_names_a_lone_backbone_as_a_detectors(tmp_path):
 
     path, _ = _fake_checkpoint(tmp_path, arch="resnet18")
     for flag, name in (([], "init.pth"), (["--load-from"], "load.pth")):
-        result = CliRunner().invoke(main, ["export", str(path), "--format", "mmdet", *flag, "--out",
-                                           str(tmp_path / name)])
+        result = CliRunner().invoke(
+            main, ["export", str(path), "--format", "mmdet", *flag, "--out", str(tmp_path / name)]
+        )
         assert result.exit_code == 0, result.output
     bare = torch.load(tmp_path / "init.pth", weights_only=True)["state_dict"]
     prefixed = torch.load(tmp_path / "load.pth", weights_only=True)["state_dict"]
@@ -424,11 +454,13 @@ def test_checkpoints_are_never_unpickled(tmp_path, real_coco):
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(path.read_bytes())
-    for args in (["export", str(path), "--out", str(tmp_path / "x.pth")],
-                 ["evaluate-pretrain", str(path), "--shards", str(tmp_path)],
-                 ["erf", str(run), "--out", str(tmp_path / "x.png")],
-                 ["evaluate", str(run)],
-                 ["finetune", "--coco", str(real_coco), "--out", str(tmp_path / "ft"), "--init", str(path)]):
+    for args in (
+        ["export", str(path), "--out", str(tmp_path / "x.pth")],
+        ["evaluate-pretrain", str(path), "--shards", str(tmp_path)],
+        ["erf", str(run), "--out", str(tmp_path / "x.png")],
+        ["evaluate", str(run)],
+        ["finetune", "--coco", str(real_coco), "--out", str(tmp_path / "ft"), "--init", str(path)],
+    ):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and "weights_only" not in result.output, (args, result.output)
         assert result.output.count("\n") == 1 and "Warning" not in result.output, (args, result.output)
@@ -459,6 +491,7 @@ def test_a_file_that_is_not_a_checkpoint_gets_a_one_line_reason(tmp_path):
     assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_train_clock_counts_only_while_running():
     import time
 
@@ -508,5 +541,38 @@ def test_tensorboard_off_is_said_at_verbose_and_runs_go_on(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the tensorboard package
     with caplog.at_level(logging.INFO, logger="jigsawdata.trainer.runtime"):
         assert tensorboard_writer(tmp_path) is None
-    assert any("TensorBoard logging is off: pip install 'jigsawdata[tensorboard]'" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "TensorBoard logging is off: pip install 'jigsawdata[tensorboard]'" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_a_pretraining_run_reads_each_shard_set_manifest_once(built_synthetic, tmp_path, monkeypatch):
+    """The set is opened (checked, its manifest parsed) once and handed down to the loader and
+    the validation set, which read no manifest of their own."""
+    from jigsawdata.shardset.manifest import Manifest
+    from jigsawdata.trainer.config import PretrainConfig
+    from jigsawdata.trainer.pretrain import Trainer
+
+    parsed = []
+    real = Manifest.from_json.__func__
+    monkeypatch.setattr(
+        Manifest, "from_json", classmethod(lambda cls, data, where="": parsed.append(where) or real(cls, data, where))
+    )
+    cfg = PretrainConfig(
+        shards=str(built_synthetic),
+        out=str(tmp_path / "run"),
+        arch="resnet18",
+        iterations=1,
+        batch=2,
+        canvas=64,
+        template_split=32,
+        erf_images=2,
+        workers=0,
+        device="cpu",
+        pipeline="reference",
+        val_shards=str(built_synthetic),
+        val_images=2,
+    )
+    trainer = Trainer(cfg)
+    assert len(parsed) == 2, parsed  # the training set and the held-out set, once each
+    assert trainer.shards.root == built_synthetic and trainer.class_names == trainer.shards.class_names

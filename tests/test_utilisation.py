@@ -29,7 +29,7 @@ def test_padding_of_crafted_sizes_is_exact_and_matches_the_pipeline():
     assert region["TR"] == pytest.approx(1 - 160 * 20 / (160 * 64))  # the W crop is cut to 160 wide
     assert region["BL"] == pytest.approx(1 - 16 * 100 / (64 * 160))
     assert region["BR"] == pytest.approx(1 - 32 * 32 / (160 * 160))
-    expected = 1 - (32 * 32 + 160 * 20 + 16 * 100 + 32 * 32) / 224 ** 2
+    expected = 1 - (32 * 32 + 160 * 20 + 16 * 100 + 32 * 32) / 224**2
     assert result["padding_share"] == pytest.approx(expected)
     assert _pipeline_padding(cfg) == pytest.approx(expected, abs=1e-9)
 
@@ -49,8 +49,9 @@ def test_random_resize_fills_more_and_smaller_s_goes_top_left():
     assert grown["padding_share"] < still["padding_share"]
     # TL holds the 40x40 crop unless both draws are the 150x150 one (1 in 4).
     assert still["per_region"]["TL"] == pytest.approx(0.75 * (1 - 1600 / 4096), abs=0.02)
-    assert padding_share(sizes, JigsawConfig(), images=500, seed=3) == padding_share(sizes, JigsawConfig(), images=500,
-                                                                                      seed=3)
+    assert padding_share(sizes, JigsawConfig(), images=500, seed=3) == padding_share(
+        sizes, JigsawConfig(), images=500, seed=3
+    )
 
 
 def test_sizes_come_from_the_index(built_synthetic):

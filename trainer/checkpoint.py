@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -14,10 +14,9 @@ import torch
 
 from jigsawdata.errors import InputError, first_line
 from jigsawdata.files import atomic_path
+from jigsawdata.layout import CHECKPOINT_NAME
 
 FORMAT = "jigsawdata-pretrain-1"
-CHECKPOINT_NAME = "checkpoint.pt"
-"""The checkpoint in a run directory, of pre-training and fine-tuning alike."""
 
 
 def checkpoint_file(path: Path | str) -> Path:
@@ -45,8 +44,10 @@ def _refusal(text: str) -> str:
     """Why torch's weights-only unpickler refused a file, without its advice."""
     named = re.search(r"GLOBAL ([\w.]+)", text)
     if named:
-        return (f"it names Python code ({named[1]}) that loading would run: refused (a Detectron2 .pkl or another "
-                "tool's checkpoint is not read here)")
+        return (
+            f"it names Python code ({named[1]}) that loading would run: refused (a Detectron2 .pkl or another "
+            "tool's checkpoint is not read here)"
+        )
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
     return f"not a file of tensors and plain data ({detail[1].strip() if detail else 'unreadable'})"
 
@@ -65,7 +66,6 @@ def load(path: Path, map_location="cpu", *, fmt: str = FORMAT, kind: str = "pre-
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         raise InputError(f"{path} is not a jigsawdata {kind} checkpoint")
     return ckpt
-
 
 
 def keep_last(latest: Path, iteration: int, keep: int) -> None:

@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.transforms.functional import pil_to_tensor
 
-from jigsawdata.coco import load_rgb
+from jigsawdata.coco.reader import load_rgb
 from jigsawdata.errors import InputError
 
 
@@ -29,8 +29,16 @@ def open_coco(ann_file: Path) -> COCO:
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    def __init__(self, ann_file: Path, images_dir: Path, *, train: bool, masks: bool = False,
-                 flip_p: float = 0.5, max_images: int | None = None) -> None:
+    def __init__(
+        self,
+        ann_file: Path,
+        images_dir: Path,
+        *,
+        train: bool,
+        masks: bool = False,
+        flip_p: float = 0.5,
+        max_images: int | None = None,
+    ) -> None:
         self.coco = open_coco(ann_file)
         self.images_dir = Path(images_dir)
         if not self.images_dir.is_dir():
@@ -40,8 +48,14 @@ class CocoDetection(torch.utils.data.Dataset):
         self.train, self.masks, self.flip_p = train, masks, flip_p
         ids = sorted(self.coco.imgs)
         if train:  # images with no usable box teach nothing to the box heads
-            ids = [i for i in ids if any(not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1
-                                         for a in self.coco.imgToAnns.get(i, []))]
+            ids = [
+                i
+                for i in ids
+                if any(
+                    not a.get("iscrowd", 0) and a["bbox"][2] > 1 and a["bbox"][3] > 1
+                    for a in self.coco.imgToAnns.get(i, [])
+                )
+            ]
         self.ids = ids[:max_images] if max_images else ids
         if not self.ids:
             raise InputError(f"{ann_file} has no usable images")
@@ -66,13 +80,17 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        target = {"boxes": torch.from_numpy(boxes[keep]),
-                  "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64)[keep],
-                  "image_id": image_id}
+        target = {
+            "boxes": torch.from_numpy(boxes[keep]),
+            "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64)[keep],
+            "image_id": image_id,
+        }
         if self.masks:
-            target["masks"] = torch.from_numpy(np.stack(
-                [self.coco.annToMask(a) for a, k in zip(anns, keep) if k]) if keep.any()
-                else np.zeros((0, h, w), np.uint8))
+            target["masks"] = torch.from_numpy(
+                np.stack([self.coco.annToMask(a) for a, k in zip(anns, keep) if k])
+                if keep.any()
+                else np.zeros((0, h, w), np.uint8)
+            )
         image = pil_to_tensor(img).float() / 255.0
         if self.train and self.flip_p > 0 and torch.rand(()) < self.flip_p:
             image, target = hflip(image, target)
@@ -102,13 +120,15 @@ def to_coco_results(outputs: list[dict], image_ids: list[int], cat_ids: list[int
         scores = out["scores"].detach().cpu().numpy().tolist()
         cats = [cat_ids[int(label) - 1] for label in out["labels"].cpu()]
         for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
-            results["bbox"].append({"image_id": image_id, "category_id": cats[i], "score": scores[i],
-                                    "bbox": [x0, y0, x1 - x0, y1 - y0]})
+            results["bbox"].append(
+                {"image_id": image_id, "category_id": cats[i], "score": scores[i], "bbox": [x0, y0, x1 - x0, y1 - y0]}
+            )
         if masks and "masks" in out:
             binary = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
             for i in range(len(binary)):
                 rle = mask_utils.encode(np.asfortranarray(binary[i]))
                 segmentation = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-                results["segm"].append({"image_id": image_id, "category_id": cats[i], "score": scores[i],
-                                        "segmentation": segmentation})
+                results["segm"].append(
+                    {"image_id": image_id, "category_id": cats[i], "score": scores[i], "segmentation": segmentation}
+                )
     return results

@@ -22,16 +22,34 @@ class DaliSource:
 
     kind = "dali"
 
-    def __init__(self, shards: Path, batch: int, cfg: JigsawConfig, *, device: torch.device, workers: int,
-                 rank: int, world_size: int, state: str | None = None) -> None:
+    def __init__(
+        self,
+        shards: Path,
+        batch: int,
+        cfg: JigsawConfig,
+        *,
+        device: torch.device,
+        workers: int,
+        rank: int,
+        world_size: int,
+        state: str | None = None,
+    ) -> None:
         from jigsawdata.pipelines.dali import DaliJigsawLoader
 
         gpu = device.type == "cuda"
         self._device = device
-        self._loader = DaliJigsawLoader(shards, batch, cfg, device="gpu" if gpu else "cpu",
-                                        device_id=device.index if gpu else None,
-                                        num_threads=workers if gpu else 1, pipelines=1 if gpu else workers,
-                                        rank=rank, world_size=world_size, checkpoint=state)
+        self._loader = DaliJigsawLoader(
+            shards,
+            batch,
+            cfg,
+            device="gpu" if gpu else "cpu",
+            device_id=device.index if gpu else None,
+            num_threads=workers if gpu else 1,
+            pipelines=1 if gpu else workers,
+            rank=rank,
+            world_size=world_size,
+            checkpoint=state,
+        )
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = next(self._loader)
@@ -47,8 +65,18 @@ class ReferenceSource:
 
     kind = "reference"
 
-    def __init__(self, shards: Path | str, batch: int, cfg: JigsawConfig, *, device: torch.device, workers: int,
-                 rank: int, world_size: int, state: int | None = None) -> None:
+    def __init__(
+        self,
+        shards: Path | str,
+        batch: int,
+        cfg: JigsawConfig,
+        *,
+        device: torch.device,
+        workers: int,
+        rank: int,
+        world_size: int,
+        state: int | None = None,
+    ) -> None:
         from jigsawdata.pipelines.reference import reference_loader
 
         self._device = device

@@ -34,9 +34,9 @@ from jigsawdata.errors import InputError
 
 from .checkpoint import FORMAT as PRETRAIN_FORMAT
 from .checkpoint import checkpoint_file, load_tensors
-from .tensorfile import SUFFIX, read_safetensors
 from .config import ARCHS, DETECTORS, NORMS
 from .model import build_backbone
+from .tensorfile import SUFFIX, read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ class InitWeights:
 
 def _split(state: dict, backbone: str, neck: str) -> InitWeights:
     """The tensors under the ``backbone`` and ``neck`` key prefixes, without them."""
+
     def part(prefix: str) -> OrderedDict:
-        return OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
+        return OrderedDict((k[len(prefix) :], v) for k, v in state.items() if k.startswith(prefix))
 
     return InitWeights(part(backbone), part(neck) or None)
 
@@ -99,8 +100,11 @@ def _exported(state: dict) -> InitWeights:
         return _split(state, "backbone.body.", "backbone.fpn.")
     if any(_MMDET_NECK.match(k) for k in state):
         _refuse_others(state, ("backbone.", "neck.lateral_convs.", "neck.fpn_convs."))
-        neck = {_MMDET_NECK.sub(lambda m: f"{'inner' if m[1] == 'lateral' else 'layer'}_blocks.{m[2]}.0.", k): v
-                for k, v in state.items() if k.startswith("neck.")}
+        neck = {
+            _MMDET_NECK.sub(lambda m: f"{'inner' if m[1] == 'lateral' else 'layer'}_blocks.{m[2]}.0.", k): v
+            for k, v in state.items()
+            if k.startswith("neck.")
+        }
         return InitWeights(_split(state, "backbone.", "-").backbone, OrderedDict(neck))
     return InitWeights(OrderedDict(state))
 
@@ -110,8 +114,10 @@ def _refuse_others(state: dict, prefixes: tuple[str, ...]) -> None:
     dropped, and the part it belonged to left random, without a word."""
     others = sorted(k for k in state if not k.startswith(prefixes))
     if others:
-        raise InputError(f"--init holds tensors that are neither a backbone's nor an FPN's (e.g. {others[0]}, "
-                         f"{len(others)} in all): export writes {' and '.join(p + '*' for p in prefixes)} only")
+        raise InputError(
+            f"--init holds tensors that are neither a backbone's nor an FPN's (e.g. {others[0]}, "
+            f"{len(others)} in all): export writes {' and '.join(p + '*' for p in prefixes)} only"
+        )
 
 
 def read_init(init: str, arch: str) -> InitWeights | None:
@@ -122,8 +128,11 @@ def read_init(init: str, arch: str) -> InitWeights | None:
     path = checkpoint_file(init.removeprefix("imagenet:"))
     if not path.is_file():
         raise InputError(f"--init {init}: no such file")
-    obj = (read_safetensors(path) if path.suffix == SUFFIX
-           else load_tensors(path, what=f"--init {init}: not a loadable weights file"))
+    obj = (
+        read_safetensors(path)
+        if path.suffix == SUFFIX
+        else load_tensors(path, what=f"--init {init}: not a loadable weights file")
+    )
     if isinstance(obj, dict) and obj.get("format") == PRETRAIN_FORMAT:
         if obj["arch"] != arch:
             raise InputError(f"--init {init} holds a {obj['arch']} backbone, not {arch} (use --arch {obj['arch']})")
@@ -136,8 +145,7 @@ def read_init(init: str, arch: str) -> InitWeights | None:
         weights = _exported(obj)
     if init.startswith("imagenet:") and weights.fpn is not None:
         raise InputError(f"--init {init} holds a detector's FPN: imagenet:FILE is a ResNet state dict")
-    return InitWeights(OrderedDict((k, v) for k, v in weights.backbone.items() if not k.startswith("fc.")),
-                       weights.fpn)
+    return InitWeights(OrderedDict((k, v) for k, v in weights.backbone.items() if not k.startswith("fc.")), weights.fpn)
 
 
 def _normalised(fpn_keys) -> bool:
@@ -159,36 +167,50 @@ def load_fpn_weights(fpn: nn.Module, weights: "OrderedDict[str, torch.Tensor]", 
     own = fpn.state_dict()
     if set(own) != set(weights):
         if _normalised(own) and not _normalised(weights):
-            raise InputError(f"--init {init} holds an FPN without normalisation layers; this detector's FPN has them "
-                             "(--norm gn or --box-head 4conv1fc put GroupNorm in it): fine-tune with --box-head 2fc")
+            raise InputError(
+                f"--init {init} holds an FPN without normalisation layers; this detector's FPN has them "
+                "(--norm gn or --box-head 4conv1fc put GroupNorm in it): fine-tune with --box-head 2fc"
+            )
         odd = sorted(set(own) ^ set(weights))
-        raise InputError(f"--init {init} holds an FPN with other tensors than this detector's (e.g. {odd[0]}): it "
-                         "is not torchvision's FeaturePyramidNetwork on layer1..layer4")
+        raise InputError(
+            f"--init {init} holds an FPN with other tensors than this detector's (e.g. {odd[0]}): it "
+            "is not torchvision's FeaturePyramidNetwork on layer1..layer4"
+        )
     wrong = [k for k, v in weights.items() if own[k].shape != v.shape]
     if wrong:
         width = int(weights["layer_blocks.0.0.weight"].shape[0])
         if width % 32 == 0 and all(tuple(weights[k].shape) == _at_width(own[k].shape, k, width) for k in own):
-            raise InputError(f"--init {init} holds a {width}-channel FPN, not {own[wrong[0]].shape[0]}: fine-tune "
-                             f"with --fpn-channels {width}")
-        raise InputError(f"--init {init} holds an FPN whose {wrong[0]} is {tuple(weights[wrong[0]].shape)}, not "
-                         f"{tuple(own[wrong[0]].shape)}: not an FPN on this --arch")
+            raise InputError(
+                f"--init {init} holds a {width}-channel FPN, not {own[wrong[0]].shape[0]}: fine-tune "
+                f"with --fpn-channels {width}"
+            )
+        raise InputError(
+            f"--init {init} holds an FPN whose {wrong[0]} is {tuple(weights[wrong[0]].shape)}, not "
+            f"{tuple(own[wrong[0]].shape)}: not an FPN on this --arch"
+        )
     fpn.load_state_dict(weights)
 
 
 def load_backbone_weights(resnet: nn.Module, weights: "OrderedDict[str, torch.Tensor]", init: str) -> None:
     own = resnet.state_dict()
     if not set(own) & set(weights):
-        raise InputError(f"--init {init}: none of its tensors is named as a ResNet's (e.g. {next(iter(weights), '-')}):"
-                         " not a file jigsawdata export writes, or a torchvision ResNet state dict")
+        raise InputError(
+            f"--init {init}: none of its tensors is named as a ResNet's (e.g. {next(iter(weights), '-')}):"
+            " not a file jigsawdata export writes, or a torchvision ResNet state dict"
+        )
     wrong = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in weights and not k.endswith("num_batches_tracked") and not k.startswith("fc.")]
     unused = [k for k in weights if k not in own and not k.endswith("num_batches_tracked")]
     if unused and all(k.endswith(("running_mean", "running_var")) for k in unused):
-        raise InputError(f"--init {init} holds BatchNorm statistics that a GroupNorm backbone (--norm gn) would drop, "
-                         "and its BatchNorm scales would act as GroupNorm's: fine-tune with --norm frozen_bn or bn")
+        raise InputError(
+            f"--init {init} holds BatchNorm statistics that a GroupNorm backbone (--norm gn) would drop, "
+            "and its BatchNorm scales would act as GroupNorm's: fine-tune with --norm frozen_bn or bn"
+        )
     if unused:
-        raise InputError(f"--init {init} holds tensors this backbone has no place for (e.g. {unused[0]}): wrong "
-                         "--arch, or not a ResNet state dict")
+        raise InputError(
+            f"--init {init} holds tensors this backbone has no place for (e.g. {unused[0]}): wrong "
+            "--arch, or not a ResNet state dict"
+        )
     if wrong or missing:
         detail = f"shape mismatch in {wrong[:3]}" if wrong else f"missing {missing[:3]}"
         raise InputError(f"--init {init} does not fit this backbone ({detail}): wrong --arch?")
@@ -228,14 +250,30 @@ def _fpn_backbone(resnet: nn.Module, trainable: int, channels: int, norm_layer) 
     if channels == backbone.out_channels:
         return backbone
     stage2 = resnet.inplanes // 8
-    return BackboneWithFPN(resnet, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
-                           [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)], channels, extra_blocks=LastLevelMaxPool(),
-                           norm_layer=norm_layer)
+    return BackboneWithFPN(
+        resnet,
+        {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+        [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)],
+        channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=norm_layer,
+    )
 
 
-def build_detector(detector: str, arch: str, num_classes: int, *, init: str = "scratch", norm: str | None = None,
-                   box_head: str | None = None, fpn_channels: int = 256, trainable_layers: int | None = None,
-                   min_size: int = 800, max_size: int = 1333, rois_per_image: int = 512) -> nn.Module:
+def build_detector(
+    detector: str,
+    arch: str,
+    num_classes: int,
+    *,
+    init: str = "scratch",
+    norm: str | None = None,
+    box_head: str | None = None,
+    fpn_channels: int = 256,
+    trainable_layers: int | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    rois_per_image: int = 512,
+) -> nn.Module:
     """``num_classes`` counts foreground classes; torchvision's heads add background.
     ``box_head`` (fpn, mask): ``2fc``, or ``4conv1fc`` with GroupNorm in it and in the FPN;
     by default 4conv1fc with GroupNorm, 2fc otherwise."""
@@ -261,32 +299,44 @@ def build_detector(detector: str, arch: str, num_classes: int, *, init: str = "s
             model = _gn_fpn_detector(detector, resnet, trainable, fpn_channels, num_classes, sizes)
         else:
             cls = MaskRCNN if detector == "mask" else FasterRCNN
-            model = cls(_fpn_backbone(resnet, trainable, fpn_channels, norm_layer=None), num_classes=num_classes + 1,
-                        **sizes)
+            model = cls(
+                _fpn_backbone(resnet, trainable, fpn_channels, norm_layer=None), num_classes=num_classes + 1, **sizes
+            )
         if neck is not None:
             load_fpn_weights(model.backbone.fpn, neck, init)
         return model
-    body = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in
-                                     ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
+    body = nn.Sequential(
+        OrderedDict(
+            (name, getattr(resnet, name)) for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+        )
+    )
     last = resnet.layer3[-1]
     body.out_channels = (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
     head_channels = resnet.fc.in_features
     anchors = AnchorGenerator(sizes=((32, 64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),))
-    return FasterRCNN(body, num_classes=None, rpn_anchor_generator=anchors,
-                      box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
-                      box_head=_Res5Head(resnet.layer4),
-                      box_predictor=FastRCNNPredictor(head_channels, num_classes + 1), **sizes)
+    return FasterRCNN(
+        body,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
+        box_head=_Res5Head(resnet.layer4),
+        box_predictor=FastRCNNPredictor(head_channels, num_classes + 1),
+        **sizes,
+    )
 
 
-def _gn_fpn_detector(detector: str, resnet: nn.Module, trainable: int, channels: int, num_classes: int,
-                     sizes: dict) -> nn.Module:
+def _gn_fpn_detector(
+    detector: str, resnet: nn.Module, trainable: int, channels: int, num_classes: int, sizes: dict
+) -> nn.Module:
     """He et al. 2019's scratch setting: GN in the FPN and a 4conv1fc GN box head (4conv GN
     mask head for Mask R-CNN), as torchvision's ``fasterrcnn_resnet50_fpn_v2`` builds them;
     the head's convolutions as wide as the pyramid (256 there)."""
     gn = _norm_layer("gn")
     backbone = _fpn_backbone(resnet, trainable, channels, norm_layer=gn)
-    heads = {"box_head": FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [1024], norm_layer=gn),
-             "box_predictor": FastRCNNPredictor(1024, num_classes + 1)}
+    heads = {
+        "box_head": FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [1024], norm_layer=gn),
+        "box_predictor": FastRCNNPredictor(1024, num_classes + 1),
+    }
     if detector == "mask":
         heads["mask_head"] = MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=gn)
         heads["mask_predictor"] = MaskRCNNPredictor(channels, 256, num_classes + 1)

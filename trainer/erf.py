@@ -1,4 +1,4 @@
-"""Effective receptive fields (Luo et al., 2016) and the ERF-adaptive label weights (PAPER.md 4).
+"""Effective receptive fields (Luo et al., 2016) and the ERF-adaptive label weights (docs/method.md 4).
 
 Because the jigsaw template is fixed, the weights form one ``(4, g, g)`` tensor shared by
 every image: ``weights[i, j, k]`` is how much of region ``i``'s label the prediction at
@@ -21,7 +21,7 @@ from jigsawdata.pipelines.template import Template
 def effective_receptive_fields(model: nn.Module, images: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """``(g * g, H, W)`` ERF of every cell of the feature map X, averaged over ``images``.
 
-    X is ``model.features(images)``, the backbone's output before the 1x1 head (PAPER.md 4).
+    X is ``model.features(images)``, the backbone's output before the 1x1 head (docs/method.md 4).
     For each cell, the gradient of X at that cell summed over X's channels with respect to
     the input, its magnitude summed over input channels, normalised to sum 1 per image,
     then averaged. Not the logits: under softmax cross-entropy the class-summed logit
@@ -32,9 +32,13 @@ def effective_receptive_fields(model: nn.Module, images: torch.Tensor, chunk: in
     return _receptive_fields(model, images, lambda x: {"X": model.features(x)}, {"X": None}, chunk)["X"]
 
 
-def _receptive_fields(model: nn.Module, images: torch.Tensor,
-                      levels: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
-                      cells: Mapping[str, torch.Tensor | None], chunk: int) -> dict[str, torch.Tensor]:
+def _receptive_fields(
+    model: nn.Module,
+    images: torch.Tensor,
+    levels: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
+    cells: Mapping[str, torch.Tensor | None],
+    chunk: int,
+) -> dict[str, torch.Tensor]:
     """``{level: (cells, H, W)}`` ERFs of the chosen cells (flat indices; None: every cell)
     of each level of ``levels(x)``, as :func:`effective_receptive_fields` defines them."""
     was_training = model.training
@@ -42,7 +46,7 @@ def _receptive_fields(model: nn.Module, images: torch.Tensor,
     totals: dict[str, torch.Tensor] = {}
     try:
         for start in range(0, len(images), chunk):
-            x = images[start:start + chunk].detach().float().requires_grad_(True)
+            x = images[start : start + chunk].detach().float().requires_grad_(True)
             maps = levels(x)
             for i, name in enumerate(cells):
                 summed = maps[name].sum(dim=1)  # (n, g, g): the level summed over its channels
@@ -53,8 +57,9 @@ def _receptive_fields(model: nn.Module, images: torch.Tensor,
                     selector = selector[cells[name].to(x.device)]
                 count = len(selector)
                 selector = selector.view(count, 1, gh, gw).expand(count, n, gh, gw)
-                (grads,) = torch.autograd.grad(summed, x, grad_outputs=selector, is_grads_batched=True,
-                                               retain_graph=i < len(cells) - 1)
+                (grads,) = torch.autograd.grad(
+                    summed, x, grad_outputs=selector, is_grads_batched=True, retain_graph=i < len(cells) - 1
+                )
                 fields = grads.abs().sum(dim=2)  # (cells, n, H, W)
                 fields = fields / fields.sum(dim=(2, 3), keepdim=True).clamp_min(1e-12)
                 part = fields.sum(dim=1)
@@ -64,11 +69,14 @@ def _receptive_fields(model: nn.Module, images: torch.Tensor,
     return {name: total / len(images) for name, total in totals.items()}
 
 
-def level_region_maps(template: Template, strides: Mapping[str, int],
-                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def level_region_maps(
+    template: Template, strides: Mapping[str, int], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """``{level: (g, g)}`` region id of each cell of every level's grid."""
-    return {name: torch.from_numpy(replace(template, stride=stride).feature_region_map()).to(device)
-            for name, stride in strides.items()}
+    return {
+        name: torch.from_numpy(replace(template, stride=stride).feature_region_map()).to(device)
+        for name, stride in strides.items()
+    }
 
 
 def lattice_cells(grid: int, step: int) -> torch.Tensor:
@@ -78,8 +86,9 @@ def lattice_cells(grid: int, step: int) -> torch.Tensor:
     return (middle[:, None] * grid + middle[None, :]).reshape(-1)
 
 
-def level_receptive_fields(model: nn.Module, images: torch.Tensor, template: Template, chunk: int = 8,
-                           only: str | None = None) -> dict[str, torch.Tensor]:
+def level_receptive_fields(
+    model: nn.Module, images: torch.Tensor, template: Template, chunk: int = 8, only: str | None = None
+) -> dict[str, torch.Tensor]:
     """``{level: (cells, H, W)}`` ERFs of every level ``model.levels`` gives (or of ``only``).
 
     A level as coarse as the template's stride gets every cell's ERF: for the backbone-only
@@ -88,14 +97,19 @@ def level_receptive_fields(model: nn.Module, images: torch.Tensor, template: Tem
     moves each of them to the cells of its block. P2 has 64 times P5's cells, and one ERF
     per cell would cost 85 times the backbone's refresh; this costs one per level.
     """
-    cells = {name: (None if stride == template.stride else
-                    lattice_cells(template.canvas // stride, template.stride // stride))
-             for name, stride in model.strides.items() if only in (None, name)}
+    cells = {
+        name: (
+            None if stride == template.stride else lattice_cells(template.canvas // stride, template.stride // stride)
+        )
+        for name, stride in model.strides.items()
+        if only in (None, name)
+    }
     return _receptive_fields(model, images, model.levels, cells, chunk)
 
 
-def level_weights(maps: Mapping[str, torch.Tensor], template: Template, strides: Mapping[str, int],
-                  tau: float = 0.7) -> "OrderedDict[str, torch.Tensor]":
+def level_weights(
+    maps: Mapping[str, torch.Tensor], template: Template, strides: Mapping[str, int], tau: float = 0.7
+) -> "OrderedDict[str, torch.Tensor]":
     """``{level: (4, g, g)}`` Eq. 2 weights from :func:`level_receptive_fields`' maps."""
     out = OrderedDict()
     for name in maps:
@@ -124,16 +138,24 @@ def translated_shares(maps: torch.Tensor, masks: torch.Tensor, stride: int, step
     pad = stride * step
     padded = torch.nn.functional.pad(masks, (pad, pad, pad, pad))
     middle = step // 2
-    moved = torch.stack([padded[:, pad + (oy - middle) * stride:pad + (oy - middle) * stride + height,
-                                pad + (ox - middle) * stride:pad + (ox - middle) * stride + width]
-                         for oy in range(step) for ox in range(step)])  # (step * step, 4, H, W)
+    moved = torch.stack(
+        [
+            padded[
+                :,
+                pad + (oy - middle) * stride : pad + (oy - middle) * stride + height,
+                pad + (ox - middle) * stride : pad + (ox - middle) * stride + width,
+            ]
+            for oy in range(step)
+            for ox in range(step)
+        ]
+    )  # (step * step, 4, H, W)
     share = torch.einsum("khw,orhw->kor", maps, moved)  # (lattice cell, offset, region)
     grid = lattice * step
     return share.view(lattice, lattice, step, step, 4).permute(0, 2, 1, 3, 4).reshape(grid * grid, 4)
 
 
 def erf_weights(erf: torch.Tensor, template: Template, tau: float = 0.7) -> torch.Tensor:
-    """PAPER.md Eq. 2: the ``(4, g, g)`` label weights from ``(g * g, H, W)`` ERF maps.
+    """docs/method.md Eq. 2: the ``(4, g, g)`` label weights from ``(g * g, H, W)`` ERF maps.
 
     For a cell in region r: ``w_r = max(tau, sum(G M_r) / sum(G))`` and, for i != r,
     ``w_i = (1 - w_r) sum(G M_i) / sum(G (1 - M_r))``. The weights of a cell sum to 1
@@ -156,8 +178,7 @@ def _eq2(share: torch.Tensor, total: torch.Tensor, template: Template, tau: floa
     others = share.clone()
     others[cells, own] = 0.0
     rest = others.sum(dim=1, keepdim=True)
-    weights = torch.where(rest > 0, (1.0 - w_own)[:, None] * others / rest.clamp_min(1e-12),
-                          torch.zeros_like(others))
+    weights = torch.where(rest > 0, (1.0 - w_own)[:, None] * others / rest.clamp_min(1e-12), torch.zeros_like(others))
     weights[cells, own] = w_own
     return weights.T.reshape(4, g, g).contiguous()
 
@@ -170,4 +191,4 @@ def blockwise_weights(template: Template) -> torch.Tensor:
 
 def region_fractions(template: Template) -> np.ndarray:
     """Area share of each region on the canvas (the mixing weights of a global label)."""
-    return template.masks().sum(axis=(1, 2)) / template.canvas ** 2
+    return template.masks().sum(axis=(1, 2)) / template.canvas**2

@@ -12,8 +12,9 @@ from jigsawdata.pipelines.template import REGION_NAMES, Template
 def _heat(values: np.ndarray) -> np.ndarray:
     """[0, 1] -> RGB, black through red and yellow to white."""
     v = np.clip(values, 0.0, 1.0)[..., None]
-    return (np.concatenate([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1) * 255
-            ).astype(np.uint8)
+    return (
+        np.concatenate([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1) * 255
+    ).astype(np.uint8)
 
 
 def render_erf(erf: torch.Tensor, weights: torch.Tensor, template: Template, region: int = 0) -> Image.Image:

@@ -1,9 +1,11 @@
-"""COCO evaluation with pycocotools' COCOeval: the paper's AP table."""
+"""Evaluation, in one module: COCO AP of a detector (pycocotools' COCOeval, the paper's AP
+table) and region accuracy of a pre-training checkpoint on held-out shards."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+from pathlib import Path
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -50,6 +52,36 @@ def format_table(metrics: dict[str, dict]) -> str:
     that size to find, COCOeval's -1)."""
     lines = [f"{'':<6}" + "".join(f"{m:>8}" for m in METRICS)]
     for iou_type, values in metrics.items():
-        lines.append(f"{iou_type:<6}" + "".join(f"{100 * values[m]:>8.1f}" if values[m] >= 0 else f"{'-':>8}"
-                                                for m in METRICS))
+        lines.append(
+            f"{iou_type:<6}" + "".join(f"{100 * values[m]:>8.1f}" if values[m] >= 0 else f"{'-':>8}" for m in METRICS)
+        )
     return "\n".join(lines)
+
+
+def evaluate_checkpoint(
+    run: Path | str,
+    shards: Path | str,
+    images: int = 256,
+    device: str = "auto",
+    *,
+    verify: bool = True,
+    cache_dir: Path | str | None = None,
+) -> dict:
+    """:func:`validate` for a pre-training run directory or checkpoint file, on ``shards``
+    (a directory or URL, checked first as training checks its own)."""
+    from jigsawdata.shardset.open import open_shard_set
+
+    from .model import load_pretrained
+    from .runtime import pick_device
+    from .validate import load_validation_set, validate
+
+    dev = pick_device(device)
+    ckpt, cfg, model = load_pretrained(run)
+    data = load_validation_set(
+        open_shard_set(shards, verify=verify, cache_dir=cache_dir),
+        cfg.template,
+        images,
+        cfg.fit,
+        tuple(ckpt["class_names"]),
+    )
+    return {"iteration": int(ckpt["iteration"]), **validate(model.to(dev), data, cfg.template)}

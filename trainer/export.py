@@ -53,9 +53,11 @@ from .tensorfile import SUFFIX, write_safetensors
 FORMATS = ("torchvision", "detectron2", "mmdet")
 SUFFIXES = {"torchvision": (".pth", ".pt", SUFFIX), "detectron2": (".pkl", ".pth"), "mmdet": (".pth", ".pt")}
 """What each format's file may be called: its readers pick the loader by the suffix."""
-_SUFFIX_WHY = {"torchvision": "a torch file, or tensors only as safetensors",
-               "detectron2": "what Detectron2's converter writes, opened with pickle.load, or a torch file",
-               "mmdet": "a torch file, as MMEngine's load_checkpoint reads"}
+_SUFFIX_WHY = {
+    "torchvision": "a torch file, or tensors only as safetensors",
+    "detectron2": "what Detectron2's converter writes, opened with pickle.load, or a torch file",
+    "mmdet": "a torch file, as MMEngine's load_checkpoint reads",
+}
 
 # Detectron2's MODEL.RESNETS keys that differ from its defaults (DEPTH 50, NUM_GROUPS 1,
 # WIDTH_PER_GROUP 64, RES2_OUT_CHANNELS 256) for each backbone; its first bottleneck is
@@ -82,16 +84,21 @@ class Exported:
 
 def backbone_state(ckpt: dict, prefix: str = "backbone.") -> "OrderedDict[str, torch.Tensor]":
     """The checkpoint's tensors under ``prefix`` (the backbone's, or ``fpn.`` the neck's), without it."""
-    return OrderedDict((k[len(prefix):], v) for k, v in ckpt["model"].items() if k.startswith(prefix))
+    return OrderedDict((k[len(prefix) :], v) for k, v in ckpt["model"].items() if k.startswith(prefix))
 
 
 _NECK_NAMES = {
     "torchvision": lambda key: "backbone.fpn." + key,
-    "detectron2": lambda key: re.sub(r"^(inner|layer)_blocks\.(\d)\.0\.",
-                                     lambda m: f"fpn_{'lateral' if m[1] == 'inner' else 'output'}{int(m[2]) + 2}.",
-                                     key),
-    "mmdet": lambda key: re.sub(r"^(inner|layer)_blocks\.(\d)\.0\.",
-                                lambda m: f"neck.{'lateral' if m[1] == 'inner' else 'fpn'}_convs.{m[2]}.conv.", key),
+    "detectron2": lambda key: re.sub(
+        r"^(inner|layer)_blocks\.(\d)\.0\.",
+        lambda m: f"fpn_{'lateral' if m[1] == 'inner' else 'output'}{int(m[2]) + 2}.",
+        key,
+    ),
+    "mmdet": lambda key: re.sub(
+        r"^(inner|layer)_blocks\.(\d)\.0\.",
+        lambda m: f"neck.{'lateral' if m[1] == 'inner' else 'fpn'}_convs.{m[2]}.conv.",
+        key,
+    ),
 }
 """torchvision's ``FeaturePyramidNetwork`` keys (``inner_blocks.{i}.0.weight``, ...) in each format."""
 _BACKBONE_PREFIX_WITH_NECK = {"torchvision": "backbone.body.", "detectron2": "", "mmdet": "backbone."}
@@ -110,8 +117,11 @@ def detectron2_name(key: str) -> str:
 def detectron2_state(state: "OrderedDict[str, torch.Tensor]", as_numpy: bool) -> OrderedDict:
     """Detectron2's names; numpy arrays where the file is to be read by ``pickle.load``. Its
     frozen batch norm has no ``num_batches_tracked``, which would only be reported unused."""
-    return OrderedDict((detectron2_name(k), v.detach().cpu().numpy() if as_numpy else v)
-                       for k, v in state.items() if not k.endswith("num_batches_tracked"))
+    return OrderedDict(
+        (detectron2_name(k), v.detach().cpu().numpy() if as_numpy else v)
+        for k, v in state.items()
+        if not k.endswith("num_batches_tracked")
+    )
 
 
 def detectron2_config(arch: str, weights: Path, fpn_channels: int | None = None) -> dict:
@@ -139,8 +149,10 @@ def _check_out(fmt: str, out: Path, source: Path) -> None:
         raise InputError(f"--out {out} would overwrite a file of the run it exports: choose another file")
     if out.suffix not in SUFFIXES[fmt]:
         *first, last = SUFFIXES[fmt]
-        raise InputError(f"--out {out}: a {fmt} export ends in {', '.join(first)} or {last} ({_SUFFIX_WHY[fmt]}), "
-                         f"not {out.suffix or 'no suffix'!r}")
+        raise InputError(
+            f"--out {out}: a {fmt} export ends in {', '.join(first)} or {last} ({_SUFFIX_WHY[fmt]}), "
+            f"not {out.suffix or 'no suffix'!r}"
+        )
 
 
 def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool = False, load_from: bool = False) -> Exported:
@@ -165,8 +177,12 @@ def export(checkpoint: Path, fmt: str, out: Path, backbone_only: bool = False, l
         meta["neck"] = "fpn"
         prefix = _BACKBONE_PREFIX_WITH_NECK[fmt]
         rename = _NECK_NAMES[fmt]
-        state = OrderedDict([*((prefix + k, v) for k, v in state.items()),
-                             *((rename(k), v.detach().cpu().numpy() if as_numpy else v) for k, v in neck.items())])
+        state = OrderedDict(
+            [
+                *((prefix + k, v) for k, v in state.items()),
+                *((rename(k), v.detach().cpu().numpy() if as_numpy else v) for k, v in neck.items()),
+            ]
+        )
     if fmt == "torchvision":
         payload = state
     elif fmt == "detectron2":

@@ -1,4 +1,4 @@
-"""Detection fine-tuning (PAPER.md 5: the 1x / 2x schedules) and COCO evaluation.
+"""Detection fine-tuning (docs/method.md 5: the 1x / 2x schedules) and COCO evaluation.
 
 Epoch-based like the paper's schedules; a checkpoint after every epoch (and at
 ``max_iters``) holds model, optimizer, grad scaler, RNG and position, and ``--resume``
@@ -19,24 +19,34 @@ from typing import Callable
 
 import torch
 
-from jigsawdata.coco import resolve_coco_root
+from jigsawdata.coco.reader import resolve_coco_root
 from jigsawdata.errors import InputError, TrainingError
 from jigsawdata.files import sha256_file, write_json_atomic, write_text_atomic
 
 from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
-from .config import FinetuneConfig, schedule_epochs, train_files, val_files
+from .config import FinetuneConfig, config_from, schedule_epochs, train_files, val_files
 from .detection import build_detector, default_norm
 from .evaluate import EVALUATED_KEY, coco_eval, format_table
-from .metricsplot import write_metrics_png
-from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, config_from, drop_records_after,
-                      dump_config, gather, init_distributed, pick_device, provenance, resolved, rng_state, set_rng_state,
-                      tensorboard_writer, wrap_ddp)
+from .loop import MetricsLog, TrainingRun
+from .runtime import (
+    Precision,
+    TrainClock,
+    claim_run_dir,
+    dump_config,
+    init_distributed,
+    pick_device,
+    provenance,
+    resolved,
+    wrap_ddp,
+)
 
 log = logging.getLogger(__name__)
 
 
 FORMAT = "jigsawdata-finetune-1"
+_RESUMABLE = {"out", "workers", "log_every", "device", "max_iters", "val_split", "val_ann", "val_image_dir"}
+"""Settings a resumed run may change: where and how fast it runs, how far, what it is evaluated on."""
 
 
 def lr_factor(iteration: int, epoch: int, warmup: int, milestones: tuple[int, ...]) -> float:
@@ -45,23 +55,35 @@ def lr_factor(iteration: int, epoch: int, warmup: int, milestones: tuple[int, ..
     return warm * 0.1 ** sum(epoch >= m for m in milestones)
 
 
-class Finetuner:
+class Finetuner(TrainingRun):
     def __init__(self, cfg: FinetuneConfig, resume: bool = False, on_log: Callable[[dict], None] | None = None):
         self.cfg, self.on_log = cfg, on_log
         self.dist, self.device = init_distributed(cfg.device)
         self.out = claim_run_dir(cfg.out, resume)
         self.masks = cfg.detector == "mask"
-        self.train_set = CocoDetection(*train_files(cfg), train=True, masks=self.masks, flip_p=cfg.flip_p,
-                                       max_images=cfg.max_images)
+        self.train_set = CocoDetection(
+            *train_files(cfg), train=True, masks=self.masks, flip_p=cfg.flip_p, max_images=cfg.max_images
+        )
         local = max(1, cfg.batch // self.dist.world)
         if len(self.train_set) // self.dist.world < local:
-            raise InputError(f"--batch {cfg.batch} needs {local} training images per process, but split {cfg.split} "
-                             f"has {len(self.train_set)}: lower --batch (drop_last would train no step)")
+            raise InputError(
+                f"--batch {cfg.batch} needs {local} training images per process, but split {cfg.split} "
+                f"has {len(self.train_set)}: lower --batch (drop_last would train no step)"
+            )
         torch.manual_seed(cfg.seed)
-        self.model = build_detector(cfg.detector, cfg.arch, self.train_set.num_classes, init=cfg.init, norm=cfg.norm,
-                                    box_head=cfg.box_head, fpn_channels=cfg.fpn_channels,
-                                    trainable_layers=cfg.trainable_layers, min_size=cfg.min_size,
-                                    max_size=cfg.max_size, rois_per_image=cfg.rois_per_image).to(self.device)
+        self.model = build_detector(
+            cfg.detector,
+            cfg.arch,
+            self.train_set.num_classes,
+            init=cfg.init,
+            norm=cfg.norm,
+            box_head=cfg.box_head,
+            fpn_channels=cfg.fpn_channels,
+            trainable_layers=cfg.trainable_layers,
+            min_size=cfg.min_size,
+            max_size=cfg.max_size,
+            rois_per_image=cfg.rois_per_image,
+        ).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.base_lr = cfg.lr * cfg.batch / 16
         self.optimizer = torch.optim.SGD(params, lr=self.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -74,7 +96,6 @@ class Finetuner:
         if self.dist.main:
             dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist, self._provenance()))
         self.net = wrap_ddp(self.model, self.dist, self.device)
-        self._tb = tensorboard_writer(self.out) if self.dist.main else None
 
     def _provenance(self) -> dict:
         """The annotation file trained on and the initial weights, by sha256 (the images are
@@ -88,33 +109,39 @@ class Finetuner:
 
     def _restore(self) -> None:
         ckpt = load_run(self.out)  # to the CPU: RNG states must stay CPU tensors
-        check_resume_device(ckpt.get("device_type"), self.device, self.out)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
-        self.clock = TrainClock(self.device, self.dist.world, ckpt.get("train_device_seconds", 0.0))
-        set_rng_state(ckpt["rng"][self.dist.rank], self.device)
-        if self.dist.main:
-            drop_records_after(self.out / "metrics.jsonl", self.iteration)
+        self.check_resumable(ckpt, ckpt["config"], self.cfg, _RESUMABLE)
+        self.restore_training_state(ckpt)
+        self.epoch = int(ckpt["epoch"])
 
     def save(self) -> None:
-        rng = gather(rng_state(self.device), self.dist)
+        state = self.training_state()
         if self.dist.main:
-            ckpt_io.save_atomic({"format": FORMAT, "config": asdict(self.cfg), "epoch": self.epoch,
-                                 "device_type": self.device.type, "train_device_seconds": self.clock.seconds,
-                                 "iteration": self.iteration, "model": self.model.state_dict(),
-                                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                                 "rng": rng, "cat_ids": self.train_set.cat_ids}, self.out / ckpt_io.CHECKPOINT_NAME)
+            ckpt_io.save_atomic(
+                {
+                    "format": FORMAT,
+                    "config": asdict(self.cfg),
+                    "epoch": self.epoch,
+                    **state,
+                    "cat_ids": self.train_set.cat_ids,
+                },
+                self.out / ckpt_io.CHECKPOINT_NAME,
+            )
 
     def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
         local = max(1, self.cfg.batch // self.dist.world)
         sampler = torch.utils.data.distributed.DistributedSampler(
-            self.train_set, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed)
+            self.train_set, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed
+        )
         sampler.set_epoch(epoch)
-        return torch.utils.data.DataLoader(self.train_set, batch_size=local, sampler=sampler, drop_last=True,
-                                           num_workers=self.cfg.workers, collate_fn=collate,
-                                           generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        return torch.utils.data.DataLoader(
+            self.train_set,
+            batch_size=local,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.cfg.workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.cfg.seed + epoch),
+        )
 
     @property
     def iterations_per_epoch(self) -> int:
@@ -128,15 +155,20 @@ class Finetuner:
     def train(self) -> dict:
         epochs, milestones = schedule_epochs(self.cfg.schedule, self.cfg.epochs)
         metrics: dict = {}
+        self.metrics = MetricsLog(
+            self.out, self.dist.main, f"finetune {self.out.name}: {self.cfg.detector}, {self.cfg.arch}"
+        )
         self.clock.start()
-        with open(self.out / "metrics.jsonl", "a") as metrics_file:
+        try:
             while self.epoch < epochs and not self._done():
                 start, wait, t0 = time.perf_counter(), 0.0, time.perf_counter()
                 window: dict[str, float] = {}
                 steps = 0
                 for images, targets in self._loader(self.epoch):
                     wait += time.perf_counter() - t0
-                    losses = self.step(images, targets, lr_factor(self.iteration, self.epoch, self.cfg.warmup, milestones))
+                    losses = self.step(
+                        images, targets, lr_factor(self.iteration, self.epoch, self.cfg.warmup, milestones)
+                    )
                     for name, value in losses.items():
                         window[name] = window.get(name, 0.0) + value
                     steps += 1
@@ -144,19 +176,18 @@ class Finetuner:
                     if self.iteration % self.cfg.log_every == 0 or self._done():
                         # Means over the steps since the last record: one batch of a few images
                         # swings the detection losses by 2-3x, which would hide the trend.
-                        metrics = {"epoch": self.epoch, "iteration": self.iteration,
-                                   "lr": self.optimizer.param_groups[0]["lr"],
-                                   **{name: total / steps for name, total in window.items()},
-                                   "seconds": time.perf_counter() - start, "data_wait_s": wait,
-                                   "train_device_seconds": self.clock.seconds}
+                        metrics = {
+                            "epoch": self.epoch,
+                            "iteration": self.iteration,
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            **{name: total / steps for name, total in window.items()},
+                            "seconds": time.perf_counter() - start,
+                            "data_wait_s": wait,
+                            "train_device_seconds": self.clock.seconds,
+                        }
                         window, steps = {}, 0
                         if self.dist.main:
-                            metrics_file.write(json.dumps(metrics) + "\n")
-                            metrics_file.flush()
-                            if self._tb:
-                                for key, value in metrics.items():
-                                    if key not in ("epoch", "iteration"):
-                                        self._tb.add_scalar(key, value, self.iteration)
+                            self.metrics.write(metrics, [k for k in metrics if k not in ("epoch", "iteration")])
                             if self.on_log:
                                 self.on_log(metrics)
                     if self._done():
@@ -166,30 +197,26 @@ class Finetuner:
                     self.epoch += 1
                 with self.clock.paused():
                     self.save()
-        self.clock.stop()
-        if self.dist.main:
-            write_metrics_png(self.out, f"finetune {self.out.name}: {self.cfg.detector}, {self.cfg.arch}")
-            if self._tb:
-                self._tb.close()
+        finally:
+            self.clock.stop()
+            self.metrics.close()
         return metrics
 
     def step(self, images, targets, factor: float) -> dict:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * factor
+        self.set_lr(self.base_lr * factor)
         images = [i.to(self.device, non_blocking=True) for i in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        with torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.enabled):
+        with self.autocast():
             losses = self.net(images, targets)
         loss = sum(losses.values())
         values = {k: float(v.detach()) for k, v in losses.items()}
         if not math.isfinite(sum(values.values())):
-            raise TrainingError(f"the loss became {sum(values.values())} at iteration {self.iteration} ({values}): "
-                                f"the run diverged (lower --lr, or --amp off); {self.out} keeps the last checkpoint "
-                                "from before")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            raise TrainingError(
+                f"the loss became {sum(values.values())} at iteration {self.iteration} ({values}): "
+                f"the run diverged (lower --lr, or --amp off); {self.out} keeps the last checkpoint "
+                "from before"
+            )
+        self.optimizer_step(loss)
         return {"loss": sum(values.values()), **values}
 
 
@@ -207,9 +234,17 @@ def evaluation_name(split: str, max_images: int | None, own: bool) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.device, out: Path | None = None,
-             batch: int = 2, workers: int = 2, progress: Callable[[int, int], None] | None = None,
-             name: str = "eval", evaluated: dict | None = None) -> dict[str, dict]:
+def evaluate(
+    model: torch.nn.Module,
+    dataset: CocoDetection,
+    device: torch.device,
+    out: Path | None = None,
+    batch: int = 2,
+    workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+    name: str = "eval",
+    evaluated: dict | None = None,
+) -> dict[str, dict]:
     """Run the detector over ``dataset``, return COCOeval's APs; with ``out``, write them as
     ``<name>.json`` (with ``evaluated``: what was evaluated) and ``<name>.txt``, and the
     COCO-format predictions beside them. ``progress(images, total)`` is called after every
@@ -231,15 +266,24 @@ def evaluate(model: torch.nn.Module, dataset: CocoDetection, device: torch.devic
         suffix = name.removeprefix("eval")
         for t in iou_types:
             write_text_atomic(out / f"predictions_{t}{suffix}.json", json.dumps(results[t]))
-        write_json_atomic(out / f"{name}.json", {**metrics, EVALUATED_KEY: {**(evaluated or {}),
-                                                                          "images": len(dataset)}})
+        write_json_atomic(
+            out / f"{name}.json", {**metrics, EVALUATED_KEY: {**(evaluated or {}), "images": len(dataset)}}
+        )
         write_text_atomic(out / f"{name}.txt", format_table(metrics) + "\n")
     return metrics
 
 
-def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = None, max_images: int | None = None,
-                 device: str = "auto", progress: Callable[[int, int], None] | None = None, *,
-                 ann: str | None = None, image_dir: str | None = None) -> dict[str, dict]:
+def evaluate_run(
+    run_dir: Path,
+    coco: str | None = None,
+    split: str | None = None,
+    max_images: int | None = None,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    ann: str | None = None,
+    image_dir: str | None = None,
+) -> dict[str, dict]:
     """Evaluate a fine-tuning run's checkpoint on ``split`` of ``coco``, or on ``ann`` with
     ``image_dir``; by default on what the run itself is evaluated on (:func:`val_files`).
     The files written say what was evaluated (:func:`evaluation_name`)."""
@@ -254,25 +298,48 @@ def evaluate_run(run_dir: Path, coco: str | None = None, split: str | None = Non
         name = Path(ann).stem.removeprefix("instances_")
     elif coco is not None or split is not None:
         if cfg.coco is None and coco is None:
-            raise InputError(f"{run_dir} was trained with --ann: evaluate another set with --ann (and --image-dir), "
-                             "or give --coco with --split")
+            raise InputError(
+                f"{run_dir} was trained with --ann: evaluate another set with --ann (and --image-dir), "
+                "or give --coco with --split"
+            )
         split = split or cfg.val_split or cfg.split
         files = resolve_coco_root(Path(coco or cfg.coco), split)
         name = split
     else:
         files, name = own_files, Path(own_files[0]).stem.removeprefix("instances_")
     own = (Path(files[0]).resolve(), Path(files[1]).resolve(), max_images) == (
-        Path(own_files[0]).resolve(), Path(own_files[1]).resolve(), cfg.max_images)
+        Path(own_files[0]).resolve(),
+        Path(own_files[1]).resolve(),
+        cfg.max_images,
+    )
     dataset = CocoDetection(*files, train=False, masks=cfg.detector == "mask", max_images=max_images)
     if dataset.cat_ids != list(ckpt["cat_ids"]):
         raise InputError(f"{files[0]} has other categories than the set {run_dir} was trained on")
-    model = build_detector(cfg.detector, cfg.arch, len(dataset.cat_ids), norm=cfg.norm or default_norm(cfg.init),
-                           box_head=cfg.box_head, fpn_channels=cfg.fpn_channels, min_size=cfg.min_size,
-                           max_size=cfg.max_size).to(dev)
+    model = build_detector(
+        cfg.detector,
+        cfg.arch,
+        len(dataset.cat_ids),
+        norm=cfg.norm or default_norm(cfg.init),
+        box_head=cfg.box_head,
+        fpn_channels=cfg.fpn_channels,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+    ).to(dev)
     model.load_state_dict(ckpt["model"])
-    evaluated = {"annotations": str(Path(files[0]).resolve()), "image_dir": str(Path(files[1]).resolve()),
-                 "max_images": max_images,
-                 "checkpoint": str(ckpt_io.checkpoint_file(Path(run_dir)).resolve()),
-                 "epoch": int(ckpt["epoch"]), "iteration": int(ckpt["iteration"])}
-    return evaluate(model, dataset, dev, Path(run_dir), progress=progress,
-                    name=evaluation_name(name, max_images, own), evaluated=evaluated)
+    evaluated = {
+        "annotations": str(Path(files[0]).resolve()),
+        "image_dir": str(Path(files[1]).resolve()),
+        "max_images": max_images,
+        "checkpoint": str(ckpt_io.checkpoint_file(Path(run_dir)).resolve()),
+        "epoch": int(ckpt["epoch"]),
+        "iteration": int(ckpt["iteration"]),
+    }
+    return evaluate(
+        model,
+        dataset,
+        dev,
+        Path(run_dir),
+        progress=progress,
+        name=evaluation_name(name, max_images, own),
+        evaluated=evaluated,
+    )

@@ -1,4 +1,4 @@
-"""The three pre-training losses of PAPER.md Table 2, on ``(N, K, g, g)`` logit maps and
+"""The three pre-training losses of docs/method.md Table 2, on ``(N, K, g, g)`` logit maps and
 ``(N, 4)`` region labels (region order TL, TR, BL, BR).
 
 None materialises a soft-label map: with soft label ``y = sum_i w_i y_i`` the cross-entropy
@@ -18,8 +18,9 @@ def region_mean(values: torch.Tensor, region_map: torch.Tensor) -> torch.Tensor:
     return values.flatten(-2) @ onehot / onehot.sum(0)
 
 
-def erf_dense_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                   region_map: torch.Tensor) -> torch.Tensor:
+def erf_dense_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, region_map: torch.Tensor
+) -> torch.Tensor:
     """Soft-label cross-entropy at every cell, averaged per region, then over regions and images."""
     n, _, gh, gw = logits.shape
     log_p = F.log_softmax(logits.float(), dim=1)

@@ -14,8 +14,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from jigsawdata.files import atomic_path
+from jigsawdata.layout import METRICS_NAME, METRICS_PLOT_NAME
 
-METRICS_PNG = "metrics.png"
 SERIES = (("loss", "training loss"), ("lr", "learning rate"), ("val_accuracy", "held-out region top-1"))
 _WIDTH, _PANEL, _LEFT, _RIGHT, _TOP, _BOTTOM = 640, 170, 70, 20, 24, 22
 
@@ -34,8 +34,11 @@ def read_records(path: Path) -> list[dict]:
 
 
 def _points(records: list[dict], key: str) -> list[tuple[int, float]]:
-    return [(r["iteration"], float(r[key])) for r in records
-            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [
+        (r["iteration"], float(r[key]))
+        for r in records
+        if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+    ]
 
 
 def render_metrics(records: list[dict], title: str) -> Image.Image | None:
@@ -72,11 +75,11 @@ def render_metrics(records: list[dict], title: str) -> Image.Image | None:
 
 def write_metrics_png(run: Path, title: str) -> Path | None:
     """Draw ``run/metrics.jsonl`` into ``run/metrics.png``; returns the path (None: nothing to draw)."""
-    source = Path(run) / "metrics.jsonl"
+    source = Path(run) / METRICS_NAME
     img = render_metrics(read_records(source), title) if source.is_file() else None
     if img is None:
         return None
-    out = Path(run) / METRICS_PNG
+    out = Path(run) / METRICS_PLOT_NAME
     with atomic_path(out) as tmp:
         img.save(tmp, format="PNG")
     return out

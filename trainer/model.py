@@ -13,6 +13,7 @@ head, and classifies densely on every pyramid level, so the neck is pre-trained 
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torchvision
@@ -20,7 +21,8 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
-from .config import ARCHS
+from .checkpoint import load
+from .config import ARCHS, PretrainConfig, config_from, saved_config
 
 PYRAMID_LEVELS: "OrderedDict[str, int]" = OrderedDict([("P2", 4), ("P3", 8), ("P4", 16), ("P5", 32)])
 """The pyramid levels classified densely, with their strides: every level the FPN
@@ -42,7 +44,7 @@ def build_backbone(arch: str) -> ResNet:
 def stage_channels(resnet: ResNet) -> list[int]:
     """Output channels of layer1..layer4 (torchvision's own rule in its FPN builder)."""
     stage2 = resnet.inplanes // 8
-    return [stage2 * 2 ** k for k in range(4)]
+    return [stage2 * 2**k for k in range(4)]
 
 
 class DenseClassifier(nn.Module):
@@ -67,7 +69,7 @@ class DenseClassifier(nn.Module):
         return b.layer4(b.layer3(b.layer2(b.layer1(x))))
 
     def levels(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        """The feature maps classified, by level name (one here: X of PAPER.md 4)."""
+        """The feature maps classified, by level name (one here: X of docs/method.md 4)."""
         return OrderedDict([(BACKBONE_LEVEL, self.features(x))])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +132,13 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     model = build_model(ckpt["arch"], len(ckpt["class_names"]), cfg.get("neck", "none"), cfg.get("fpn_channels", 256))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def load_pretrained(run: Path | str) -> tuple[dict, PretrainConfig, nn.Module]:
+    """A pre-training run (its folder or a checkpoint file) as ``(checkpoint, its settings,
+    the model with its weights on the CPU)``: the one way a command reads a trained backbone."""
+    ckpt = load(Path(run))
+    return ckpt, config_from(PretrainConfig, saved_config(ckpt["config"])), model_from_checkpoint(ckpt)
 
 
 def level_logits(output: "torch.Tensor | OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":

@@ -8,10 +8,9 @@ optimizer, grad scaler, ERF weights, RNG states and every rank's data position, 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import MISSING, asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,22 +19,30 @@ import torch.distributed as dist
 
 from jigsawdata.errors import InputError, Stopped, TrainingError
 from jigsawdata.files import sha256_file
-from jigsawdata.manifest import MANIFEST_NAME
+from jigsawdata.layout import MANIFEST_NAME
 from jigsawdata.pipelines.dali import require_dali
-from jigsawdata.pipelines.integrity import local_checked
 from jigsawdata.pipelines.ranks import process_info
-from jigsawdata.pipelines.shardset import open_shard_set
+from jigsawdata.shardset.open import ShardSet, open_shard_set
 
 from . import checkpoint as ckpt_io
-from .config import PretrainConfig
+from .config import PretrainConfig, saved_config
 from .data import SOURCES
 from .erf import blockwise_weights, level_receptive_fields, level_region_maps, level_weights, region_fractions
+from .loop import MetricsLog, TrainingRun
 from .losses import blockwise_loss, erf_dense_loss, global_loss, mean_over_levels
 from .model import BACKBONE_LEVEL, build_model, level_logits
-from .metricsplot import write_metrics_png
-from .runtime import (Precision, TrainClock, check_resume_device, claim_run_dir, drop_records_after, dump_config,
-                      gather, init_distributed, provenance, resolved, rng_state, set_rng_state, stop_requests,
-                      tensorboard_writer, wrap_ddp)
+from .runtime import (
+    Precision,
+    TrainClock,
+    claim_run_dir,
+    dump_config,
+    gather,
+    init_distributed,
+    provenance,
+    resolved,
+    stop_requests,
+    wrap_ddp,
+)
 from .schedule import learning_rate, scaled
 from .validate import load_validation_set, validate
 
@@ -43,23 +50,30 @@ log = logging.getLogger(__name__)
 
 
 # Settings that may differ between a run and its resumption.
-_RENAMED = {"split": "template_split"}
-"""Settings that earlier versions saved under another name."""
+_RESUMABLE = {
+    "out",
+    "workers",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "device",
+    "cache_dir",
+    "verify",
+    "val_shards",
+    "val_every",
+    "val_images",
+    "iterations",
+}
 
 
-def saved_config(values: dict) -> dict:
-    """A checkpoint's saved settings under today's names."""
-    return {_RENAMED.get(k, k): v for k, v in values.items()}
-
-
-_RESUMABLE = {"out", "workers", "log_every", "checkpoint_every", "keep_checkpoints", "device", "cache_dir", "verify",
-              "val_shards", "val_every", "val_images", "iterations"}
-
-
-class Trainer:
-    def __init__(self, cfg: PretrainConfig, resume: bool = False,
-                 on_log: Callable[[dict], None] | None = None,
-                 on_validate: Callable[[dict], None] | None = None) -> None:
+class Trainer(TrainingRun):
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        resume: bool = False,
+        on_log: Callable[[dict], None] | None = None,
+        on_validate: Callable[[dict], None] | None = None,
+    ) -> None:
         if cfg.pipeline == "dali":
             require_dali()
         self.cfg, self.on_log, self.on_validate = cfg, on_log, on_validate
@@ -69,16 +83,16 @@ class Trainer:
         self.dist, self.device = init_distributed(cfg.device)
         self.local_batch = cfg.batch // self.dist.world
         self.out = claim_run_dir(cfg.out, resume)
-        self.shards = self._local_shards()
-        self.class_names = open_shard_set(self.shards).class_names
+        self.shards = self._open_shards()
+        self.class_names = self.shards.class_names
         self.template = cfg.template
         self.jigsaw = cfg.jigsaw_config(cfg.seed + 1000 * self.dist.rank)
-        data = {"shards": _data_record(cfg.shards, self.shards)}
+        data = {"shards": _data_record(cfg.shards, self.shards.root)}
         self.validation = None
         if cfg.val_shards and self.dist.main:
-            val = local_checked(cfg.val_shards, verify=cfg.verify, cache_dir=cfg.cache_dir)
+            val = open_shard_set(cfg.val_shards, verify=cfg.verify, cache_dir=cfg.cache_dir)
             self.validation = load_validation_set(val, self.template, cfg.val_images, cfg.fit, self.class_names)
-            data["val_shards"] = _data_record(cfg.val_shards, val)
+            data["val_shards"] = _data_record(cfg.val_shards, val.root)
         self.provenance = provenance(**data)
         self.last_validation: dict = {}
         self.area = torch.from_numpy(region_fractions(self.template)).to(self.device)
@@ -89,8 +103,9 @@ class Trainer:
         self.region_maps = level_region_maps(self.template, self.model.strides, self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         self.precision = Precision.of(cfg.amp, self.device)
         self.scaler = self.precision.scaler()
         self.iteration = 0
@@ -103,48 +118,49 @@ class Trainer:
         if self.dist.main:
             dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist, self.provenance))
         self.net = wrap_ddp(self.model, self.dist, self.device)
-        self.source = SOURCES[cfg.pipeline](self.shards, self.local_batch, self.jigsaw, device=self.device,
-                                            workers=cfg.workers, rank=self.dist.rank, world_size=self.dist.world,
-                                            state=data_state)
-        self._tb = self._tensorboard() if self.dist.main else None
+        self.source = SOURCES[cfg.pipeline](
+            self.shards,
+            self.local_batch,
+            self.jigsaw,
+            device=self.device,
+            workers=cfg.workers,
+            rank=self.dist.rank,
+            world_size=self.dist.world,
+            state=data_state,
+        )
 
-    def _local_shards(self) -> Path:
+    def _open_shards(self) -> ShardSet:
         """A URL is fetched (every file checked against the manifest) into the cache by one
         process per node while the others wait, for either pipeline: training never reads
-        a byte that was not verified."""
+        a byte that was not verified. The set is opened once, here, and handed down."""
         cfg = self.cfg
         first = self.dist.local_rank == 0
-        local = local_checked(cfg.shards, verify=cfg.verify and first, cache_dir=cfg.cache_dir, fetch=first)
+        shards = open_shard_set(cfg.shards, verify=cfg.verify, cache_dir=cfg.cache_dir) if first else None
         if self.dist.world > 1:
             dist.barrier()
-        return local
+        return shards or open_shard_set(cfg.shards, verify=False, cache_dir=cfg.cache_dir, fetch=False)
 
     # ------------------------------------------------------------------ state
 
     def _restore(self):
         # Loaded to the CPU: the RNG states must stay CPU tensors; load_state_dict places the rest.
         ckpt = ckpt_io.load(self.out / ckpt_io.CHECKPOINT_NAME, map_location="cpu")
-        check_resume_device(ckpt.get("device_type"), self.device, self.out)
-        saved = ckpt["config"]
-        diff = _changed(saved_config(saved), self.cfg)
-        if diff:
-            raise InputError(f"cannot resume {self.out}: settings differ from the saved run in {', '.join(diff)}")
-        if (self.cfg.pipeline == "dali" and self.device.type == "cpu"
-                and saved_config(saved).get("workers", self.cfg.workers) != self.cfg.workers):
-            raise InputError(f"cannot resume {self.out} with --workers {self.cfg.workers}: on the CPU they are DALI "
-                             f"pipelines, each with its own data position; resume with --workers {saved['workers']}")
+        saved = saved_config(ckpt["config"])
+        self.check_resumable(ckpt, saved, self.cfg, _RESUMABLE)
+        if (
+            self.cfg.pipeline == "dali"
+            and self.device.type == "cpu"
+            and saved.get("workers", self.cfg.workers) != self.cfg.workers
+        ):
+            raise InputError(
+                f"cannot resume {self.out} with --workers {self.cfg.workers}: on the CPU they are DALI "
+                f"pipelines, each with its own data position; resume with --workers {saved['workers']}"
+            )
         if len(ckpt["data"]["states"]) != self.dist.world:
             raise InputError(f"{self.out} was saved by {len(ckpt['data']['states'])} ranks; resume it with as many")
-        self._check_new_length(int(saved_config(saved)["iterations"]), int(ckpt["iteration"]))
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        self._check_new_length(int(saved["iterations"]), int(ckpt["iteration"]))
+        self.restore_training_state(ckpt)
         self.weights = _saved_weights(ckpt["erf_weights"], self.device)
-        self.iteration = int(ckpt["iteration"])
-        self.clock = TrainClock(self.device, self.dist.world, ckpt.get("train_device_seconds", 0.0))
-        set_rng_state(ckpt["rng"][self.dist.rank], self.device)
-        if self.dist.main:
-            drop_records_after(self.out / "metrics.jsonl", self.iteration)
         log.info("resumed %s at iteration %d", self.out, self.iteration)
         return ckpt["data"]["states"][self.dist.rank]
 
@@ -158,40 +174,64 @@ class Trainer:
         if total <= at:
             raise InputError(f"cannot resume {self.out} with --iterations {total}: it is at iteration {at} already")
         c = self.cfg
-        old = learning_rate(at, total=saved_total, warmup=c.warmup, lr_start=scaled(c.lr_start, c.batch),
-                            lr_peak=scaled(c.lr_peak, c.batch))
-        log.warning("--iterations %d instead of %d: from iteration %d the learning rate follows the %d-iteration "
-                    "schedule (%.5f there, against %.5f in the saved one); a run of %d from the start would have had "
-                    "other rates before it", total, saved_total, at, total, self._lr(at), old, total)
+        old = learning_rate(
+            at,
+            total=saved_total,
+            warmup=c.warmup,
+            lr_start=scaled(c.lr_start, c.batch),
+            lr_peak=scaled(c.lr_peak, c.batch),
+        )
+        log.warning(
+            "--iterations %d instead of %d: from iteration %d the learning rate follows the %d-iteration "
+            "schedule (%.5f there, against %.5f in the saved one); a run of %d from the start would have had "
+            "other rates before it",
+            total,
+            saved_total,
+            at,
+            total,
+            self._lr(at),
+            old,
+            total,
+        )
 
     def save(self) -> None:
         data_states = gather(self.source.state(), self.dist)
-        rng = gather(rng_state(self.device), self.dist)
+        state = self.training_state()
         if not self.dist.main:
             return
         path = self.out / ckpt_io.CHECKPOINT_NAME
-        ckpt_io.save_atomic({
-            "format": ckpt_io.FORMAT, "iteration": self.iteration, "arch": self.cfg.arch,
-            "device_type": self.device.type, "train_device_seconds": self.clock.seconds,
-            "class_names": list(self.class_names), "config": asdict(self.cfg),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "erf_weights": self.weights, "rng": rng,
-            "data": {"kind": self.source.kind, "states": data_states},
-            "schedule": {"warmup": self.cfg.warmup, "total": self.cfg.iterations,
-                         "lr_start": self._lr(0), "lr_peak": scaled(self.cfg.lr_peak, self.cfg.batch)},
-            "provenance": self.provenance,
-        }, path)
+        ckpt_io.save_atomic(
+            {
+                "format": ckpt_io.FORMAT,
+                **state,
+                "arch": self.cfg.arch,
+                "class_names": list(self.class_names),
+                "config": asdict(self.cfg),
+                "erf_weights": self.weights,
+                "data": {"kind": self.source.kind, "states": data_states},
+                "schedule": {
+                    "warmup": self.cfg.warmup,
+                    "total": self.cfg.iterations,
+                    "lr_start": self._lr(0),
+                    "lr_peak": scaled(self.cfg.lr_peak, self.cfg.batch),
+                },
+                "provenance": self.provenance,
+            },
+            path,
+        )
         ckpt_io.keep_last(path, self.iteration, self.cfg.keep_checkpoints)
-
-    def _tensorboard(self):
-        return tensorboard_writer(self.out)
 
     # ------------------------------------------------------------------ steps
 
     def _lr(self, iteration: int) -> float:
         c = self.cfg
-        return learning_rate(iteration, total=c.iterations, warmup=c.warmup,
-                             lr_start=scaled(c.lr_start, c.batch), lr_peak=scaled(c.lr_peak, c.batch))
+        return learning_rate(
+            iteration,
+            total=c.iterations,
+            warmup=c.warmup,
+            lr_start=scaled(c.lr_start, c.batch),
+            lr_peak=scaled(c.lr_peak, c.batch),
+        )
 
     def refresh_erf(self) -> None:
         """Recompute each level's (4, g, g) label weights from the current model on real jigsaw images."""
@@ -208,8 +248,9 @@ class Trainer:
 
     def loss(self, output, labels: torch.Tensor) -> torch.Tensor:
         """The loss of every classified level, averaged over the levels (one level: its own)."""
-        return mean_over_levels([self._level_loss(name, logits, labels)
-                                 for name, logits in level_logits(output).items()])
+        return mean_over_levels(
+            [self._level_loss(name, logits, labels) for name, logits in level_logits(output).items()]
+        )
 
     def _level_loss(self, name: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.cfg.loss == "erf":
@@ -219,38 +260,32 @@ class Trainer:
         return global_loss(logits, labels, self.area)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self._lr(self.iteration)
+        self.set_lr(self._lr(self.iteration))
         # channels_last on the GPU (DALI's HWC output already is: no copy); the CPU's kernels
         # are NCHW ones, so a channels_last view from DALI's CPU backend is made contiguous.
         cuda = self.device.type == "cuda"
         images = images.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
-        with torch.autocast(self.device.type, dtype=self.precision.dtype, enabled=self.precision.enabled):
+        with self.autocast():
             output = self.net(images)
         loss = self.loss(output, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.optimizer_step(loss)
         return loss.detach()
 
     def train(self) -> dict:
         """Run to ``cfg.iterations``; returns the last logged metrics. On SIGTERM (a scheduler's
         preemption) it saves a checkpoint and raises :class:`Stopped`."""
-        metrics_file = open(self.out / "metrics.jsonl", "a") if self.dist.main else None
+        self.metrics = MetricsLog(
+            self.out, self.dist.main, f"pretrain {self.out.name}: {self.cfg.arch}, {self.cfg.loss} loss"
+        )
         self.clock.start()
         try:
             with stop_requests() as requested:
-                return self._loop(metrics_file, requested)
+                return self._loop(requested)
         finally:
             self.clock.stop()
-            if metrics_file:
-                metrics_file.close()
-                write_metrics_png(self.out, f"pretrain {self.out.name}: {self.cfg.arch}, {self.cfg.loss} loss")
-            if self._tb:
-                self._tb.close()
+            self.metrics.close()
 
-    def _loop(self, metrics_file, requested: Callable[[], bool]) -> dict:
+    def _loop(self, requested: Callable[[], bool]) -> dict:
         cfg, metrics = self.cfg, {}
         window = self._new_window()
         while self.iteration < cfg.iterations:
@@ -265,18 +300,21 @@ class Trainer:
             window["steps"] += 1
             logged = self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations
             if logged:
-                metrics = self._log(window, metrics_file)
+                metrics = self._log(window)
                 window = self._new_window()
             if self.validation and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations):
                 with self.clock.paused():
-                    self._validate(metrics_file)
+                    self._validate()
             stop = self._stop_agreed(requested(), logged)
             if stop or self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
                 with self.clock.paused():
                     self.save()
             if stop and self.iteration < cfg.iterations:
-                raise Stopped(f"stopped by SIGTERM at iteration {self.iteration} of {cfg.iterations}, checkpoint "
-                              f"saved: continue with `jigsawdata pretrain --out {self.out} --resume`", 128 + 15)
+                raise Stopped(
+                    f"stopped by SIGTERM at iteration {self.iteration} of {cfg.iterations}, checkpoint "
+                    f"saved: continue with `jigsawdata pretrain --out {self.out} --resume`",
+                    128 + 15,
+                )
         return metrics
 
     def _stop_agreed(self, requested: bool, logged: bool) -> bool:
@@ -292,44 +330,41 @@ class Trainer:
 
     def _new_window(self) -> dict:
         return {"loss": torch.zeros((), device=self.device), "wait": 0.0, "start": time.perf_counter(), "steps": 0}
-    def _validate(self, metrics_file) -> None:
+
+    def _validate(self) -> None:
         """Region accuracy on the fixed held-out images (main rank only), logged as its own
         ``metrics.jsonl`` record."""
         self.last_validation = {"iteration": self.iteration, **validate(self.model, self.validation, self.template)}
-        metrics_file.write(json.dumps(self.last_validation) + "\n")
-        metrics_file.flush()
-        if self._tb:
-            for key, value in self.last_validation.items():
-                if key.startswith("val_accuracy") or key == "val_majority":
-                    self._tb.add_scalar(key, value, self.iteration)
+        self.metrics.write(
+            self.last_validation,
+            [key for key in self.last_validation if key.startswith("val_accuracy") or key == "val_majority"],
+        )
         if self.on_validate:
             self.on_validate(self.last_validation)
 
-    def _log(self, window: dict, metrics_file) -> dict:
+    def _log(self, window: dict) -> dict:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - window["start"]
         steps = window["steps"]
         self._check_finite(window["loss"])
         metrics = {
-            "iteration": self.iteration, "loss": float(window["loss"]) / steps, "lr": self._lr(self.iteration - 1),
-            "images_per_s": steps * self.cfg.batch / elapsed, "step_s": elapsed / steps,
-            "data_wait_s": window["wait"] / steps, "data_wait_fraction": window["wait"] / elapsed,
+            "iteration": self.iteration,
+            "loss": float(window["loss"]) / steps,
+            "lr": self._lr(self.iteration - 1),
+            "images_per_s": steps * self.cfg.batch / elapsed,
+            "step_s": elapsed / steps,
+            "data_wait_s": window["wait"] / steps,
+            "data_wait_fraction": window["wait"] / elapsed,
             "train_device_seconds": self.clock.seconds,
         }
         if self.device.type == "cuda":
             metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.dist.main:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            if self._tb:
-                for key, value in metrics.items():
-                    if key != "iteration":
-                        self._tb.add_scalar(key, value, self.iteration)
+            self.metrics.write(metrics, [key for key in metrics if key != "iteration"])
             if self.on_log:
                 self.on_log(metrics)
         return metrics
-
 
     def _check_finite(self, loss_sum: torch.Tensor) -> None:
         """Stop when the loss of the last log window is NaN or infinite, on every rank at once
@@ -339,22 +374,16 @@ class Trainer:
         if self.dist.world > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
-            raise TrainingError(f"the loss became {float(loss_sum)} by iteration {self.iteration}: the run diverged "
-                                f"(lower --lr-peak, or --amp off); {self.out} keeps the last checkpoint from before")
+            raise TrainingError(
+                f"the loss became {float(loss_sum)} by iteration {self.iteration}: the run diverged "
+                f"(lower --lr-peak, or --amp off); {self.out} keeps the last checkpoint from before"
+            )
 
 
 def _data_record(location: str, local: Path) -> dict:
     """Where a shard set was read from and the sha256 of its manifest, which vouches for every
     file of it: the run is tied to exactly these shards."""
     return {"location": str(location), "manifest_sha256": sha256_file(Path(local) / MANIFEST_NAME)}
-
-
-def _changed(saved: dict, cfg: PretrainConfig) -> list[str]:
-    """Settings of ``cfg`` that differ from a saved run's, but for :data:`_RESUMABLE`; a
-    setting newer than the saved run counts as its default there (what the run had)."""
-    defaults = {f.name: f.default for f in fields(PretrainConfig) if f.default is not MISSING}
-    names = (set(saved) | set(defaults)) - _RESUMABLE
-    return sorted(k for k in names if saved.get(k, defaults.get(k)) != getattr(cfg, k, None))
 
 
 def _saved_weights(saved, device: torch.device) -> dict[str, torch.Tensor] | None:

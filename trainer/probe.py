@@ -27,7 +27,7 @@ from torch import nn
 
 from jigsawdata.errors import InputError
 from jigsawdata.pipelines.reference import normalize, read_samples
-from jigsawdata.pipelines.shardset import open_shard_set
+from jigsawdata.shardset.open import ShardSet, as_shard_set
 
 K = 20
 TEMPERATURE = 0.07
@@ -41,12 +41,12 @@ class Crops:
     """``(N,)`` shard labels (background included)."""
 
 
-def load_crops(shards: Path | str, count: int, size: int) -> Crops:
+def load_crops(shards: ShardSet | Path | str, count: int, size: int) -> Crops:
     """The first ``count`` crops of a shard set (split over S / T / W by their sizes),
     each resized to ``size`` x ``size``."""
     if count < 1 or size < 1:
         raise InputError("the kNN probe needs >= 1 crop of >= 1 pixel")
-    shard_set = open_shard_set(shards)
+    shard_set = as_shard_set(shards)
     total = sum(g.samples for g in shard_set.groups.values())
     images, labels = [], []
     for group in shard_set.groups.values():
@@ -71,7 +71,7 @@ def pooled_features(backbone: nn.Module, images: torch.Tensor, chunk: int = 128)
     out = []
     try:
         for i in range(0, len(images), chunk):
-            x = images[i:i + chunk].to(device)
+            x = images[i : i + chunk].to(device)
             x = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x))))))))
             out.append(F.normalize(x.float().mean(dim=(2, 3)), dim=1).cpu())
     finally:
@@ -79,8 +79,13 @@ def pooled_features(backbone: nn.Module, images: torch.Tensor, chunk: int = 128)
     return torch.cat(out)
 
 
-def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, features: torch.Tensor,
-                k: int = K, temperature: float = TEMPERATURE) -> torch.Tensor:
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    features: torch.Tensor,
+    k: int = K,
+    temperature: float = TEMPERATURE,
+) -> torch.Tensor:
     """The class each row of ``features`` gets from its ``k`` nearest training features
     (cosine similarity), by votes weighted ``exp(similarity / temperature)``."""
     k = min(k, len(train_features))
@@ -92,8 +97,14 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, featur
 
 def knn_probe(backbone: nn.Module, train: Crops, val: Crops) -> dict[str, float]:
     """kNN top-1 on ``val`` with ``train`` as the memory, beside the majority-class rate."""
-    predictions = knn_predict(pooled_features(backbone, train.images), train.labels,
-                              pooled_features(backbone, val.images))
+    predictions = knn_predict(
+        pooled_features(backbone, train.images), train.labels, pooled_features(backbone, val.images)
+    )
     majority = float(torch.bincount(val.labels).max()) / len(val.labels)
-    return {"knn_top1": float((predictions == val.labels).float().mean()), "knn_majority": majority,
-            "knn_k": K, "knn_train_crops": len(train.labels), "knn_val_crops": len(val.labels)}
+    return {
+        "knn_top1": float((predictions == val.labels).float().mean()),
+        "knn_majority": majority,
+        "knn_k": K,
+        "knn_train_crops": len(train.labels),
+        "knn_val_crops": len(val.labels),
+    }

@@ -4,8 +4,8 @@ state in checkpoints, and run directories."""
 from __future__ import annotations
 
 import datetime
-import logging
 import json
+import logging
 import platform
 import shlex
 import signal
@@ -14,8 +14,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
-from importlib import metadata
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,20 +22,21 @@ import torch
 import torch.distributed as dist
 
 from jigsawdata import __version__
+from jigsawdata.environment import installed
 from jigsawdata.errors import InputError
 from jigsawdata.files import write_json_atomic, write_text_atomic
-from jigsawdata.location import is_url
+from jigsawdata.layout import CHECKPOINT_NAME, CONFIG_NAME
 from jigsawdata.pipelines.ranks import DistInfo, process_info
 from jigsawdata.settings import RESOLVED_KEY
+from jigsawdata.shardset.location import is_url
 
-from .checkpoint import CHECKPOINT_NAME
 from .config import AMP_MODES
 
 log = logging.getLogger(__name__)
 
 
 class TrainClock:
-    """A run's training cost in device-seconds: what the experiment grid compares (PAPER.md 7).
+    """A run's training cost in device-seconds: what the experiment grid compares (docs/method.md 7).
 
     Wall seconds times the processes training while the clock runs; validation, evaluation
     and checkpoint I/O run with it paused. Pausing waits for the GPU's queued kernels first,
@@ -128,7 +128,9 @@ def init_distributed(device: str, timeout: datetime.timedelta | None = None) -> 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
     if info.world == 1:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def gather(obj, info: DistInfo) -> list:
@@ -154,20 +156,16 @@ def check_resume_device(saved: str | None, device: torch.device, run: Path) -> N
     that fp16 on a GPU accepts, the GPU's RNG state does not exist on the CPU, and kernels
     differ. ``saved`` is None for checkpoints that did not record it."""
     if saved is not None and saved != device.type:
-        raise InputError(f"{run} was saved on the {saved.upper()} and cannot be resumed on the "
-                         f"{device.type.upper()}: resume it with --device {saved}")
+        raise InputError(
+            f"{run} was saved on the {saved.upper()} and cannot be resumed on the "
+            f"{device.type.upper()}: resume it with --device {saved}"
+        )
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def config_from(cls, values: dict):
-    """A config dataclass from saved values, ignoring fields this version does not know."""
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def drop_records_after(path: Path, iteration: int) -> None:
@@ -199,25 +197,22 @@ def claim_run_dir(out: Path | str, resume: bool) -> Path:
         raise InputError(f"{out} holds a run already: pass --resume to continue it, or use another --out")
     if not resume and out.is_dir() and any(out.iterdir()):
         names = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise InputError(f"--out {out} is not empty ({names}) and holds no checkpoint: a new run needs a new or "
-                         "empty directory")
+        raise InputError(
+            f"--out {out} is not empty ({names}) and holds no checkpoint: a new run needs a new or empty directory"
+        )
     return out
 
 
 def versions() -> dict[str, str | None]:
     """Versions of what a run's numbers depend on (``None``: not installed)."""
-    def installed(*dists: str) -> str | None:
-        for name in dists:
-            try:
-                return metadata.version(name)
-            except metadata.PackageNotFoundError:
-                continue
-        return None
-
-    return {"jigsawdata": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": installed("torchvision"),
-            "nvidia-dali": installed("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali"),
-            "cuda": torch.version.cuda}
+    return {
+        "jigsawdata": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": installed("torchvision"),
+        "nvidia-dali": installed("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali"),
+        "cuda": torch.version.cuda,
+    }
 
 
 def source_revision() -> str | None:
@@ -225,12 +220,17 @@ def source_revision() -> str | None:
     or None for an installed copy or without git."""
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if commit.returncode:
             return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit.stdout.strip() + ("+dirty" if dirty else "")
@@ -246,15 +246,20 @@ def provenance(**data) -> dict:
 def resolved(device: torch.device, precision: Precision, info: DistInfo, origin: dict | None = None) -> dict:
     """What ``auto`` and the environment turned a run's settings into, and (``origin``) its
     :func:`provenance`."""
-    return {"device": str(device), "precision": precision.name, "world_size": info.world, "versions": versions(),
-            **({"provenance": origin} if origin else {})}
+    return {
+        "device": str(device),
+        "precision": precision.name,
+        "world_size": info.world,
+        "versions": versions(),
+        **({"provenance": origin} if origin else {}),
+    }
 
 
 def dump_config(out: Path, cfg, resolved_values: dict) -> None:
     """A run's settings, next to its checkpoints (as timm's args.yaml), with what they resolved to
     under ``resolved``. The file works as ``--config`` of a new run (``resolved`` is skipped)."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(out) / "config.json", {**asdict(cfg), RESOLVED_KEY: resolved_values})
+    write_json_atomic(Path(out) / CONFIG_NAME, {**asdict(cfg), RESOLVED_KEY: resolved_values})
 
 
 @contextmanager
@@ -279,7 +284,9 @@ def tensorboard_writer(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log.info("TensorBoard logging is off: pip install 'jigsawdata[tensorboard]' for it (metrics.jsonl and "
-                 "metrics.png are written either way)")
+        log.info(
+            "TensorBoard logging is off: pip install 'jigsawdata[tensorboard]' for it (metrics.jsonl and "
+            "metrics.png are written either way)"
+        )
         return None
     return SummaryWriter(str(Path(out) / "tensorboard"))

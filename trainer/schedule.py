@@ -1,4 +1,4 @@
-"""The pre-training learning-rate schedule (PAPER.md 5) and its batch-size scaling."""
+"""The pre-training learning-rate schedule (docs/method.md 5) and its batch-size scaling."""
 
 from __future__ import annotations
 

@@ -21,9 +21,18 @@ from jigsawdata.errors import InputError
 from jigsawdata.files import write_bytes_atomic
 
 SUFFIX = ".safetensors"
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 _NAMES = {name: dtype for dtype, name in _DTYPES.items()}
 _MAX_HEADER = 100 << 20
 
@@ -41,8 +50,11 @@ def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"{name}: dtype {tensor.dtype} has no safetensors name")
         data = _raw(tensor)
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         chunks.append(data)
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -50,8 +62,7 @@ def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
-def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-                      ) -> None:
+def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     write_bytes_atomic(Path(path), safetensors_bytes(state, metadata))
 
 
@@ -62,11 +73,12 @@ def read_safetensors(path: Path) -> "OrderedDict[str, torch.Tensor]":
         (length,) = struct.unpack("<Q", data[:8])
         if length > min(_MAX_HEADER, len(data) - 8):
             raise ValueError(f"a header of {length} bytes in a file of {len(data)}")
-        header = json.loads(data[8:8 + length])
-        body = memoryview(data)[8 + length:]
+        header = json.loads(data[8 : 8 + length])
+        body = memoryview(data)[8 + length :]
         state, end = OrderedDict(), 0
-        for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                                 key=lambda item: item[1]["data_offsets"][0]):
+        for name, info in sorted(
+            ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda item: item[1]["data_offsets"][0]
+        ):
             start, stop = info["data_offsets"]
             dtype, shape = _NAMES[info["dtype"]], [int(n) for n in info["shape"]]
             if start != end or stop > len(body):
@@ -74,7 +86,9 @@ def read_safetensors(path: Path) -> "OrderedDict[str, torch.Tensor]":
             if stop == start:
                 state[name] = torch.empty(shape, dtype=dtype)
             else:
-                state[name] = torch.frombuffer(bytearray(body[start:stop]), dtype=torch.uint8).view(dtype).reshape(shape)
+                state[name] = (
+                    torch.frombuffer(bytearray(body[start:stop]), dtype=torch.uint8).view(dtype).reshape(shape)
+                )
             end = stop
     except (struct.error, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
         raise InputError(f"{path} is not a readable safetensors file ({exc})") from exc

@@ -21,8 +21,8 @@ from torch import nn
 from jigsawdata.errors import InputError
 from jigsawdata.pipelines.config import JigsawConfig
 from jigsawdata.pipelines.reference import reference_loader
-from jigsawdata.pipelines.shardset import open_shard_set
 from jigsawdata.pipelines.template import REGION_NAMES, Template
+from jigsawdata.shardset.open import ShardSet, as_shard_set
 
 from .erf import level_region_maps
 from .losses import region_mean
@@ -47,22 +47,28 @@ class ValidationSet:
 
 def validation_config(template: Template, fit: str = "pad_crop") -> JigsawConfig:
     """The un-augmented assembly: resize 1, no flip, each window centred on its sample."""
-    return JigsawConfig(template=template, scale=(1.0, 1.0), flip_p=0.0, fit=fit, crop_pos=0.5,
-                        seed=_READER_SEED)
+    return JigsawConfig(template=template, scale=(1.0, 1.0), flip_p=0.0, fit=fit, crop_pos=0.5, seed=_READER_SEED)
 
 
-def load_validation_set(shards: Path | str, template: Template, count: int, fit: str = "pad_crop",
-                        class_names: tuple[str, ...] | None = None) -> ValidationSet:
+def load_validation_set(
+    shards: ShardSet | Path | str,
+    template: Template,
+    count: int,
+    fit: str = "pad_crop",
+    class_names: tuple[str, ...] | None = None,
+) -> ValidationSet:
     """The first ``count`` fixed jigsaw images of ``shards``; with ``class_names``, refuses
     shards whose classes differ (their labels would mean other things)."""
     if count < 1:
         raise InputError("--val-images must be >= 1")
-    names = open_shard_set(shards).class_names
+    shards = as_shard_set(shards)
+    names = shards.class_names
     if class_names is not None and tuple(names) != tuple(class_names):
-        raise InputError(f"{shards} has other classes than the training shards: build both from the same "
-                         "category list (e.g. train2017 and val2017)")
-    loader = reference_loader(shards, min(count, 64), validation_config(template, fit), workers=0, rank=0,
-                              world_size=1)
+        raise InputError(
+            f"{shards.root} has other classes than the training shards: build both from the same "
+            "category list (e.g. train2017 and val2017)"
+        )
+    loader = reference_loader(shards, min(count, 64), validation_config(template, fit), workers=0, rank=0, world_size=1)
     images, labels, seen = [], [], 0
     for batch_images, batch_labels in loader:
         images.append(batch_images[: count - seen])
@@ -74,8 +80,9 @@ def load_validation_set(shards: Path | str, template: Template, count: int, fit:
 
 
 @torch.no_grad()
-def region_predictions(model: nn.Module, images: torch.Tensor, template: Template,
-                       chunk: int = 64) -> "OrderedDict[str, torch.Tensor]":
+def region_predictions(
+    model: nn.Module, images: torch.Tensor, template: Template, chunk: int = 64
+) -> "OrderedDict[str, torch.Tensor]":
     """``{level: (N, 4)}`` predicted class of each region by each classified level, and under
     ``"all"`` by the levels together: the arg-max of the region-averaged logits (averaged over
     the levels for ``"all"``), in eval mode and fp32 (the training mode is restored)."""
@@ -86,8 +93,10 @@ def region_predictions(model: nn.Module, images: torch.Tensor, template: Templat
     pooled: dict[str, list[torch.Tensor]] = {name: [] for name in ("all", *region_maps)}
     try:
         for i in range(0, len(images), chunk):
-            levels = {name: region_mean(logits.float(), region_maps[name])
-                      for name, logits in level_logits(model(images[i:i + chunk].to(device))).items()}
+            levels = {
+                name: region_mean(logits.float(), region_maps[name])
+                for name, logits in level_logits(model(images[i : i + chunk].to(device))).items()
+            }
             for name, scores in levels.items():
                 pooled[name].append(scores.argmax(dim=1).cpu())
             pooled["all"].append(torch.stack(list(levels.values())).mean(dim=0).argmax(dim=1).cpu())
@@ -128,31 +137,13 @@ def format_validation(metrics: dict) -> str:
     rows = [("all", "")] + [(name, f"_{name}") for name in REGION_NAMES]
     for name, suffix in rows:
         label = name if not suffix else f"{name} ({REGION_ROLES[name]})"
-        lines.append(f"{label:<16}{100 * metrics['val_accuracy' + suffix]:>9.1f}"
-                     f"{100 * metrics['val_majority' + suffix]:>12.1f}")
+        lines.append(
+            f"{label:<16}{100 * metrics['val_accuracy' + suffix]:>9.1f}{100 * metrics['val_majority' + suffix]:>12.1f}"
+        )
     levels = [key.removeprefix("val_accuracy_") for key in metrics if key.startswith("val_accuracy_P")]
     for name in levels:
         lines.append(f"{'level ' + name:<16}{100 * metrics['val_accuracy_' + name]:>9.1f}")
-    lines.append(f"({metrics['val_images']} fixed jigsaw images" + (", all: the levels' logits averaged)" if levels
-                                                                    else ")"))
+    lines.append(
+        f"({metrics['val_images']} fixed jigsaw images" + (", all: the levels' logits averaged)" if levels else ")")
+    )
     return "\n".join(lines)
-
-
-def evaluate_checkpoint(run: Path | str, shards: Path | str, images: int = 256, device: str = "auto", *,
-                        verify: bool = True, cache_dir: Path | str | None = None) -> dict:
-    """:func:`validate` for a pre-training run directory or checkpoint file, on ``shards``
-    (a directory or URL, checked first as training checks its own)."""
-    from jigsawdata.pipelines.integrity import local_checked
-
-    from .checkpoint import load
-    from .model import model_from_checkpoint
-    from .pretrain import PretrainConfig, saved_config
-    from .runtime import config_from, pick_device
-
-    dev = pick_device(device)
-    ckpt = load(Path(run))
-    cfg = config_from(PretrainConfig, saved_config(ckpt["config"]))
-    model = model_from_checkpoint(ckpt)
-    data = load_validation_set(local_checked(shards, verify=verify, cache_dir=cache_dir), cfg.template, images,
-                               cfg.fit, tuple(ckpt["class_names"]))
-    return {"iteration": int(ckpt["iteration"]), **validate(model.to(dev), data, cfg.template)}
