@@ -396,8 +396,10 @@ def _build_config(config_file: Path | None, options: dict) -> BuildConfig:
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="YAML or JSON file of the build and sampling settings above (flat, e.g. `seed: 3` and "
-    "`max_enlarge: 1.5`); flags given here override it.",
+    help="YAML (.yaml/.yml) or JSON file of the build and sampling settings: --seed, --jpeg-quality, "
+    "--shard-size, --shard-samples, --chunk-images, --max-pixels and --max-enlarge to --negatives-avoid "
+    "(flat, e.g. `seed: 3`, `max_enlarge: 1.5`); not the source, output or run options. Flags given here "
+    "override it.",
 )
 @click.option(
     "--workers",

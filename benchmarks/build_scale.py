@@ -8,7 +8,7 @@ which Linux carries across ``exec``, and extraction workers are other processes)
 after imports and Arrow's one-time set-up, the fixed base; memory that grows with the data shows as bytes per crop above
 that base, and as the marginal bytes per extra crop between consecutive sizes. The peak is
 split at the end of reading the annotation file (streamed into columns by
-:mod:`jigsawdata.validate`, then sorted into the source's): what reading needs, and what the
+:mod:`jigsawdata.coco.validate`, then sorted into the source's): what reading needs, and what the
 build adds beyond it. Usage:
 
     python -m jigsawdata.benchmarks.build_scale [--sizes 1000 10000 100000] [--workers 2] [--json out.json]

@@ -2,7 +2,7 @@
 
 A shard set of incompressible crop-sized samples is served by ``python -m http.server`` on 127.0.0.1
 (the README's way to publish, no range support) in its own process; in one run, interleaved,
-the set is fetched with ``jigsawdata.fetch.fetch`` (verifying every sha256 while streaming)
+the set is fetched with ``jigsawdata.shardset.fetch.fetch`` (verifying every sha256 while streaming)
 and downloaded file by file with ``urllib`` into a fresh folder (no checks). Medians over
 repeats, one warm-up of each excluded. Usage:
 

@@ -348,7 +348,7 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
         "max_images": 4,
         "images": 4,
         "checkpoint": str((out / "checkpoint.pt").resolve()),
-        "epoch": 0,
+        "epoch": 1,  # two iterations of two images: the first epoch is complete
         "iteration": 2,
     }
     # a subset is its own file: the run's figures stay
@@ -537,3 +537,102 @@ def test_split_then_finetune_on_any_coco_format_files(real_coco, tmp_path):
         main, ["finetune", "--coco", str(real_coco), "--ann", str(source), "--out", str(tmp_path / "x")]
     )
     assert refused.exit_code == 1 and "one of the two" in refused.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [1, 2], ids=["mid-epoch", "at-the-epochs-end"])
+def test_a_run_stopped_by_max_iters_resumes_to_the_weights_of_an_uninterrupted_one(
+    real_coco, jigsaw_ckpt, tmp_path, stop
+):
+    """Two iterations an epoch: a stop at the epoch's end moves on to the next epoch (its lower
+    rate), a stop inside it trains the epoch's remaining batches, as an uninterrupted run does."""
+
+    def finetune(out: str, *extra: str) -> None:
+        args = [
+            "finetune",
+            "--coco",
+            str(real_coco),
+            "--out",
+            str(tmp_path / out),
+            "--init",
+            str(jigsaw_ckpt[0]),
+            "--detector",
+            "fpn",
+            "--arch",
+            "resnet18",
+            "--batch",
+            "2",
+            "--min-size",
+            "96",
+            "--max-size",
+            "128",
+            "--max-images",
+            "4",
+            "--workers",
+            "0",
+            "--log-every",
+            "1",
+            "--device",
+            "cpu",
+            "--epochs",
+            "2",
+            "--warmup",
+            "1",
+        ]
+        result = CliRunner().invoke(main, [*args, *extra])
+        assert result.exit_code == 0, result.output
+
+    finetune("whole", "--max-iters", "3")
+    finetune("parts", "--max-iters", str(stop))
+    result = CliRunner().invoke(main, ["finetune", "--out", str(tmp_path / "parts"), "--resume", "--max-iters", "3"])
+    assert result.exit_code == 0, result.output
+    whole, parts = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("whole", "parts"))
+    assert (parts["epoch"], parts["iteration"]) == (whole["epoch"], whole["iteration"]) == (1, 3)
+    assert all(torch.equal(whole["model"][k], parts["model"][k]) for k in whole["model"])
+    last = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (last["epoch"], last["lr"]) == (
+        1,
+        json.loads((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()[-1])["lr"],
+    )
+
+
+@pytest.mark.slow
+def test_a_resume_is_refused_before_any_work_and_needs_no_init_file(real_coco, jigsaw_ckpt, tmp_path):
+    import shutil
+
+    init = tmp_path / "init.pt"
+    shutil.copy(jigsaw_ckpt[0], init)
+    out = tmp_path / "ft"
+    args = [
+        "finetune",
+        "--coco",
+        str(real_coco),
+        "--out",
+        str(out),
+        "--init",
+        str(init),
+        "--detector",
+        "fpn",
+        "--arch",
+        "resnet18",
+        "--batch",
+        "2",
+        "--min-size",
+        "96",
+        "--max-size",
+        "128",
+        "--max-images",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    assert CliRunner().invoke(main, [*args, "--max-iters", "1"]).exit_code == 0
+    recorded = json.loads((out / "config.json").read_text())["resolved"]["provenance"]["init"]
+    changed = CliRunner().invoke(main, ["finetune", "--out", str(out), "--resume", "--arch", "resnet50"])
+    assert changed.exit_code == 1 and "settings differ from the saved run in arch" in changed.output, changed.output
+    init.unlink()  # the weights it started from are in its checkpoint
+    result = CliRunner().invoke(main, ["finetune", "--out", str(out), "--resume", "--max-iters", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["resolved"]["provenance"]["init"] == recorded

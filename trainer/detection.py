@@ -273,15 +273,17 @@ def build_detector(
     min_size: int = 800,
     max_size: int = 1333,
     rois_per_image: int = 512,
+    load_init: bool = True,
 ) -> nn.Module:
     """``num_classes`` counts foreground classes; torchvision's heads add background.
     ``box_head`` (fpn, mask): ``2fc``, or ``4conv1fc`` with GroupNorm in it and in the FPN;
-    by default 4conv1fc with GroupNorm, 2fc otherwise."""
+    by default 4conv1fc with GroupNorm, 2fc otherwise. ``load_init=False`` builds the network
+    ``init`` gives without reading it (a resumed run's checkpoint holds the weights)."""
     if detector not in DETECTORS:
         raise InputError(f"--detector must be one of {DETECTORS}")
     if arch not in ARCHS:
         raise InputError(f"--arch must be one of {ARCHS}")
-    weights = read_init(init, arch)
+    weights = read_init(init, arch) if load_init else None
     norm = norm or default_norm(init)
     if norm not in NORMS:
         raise InputError(f"--norm must be one of {NORMS}")
@@ -291,7 +293,7 @@ def build_detector(
     neck = weights.fpn if weights is not None else None
     if neck is not None and detector == "c4":
         log.warning("--init %s holds a pre-trained FPN; the c4 detector has none, so only its backbone is used", init)
-    trainable = trainable_layers if trainable_layers is not None else 3 if weights is not None else 5
+    trainable = trainable_layers if trainable_layers is not None else 3 if init != "scratch" else 5
     _freeze(resnet, trainable)
     sizes = dict(min_size=min_size, max_size=max_size, box_batch_size_per_image=rois_per_image)
     if detector in ("fpn", "mask"):

@@ -22,6 +22,8 @@ import torch
 from jigsawdata.coco.reader import resolve_coco_root
 from jigsawdata.errors import InputError, TrainingError
 from jigsawdata.files import sha256_file, write_json_atomic, write_text_atomic
+from jigsawdata.layout import CONFIG_NAME
+from jigsawdata.settings import RESOLVED_KEY
 
 from . import checkpoint as ckpt_io
 from .coco_data import CocoDetection, collate, to_coco_results
@@ -60,6 +62,11 @@ class Finetuner(TrainingRun):
         self.cfg, self.on_log = cfg, on_log
         self.dist, self.device = init_distributed(cfg.device)
         self.out = claim_run_dir(cfg.out, resume)
+        # A resume is checked first (a changed setting is refused before any work), and starts
+        # from the checkpoint's weights: --init need not exist any more.
+        ckpt = load_run(self.out) if resume else None  # to the CPU: RNG states must stay CPU tensors
+        if ckpt is not None:
+            self.check_resumable(ckpt, ckpt["config"], cfg, _RESUMABLE)
         self.masks = cfg.detector == "mask"
         self.train_set = CocoDetection(
             *train_files(cfg), train=True, masks=self.masks, flip_p=cfg.flip_p, max_images=cfg.max_images
@@ -83,6 +90,7 @@ class Finetuner(TrainingRun):
             min_size=cfg.min_size,
             max_size=cfg.max_size,
             rois_per_image=cfg.rois_per_image,
+            load_init=ckpt is None,
         ).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.base_lr = cfg.lr * cfg.batch / 16
@@ -91,27 +99,29 @@ class Finetuner(TrainingRun):
         self.scaler = self.precision.scaler()
         self.epoch, self.iteration = 0, 0
         self.clock = TrainClock(self.device, self.dist.world)
-        if resume:
-            self._restore()
+        if ckpt is not None:
+            self.restore_training_state(ckpt)
+            self.epoch = int(ckpt["epoch"])
         if self.dist.main:
-            dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist, self._provenance()))
+            dump_config(self.out, cfg, resolved(self.device, self.precision, self.dist, self._provenance(resume)))
         self.net = wrap_ddp(self.model, self.dist, self.device)
 
-    def _provenance(self) -> dict:
+    def _provenance(self, resumed: bool) -> dict:
         """The annotation file trained on and the initial weights, by sha256 (the images are
-        named by the annotations; hashing them all would cost a pass over the set)."""
+        named by the annotations; hashing them all would cost a pass over the set). A resumed
+        run keeps the record of the weights it started from: they may be gone by now."""
         ann, _ = train_files(self.cfg)
         data = {"annotations": {"location": str(ann), "sha256": sha256_file(ann)}}
-        init = self.cfg.init.removeprefix("imagenet:")
-        if self.cfg.init != "scratch":
+        if resumed:
+            config = self.out / CONFIG_NAME
+            saved = json.loads(config.read_text()).get(RESOLVED_KEY, {}) if config.is_file() else {}
+            saved = saved.get("provenance", {})
+            if "init" in saved:
+                data["init"] = saved["init"]
+        elif self.cfg.init != "scratch":
+            init = self.cfg.init.removeprefix("imagenet:")
             data["init"] = {"location": self.cfg.init, "sha256": sha256_file(ckpt_io.checkpoint_file(init))}
         return provenance(**data)
-
-    def _restore(self) -> None:
-        ckpt = load_run(self.out)  # to the CPU: RNG states must stay CPU tensors
-        self.check_resumable(ckpt, ckpt["config"], self.cfg, _RESUMABLE)
-        self.restore_training_state(ckpt)
-        self.epoch = int(ckpt["epoch"])
 
     def save(self) -> None:
         state = self.training_state()
@@ -127,7 +137,10 @@ class Finetuner(TrainingRun):
                 self.out / ckpt_io.CHECKPOINT_NAME,
             )
 
-    def _loader(self, epoch: int) -> torch.utils.data.DataLoader:
+    def _loader(self, epoch: int, done: int = 0) -> torch.utils.data.DataLoader:
+        """The batches of ``epoch`` after its first ``done`` (trained before a resume): the
+        epoch's order is a function of the seed and the epoch, so a run stopped mid-epoch
+        (``--max-iters``) goes on with the batches an uninterrupted run trains next."""
         local = max(1, self.cfg.batch // self.dist.world)
         sampler = torch.utils.data.distributed.DistributedSampler(
             self.train_set, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=True, seed=self.cfg.seed
@@ -136,7 +149,7 @@ class Finetuner(TrainingRun):
         return torch.utils.data.DataLoader(
             self.train_set,
             batch_size=local,
-            sampler=sampler,
+            sampler=list(sampler)[done * local :],
             drop_last=True,
             num_workers=self.cfg.workers,
             collate_fn=collate,
@@ -164,7 +177,8 @@ class Finetuner(TrainingRun):
                 start, wait, t0 = time.perf_counter(), 0.0, time.perf_counter()
                 window: dict[str, float] = {}
                 steps = 0
-                for images, targets in self._loader(self.epoch):
+                done = min(max(self.iteration - self.epoch * self.iterations_per_epoch, 0), self.iterations_per_epoch)
+                for images, targets in self._loader(self.epoch, done):
                     wait += time.perf_counter() - t0
                     losses = self.step(
                         images, targets, lr_factor(self.iteration, self.epoch, self.cfg.warmup, milestones)
@@ -193,7 +207,7 @@ class Finetuner(TrainingRun):
                     if self._done():
                         break
                     t0 = time.perf_counter()
-                if not self._done():
+                if self.iteration >= (self.epoch + 1) * self.iterations_per_epoch:  # all of its batches trained
                     self.epoch += 1
                 with self.clock.paused():
                     self.save()

@@ -2,7 +2,7 @@
 index need, in about 100 bytes per crop whatever the size of the set.
 
 Extraction stages each chunk's records as JSON; :func:`load_records` reads them back one
-chunk at a time, appends the fixed-size fields to columns (:mod:`.columns`) and spills each
+chunk at a time, appends the fixed-size fields to columns (:mod:`jigsawdata.columns`) and spills each
 sample's ``.json`` member (the variable-size provenance) to one staging file, read back
 by offset when the shard is written. Once the shards are out, the staging locations are let
 go and the sample columns are put in index order in place, so the index is written from

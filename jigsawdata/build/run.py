@@ -317,7 +317,7 @@ def build_shards(
 
     Returns the manifest. With ``parts > 1`` this writes a partial manifest under
     ``out/parts``; :func:`jigsawdata.build.merge.merge_parts` joins them. ``out`` must be new,
-    empty or hold a build of jigsawdata (:mod:`jigsawdata.outdir`); one build per part runs
+    empty or hold a build of jigsawdata (:mod:`jigsawdata.build.outdir`); one build per part runs
     there at a time.
     """
     if not 0 <= part < parts:

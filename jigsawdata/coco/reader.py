@@ -4,7 +4,7 @@ Cleaning follows torchvision's ``references/detection/coco_utils.py``: boxes are
 the image, zero-size boxes dropped, crowd boxes kept apart. Every dropped or altered box is
 counted on its image so that the counts can travel with the crops into the manifest.
 
-The annotation file is streamed, checked (:mod:`jigsawdata.validate`) and hashed in one read,
+The annotation file is streamed, checked (:mod:`jigsawdata.coco.validate`) and hashed in one read,
 and the set is held as two numpy tables (:class:`ImageTable`): the images in id order, each
 image's annotations one id-ordered run of box rows, 46 bytes per box and 49 plus the file
 name per image. ``source.images[i]`` makes that image's :class:`ImageRecord` when asked, so the
@@ -206,7 +206,7 @@ def _columns(
     images: ImageColumns, anns: AnnotationColumns, labels: np.ndarray, classes: tuple[ClassInfo, ...]
 ) -> tuple[_Columns, int]:
     """The checked columns in id order, boxes cleaned; also the number of orphan annotations.
-    The tables live in memory of their own (:mod:`.columns`) and the boxes are filled a block
+    The tables live in memory of their own (:mod:`jigsawdata.columns`) and the boxes are filled a block
     at a time, so that the temporaries freed afterwards leave few holes in the heap."""
     by_id = np.argsort(images.id, kind="stable")
     table = empty((len(by_id),), _IMAGE_ROW)
@@ -234,7 +234,7 @@ def _columns(
 
 
 def load_coco(ann_file: Path, images_dir: Path, *, strict: bool = False) -> CocoSource:
-    """Read, check (:mod:`jigsawdata.validate`) and clean a COCO-format instances file.
+    """Read, check (:mod:`jigsawdata.coco.validate`) and clean a COCO-format instances file.
 
     Raises :class:`InputError` on unusable input; ``strict`` also turns a bad box or a
     ``file_name`` outside ``images_dir`` into an error instead of a counted skip.

@@ -17,7 +17,7 @@ half-way through a build and never wrong data.
 Known COCO-format variants need no flags: LVIS v1 (no ``file_name``; taken from
 ``coco_url``, no ``iscrowd``), Objects365 and custom sets (``file_name`` with sub-folders).
 
-The file is read one record at a time (:mod:`jigsawdata.jsonstream`) and each record is
+The file is read one record at a time (:mod:`jigsawdata.coco.jsonstream`) and each record is
 checked as it is read and packed straight into numpy columns (:class:`ImageColumns`,
 :class:`AnnotationColumns`: about 60 bytes per annotation, 35 plus the file name per image),
 so a set of millions of boxes is checked without a Python object per record. Defects are
@@ -258,7 +258,7 @@ class _Categories(_List):
 
 _PENDING = 1 << 16
 """Records packed into ``array.array`` fields (fast to append to) before they move to their
-columns (:mod:`.columns`), so that the heap holds a few of these at a time."""
+columns (:mod:`jigsawdata.columns`), so that the heap holds a few of these at a time."""
 
 
 class _IdList(_List):

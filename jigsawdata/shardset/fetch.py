@@ -26,9 +26,6 @@ import os
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -37,7 +34,7 @@ from jigsawdata.errors import FetchError
 from jigsawdata.files import exchange_paths, sha256_file, write_bytes_atomic, write_json_atomic
 from jigsawdata.layout import CARD_NAME, FETCH_RECORD_SUFFIX, MANIFEST_NAME, PARTIAL_SUFFIX
 
-from .location import MAX_CARD_BYTES, ShardLocation, read_bounded, read_remote_manifest, url_filesystem
+from .location import MAX_CARD_BYTES, ShardLocation, http_open, read_bounded, read_remote_manifest, url_filesystem
 from .manifest import ListedFile, Manifest
 from .shards import header_problem, mapped, walk_members
 
@@ -62,10 +59,6 @@ def _check_tar_members(path: Path, name: str) -> None:
             raise FetchError(f"{name}: {exc}") from exc
 
 
-_HTTP_TIMEOUT = 60.0
-"""Seconds a connection may stay silent before the transfer counts as interrupted."""
-
-
 class _HTTPStream:
     """One streamed HTTP GET. Read with the standard library's blocking client rather than
     fsspec's: each download thread then receives, hashes and writes without the hand-over to
@@ -74,14 +67,7 @@ class _HTTPStream:
     support) is visible, which fsspec's file objects hide."""
 
     def __init__(self, url: str, offset: int) -> None:
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        try:
-            self._response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=_HTTP_TIMEOUT)
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            if exc.code in (404, 410):
-                raise FileNotFoundError(url) from exc
-            raise
+        self._response = http_open(url, {"Range": f"bytes={offset}-"} if offset else {})
         content_range = self._response.headers.get("Content-Range", "")
         honoured = self._response.status == 206 and content_range.startswith(f"bytes {offset}-")
         self.start = offset if honoured else 0
@@ -101,7 +87,7 @@ def _open_at(fs, remote: str, offset: int):
     from fsspec.implementations.http import HTTPFileSystem
 
     if isinstance(fs, HTTPFileSystem):
-        stream = _HTTPStream(urllib.parse.quote(remote, safe=":/%?&=@+~#!$'()*,;[]"), offset)
+        stream = _HTTPStream(remote, offset)
         return stream, stream.start
     stream = fs.open(remote, "rb")
     if offset:

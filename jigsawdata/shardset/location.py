@@ -4,7 +4,7 @@ Every shard location a user gives (``--shards``, ``--val-shards``, ``fetch URL``
 here and nowhere else: what counts as a URL (``file://`` is a local directory), where a
 file the manifest names lives, how the manifest itself is read, and which folder of the
 cache holds a fetched copy. The reference pipeline streams a URL's shards in place; DALI
-and training read a local directory, which :func:`jigsawdata.fetch.cached_shards` fills
+and training read a local directory, which :func:`jigsawdata.shardset.fetch.cached_shards` fills
 from a URL once, verified.
 """
 
@@ -102,18 +102,32 @@ def read_bounded(fs, path: str, limit: int, what: str) -> bytes:
     return bytes(data)
 
 
-def _http_get(url: str):
-    """The response to a GET of ``url``: a 404 or 410 is FileNotFoundError, a server that cannot
-    be reached a :class:`FetchError` saying so."""
-    request = urllib.request.Request(
-        urllib.parse.quote(url, safe=":/%?&=@+~#!$'()*,;[]"), headers={"Accept-Encoding": "identity"}
-    )
+HTTP_TIMEOUT = 60.0
+"""Seconds a connection may stay silent before a request or a transfer counts as failed."""
+
+
+def http_open(url: str, headers: dict[str, str]):
+    """``urlopen`` of a GET of ``url``, quoted as every request for a shard set is (a name may
+    hold spaces); a 404 or 410 is FileNotFoundError (a real "not found", never a dropped
+    connection), any other HTTP error is raised as it is."""
+    request = urllib.request.Request(urllib.parse.quote(url, safe=":/%?&=@+~#!$'()*,;[]"), headers=headers)
     try:
-        return urllib.request.urlopen(request, timeout=60)
+        return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code in (404, 410):
             raise FileNotFoundError(url) from exc
+        raise
+
+
+def _http_get(url: str):
+    """The response to a GET of ``url``: a 404 or 410 is FileNotFoundError, another answer or a
+    server that cannot be reached a :class:`FetchError` saying so."""
+    try:
+        return http_open(url, {"Accept-Encoding": "identity"})
+    except FileNotFoundError:
+        raise
+    except urllib.error.HTTPError as exc:
         raise FetchError(f"{url}: the server answered {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise FetchError(f"{url}: cannot reach the server ({getattr(exc, 'reason', exc)})") from exc
@@ -160,7 +174,7 @@ class ShardLocation:
 
     def local_copy(self, cache_dir: Path | str | None = None) -> Path:
         """The local directory to read: the set itself, or for a URL its folder in the
-        cache (filled by :func:`jigsawdata.fetch.cached_shards`; nothing is checked here)."""
+        cache (filled by :func:`jigsawdata.shardset.fetch.cached_shards`; nothing is checked here)."""
         if not self.remote:
             return Path(self.where)
         return Path(cache_dir or default_cache_dir()) / hashlib.sha256(self.where.encode()).hexdigest()[:16]

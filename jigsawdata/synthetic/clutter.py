@@ -1,6 +1,6 @@
 """A harder synthetic detection set, for the ``experiment`` tiny preset.
 
-The demo set (:mod:`jigsawdata.synthetic`) is easy: six shapes, each its own class, on a
+The demo set (:mod:`jigsawdata.synthetic.shapes`) is easy: six shapes, each its own class, on a
 smooth background. Here a class is a shape *and* a texture (solid or striped, colours drawn
 at random, so colour says nothing), objects are small and many, and the background carries
 clutter (lines, specks) that belongs to no class: telling classes apart takes features that
