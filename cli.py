@@ -300,17 +300,20 @@ def resumed_config(resume: bool, config_file: Path | None, options: dict) -> Pat
     return config_file
 
 
+def _given(options: dict) -> dict:
+    """The options given on the command line (not left at their defaults): they override ``--config``."""
+    ctx = click.get_current_context()
+    return {
+        k: v
+        for k, v in options.items()
+        if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    }
+
+
 def settings_from(cls, config_file: Path | None, options: dict):
     """The settings dataclass from its defaults, then ``--config``, then the flags given."""
-    ctx = click.get_current_context()
     values = read_config_file(config_file, cls) if config_file else {}
-    values.update(
-        {
-            k: v
-            for k, v in options.items()
-            if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-        }
-    )
+    values.update(_given(options))
     missing = [
         flag(f.name) for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and values.get(f.name) is None
     ]
@@ -359,20 +362,13 @@ def _resolve_source(coco_root: Path | None, split: str | None, ann: Path | None,
 
 def _build_config(config_file: Path | None, options: dict) -> BuildConfig:
     """The build settings from their defaults, then ``--config``, then the flags given."""
-    ctx = click.get_current_context()
     values = read_config_file(config_file, BuildConfig, SamplingConfig) if config_file else {}
     if isinstance(values.get("shard_size"), str):
         try:
             values["shard_size"] = parse_size(values["shard_size"])
         except click.BadParameter as exc:
             raise InputError(f"--config {config_file}: shard_size: {exc.message}") from exc
-    values.update(
-        {
-            k: v
-            for k, v in options.items()
-            if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-        }
-    )
+    values.update(_given(options))
     sampling = {f.name for f in dataclasses.fields(SamplingConfig)}
     return BuildConfig(
         sampling=SamplingConfig(**{k: v for k, v in values.items() if k in sampling}),

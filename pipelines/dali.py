@@ -271,6 +271,18 @@ def _placed_labels(labels, swap):
     return placed
 
 
+def _local_shards(root: ShardSet | Path | str) -> ShardSet:
+    """``root`` opened (see :func:`~jigsawdata.shardset.open.as_shard_set`); a URL is refused in
+    one line, as DALI's readers take local files only."""
+    where = root.root if isinstance(root, ShardSet) else root
+    if is_url(str(where)):
+        raise InputError(
+            f"DALI reads local shards only: `jigsawdata fetch {where} --out DIR` first "
+            "(pretrain --shards URL does this into a cache)"
+        )
+    return as_shard_set(root)
+
+
 def jigsaw_pipeline(
     root: ShardSet | Path | str,
     batch_size: int,
@@ -299,13 +311,7 @@ def jigsaw_pipeline(
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     if device == "gpu" and device_id is None:
         raise ValueError("device='gpu' needs a device_id")
-    where = root.root if isinstance(root, ShardSet) else root
-    if is_url(str(where)):
-        raise InputError(
-            f"DALI reads local shards only: `jigsawdata fetch {where} --out DIR` first "
-            "(pretrain --shards URL does this into a cache)"
-        )
-    shards = as_shard_set(root)
+    shards = _local_shards(root)
 
     @pipeline_def(
         batch_size=batch_size,
@@ -424,11 +430,9 @@ class DaliJigsawLoader:
         if rank is None or world_size is None:
             here = process_info()
             rank, world_size = here.rank, here.world
-        where = root.root if isinstance(root, ShardSet) else root
-        if not is_url(str(where)):  # a URL is refused by the pipeline, in one line
-            root = as_shard_set(root)  # opened once, handed to every pipeline
-            check_enough_samples(root, world_size * pipelines)
-        self.batch_size, self._root = batch_size, where
+        root = _local_shards(root)  # opened once, handed to every pipeline
+        check_enough_samples(root, world_size * pipelines)
+        self.batch_size, self._root = batch_size, root.root
         self._next, states = _split_state(checkpoint, pipelines)
         self._iterators = []
         for part, state in enumerate(states):

@@ -291,17 +291,17 @@ def test_evaluation_writes_a_cocoeval_table(real_coco, jigsaw_ckpt, tmp_path):
     assert "AP50" in (tmp_path / "eval.txt").read_text()
 
 
-@pytest.mark.slow
-def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
-    out = tmp_path / "ft"
-    args = [
+def _tiny_finetune(real_coco: Path, out: Path, init: Path, images: int) -> list[str]:
+    """The command line of a fine-tune small enough for a test: a ResNet-18 FPN detector on the
+    first ``images`` images at 96-128 px, on the CPU, logging every iteration."""
+    return [
         "finetune",
         "--coco",
         str(real_coco),
         "--out",
         str(out),
         "--init",
-        str(jigsaw_ckpt[0]),
+        str(init),
         "--detector",
         "fpn",
         "--arch",
@@ -313,7 +313,7 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
         "--max-size",
         "128",
         "--max-images",
-        "4",
+        str(images),
         "--workers",
         "0",
         "--log-every",
@@ -321,6 +321,12 @@ def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
         "--device",
         "cpu",
     ]
+
+
+@pytest.mark.slow
+def test_cli_finetune_resume_and_evaluate(real_coco, jigsaw_ckpt, tmp_path):
+    out = tmp_path / "ft"
+    args = _tiny_finetune(real_coco, out, jigsaw_ckpt[0], images=4)
     result = CliRunner().invoke(main, [*args, "--max-iters", "1"])
     assert result.exit_code == 0, result.output
     assert "AP50" in result.output and (out / "predictions_bbox.json").is_file() and (out / "metrics.png").is_file()
@@ -398,33 +404,7 @@ def test_logged_losses_are_means_over_the_steps_since_the_last_record(real_coco,
 def test_a_resume_keeps_one_metrics_record_per_iteration(real_coco, jigsaw_ckpt, tmp_path):
     """A run killed after its checkpoint has logged iterations the resumed run logs again."""
     out = tmp_path / "ft"
-    args = [
-        "finetune",
-        "--coco",
-        str(real_coco),
-        "--out",
-        str(out),
-        "--init",
-        str(jigsaw_ckpt[0]),
-        "--detector",
-        "fpn",
-        "--arch",
-        "resnet18",
-        "--batch",
-        "2",
-        "--min-size",
-        "96",
-        "--max-size",
-        "128",
-        "--max-images",
-        "8",
-        "--workers",
-        "0",
-        "--log-every",
-        "1",
-        "--device",
-        "cpu",
-    ]
+    args = _tiny_finetune(real_coco, out, jigsaw_ckpt[0], images=8)
     assert CliRunner().invoke(main, [*args, "--max-iters", "2"]).exit_code == 0
     metrics = out / "metrics.jsonl"
     with open(metrics, "a") as f:  # what the killed run logged after the checkpoint at iteration 2
@@ -548,37 +528,7 @@ def test_a_run_stopped_by_max_iters_resumes_to_the_weights_of_an_uninterrupted_o
     rate), a stop inside it trains the epoch's remaining batches, as an uninterrupted run does."""
 
     def finetune(out: str, *extra: str) -> None:
-        args = [
-            "finetune",
-            "--coco",
-            str(real_coco),
-            "--out",
-            str(tmp_path / out),
-            "--init",
-            str(jigsaw_ckpt[0]),
-            "--detector",
-            "fpn",
-            "--arch",
-            "resnet18",
-            "--batch",
-            "2",
-            "--min-size",
-            "96",
-            "--max-size",
-            "128",
-            "--max-images",
-            "4",
-            "--workers",
-            "0",
-            "--log-every",
-            "1",
-            "--device",
-            "cpu",
-            "--epochs",
-            "2",
-            "--warmup",
-            "1",
-        ]
+        args = [*_tiny_finetune(real_coco, tmp_path / out, jigsaw_ckpt[0], images=4), "--epochs", "2", "--warmup", "1"]
         result = CliRunner().invoke(main, [*args, *extra])
         assert result.exit_code == 0, result.output
 
@@ -603,31 +553,7 @@ def test_a_resume_is_refused_before_any_work_and_needs_no_init_file(real_coco, j
     init = tmp_path / "init.pt"
     shutil.copy(jigsaw_ckpt[0], init)
     out = tmp_path / "ft"
-    args = [
-        "finetune",
-        "--coco",
-        str(real_coco),
-        "--out",
-        str(out),
-        "--init",
-        str(init),
-        "--detector",
-        "fpn",
-        "--arch",
-        "resnet18",
-        "--batch",
-        "2",
-        "--min-size",
-        "96",
-        "--max-size",
-        "128",
-        "--max-images",
-        "4",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    args = _tiny_finetune(real_coco, out, init, images=4)
     assert CliRunner().invoke(main, [*args, "--max-iters", "1"]).exit_code == 0
     recorded = json.loads((out / "config.json").read_text())["resolved"]["provenance"]["init"]
     changed = CliRunner().invoke(main, ["finetune", "--out", str(out), "--resume", "--arch", "resnet50"])

@@ -37,18 +37,14 @@ class ShardSet:
     """Name of every label, background last."""
 
 
-def _local(location: Path | str, verify: bool, cache_dir: Path | str | None, fetch: bool) -> tuple[Path, Manifest]:
-    """A URL fetched into the cache (each file against the manifest), then the local files
-    checked with :func:`check_shard_set` (cached; ``verify=False`` skips it): the local
-    directory and its manifest, read once."""
+def _fetched(location: Path | str, cache_dir: Path | str | None, fetch: bool) -> Path:
+    """The local directory of ``location``: a URL is fetched into the cache first (each file
+    against the manifest)."""
     where = ShardLocation.of(location)
     root = where.local_copy(cache_dir)
     if where.remote and fetch:
         cached_shards(where.where, cache_dir)
-    manifest = read_manifest(root)
-    if verify:
-        check_shard_set(root, cache_dir, manifest)
-    return root, manifest
+    return root
 
 
 def local_copy(
@@ -57,14 +53,21 @@ def local_copy(
     """The local directory of a shard set, fetched and checked as :func:`open_shard_set` does
     (``verify`` and ``info`` read its files themselves). ``fetch=False`` expects the cache to be
     filled already (the other ranks of a node, once its first rank fetched)."""
-    return _local(location, verify, cache_dir, fetch)[0]
+    root = _fetched(location, cache_dir, fetch)
+    if verify:
+        check_shard_set(root, cache_dir)
+    return root
 
 
 def open_shard_set(
     location: Path | str, *, verify: bool = True, cache_dir: Path | str | None = None, fetch: bool = True
 ) -> ShardSet:
-    """A shard set ready to read: fetched if remote, checked, its manifest read once."""
-    root, manifest = _local(location, verify, cache_dir, fetch)
+    """A shard set ready to read: fetched if remote, checked (cached; ``verify=False`` skips
+    it), its manifest read once."""
+    root = _fetched(location, cache_dir, fetch)
+    manifest = read_manifest(root)
+    if verify:
+        check_shard_set(root, cache_dir, manifest)
     return _shard_set(ShardLocation.of(root), manifest)
 
 
