@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -12,6 +13,21 @@ from jigsawdata.coco.reader import load_coco
 from jigsawdata.synthetic.shapes import make_synthetic_coco
 
 REAL_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-train288"
+
+
+def _large_allocations_outside_the_heap() -> None:
+    """The suite trains many models in one process. With glibc's sliding mmap threshold, every
+    large buffer freed raises the threshold, later ones land in the brk heap, and the heap only
+    grows (tens of GB of address space, a few GB resident); a fork of such a process (DataLoader
+    workers) is then refused with ENOMEM by the kernel's overcommit heuristic. A fixed threshold
+    keeps buffers of 1 MiB and more in mappings of their own, returned when freed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+_large_allocations_outside_the_heap()
 
 
 def _has_cuda() -> bool:
